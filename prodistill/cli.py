@@ -1,0 +1,99 @@
+"""The `prodistill` command line. Train flags are generated from `TrainConfig`, so a flag, its YAML key and
+its `--help` text can never disagree."""
+
+from __future__ import annotations
+
+import logging
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import click
+
+from prodistill.config import TrainConfig, build_config
+
+
+def _click_type(f) -> tuple[typing.Any, bool]:
+    """(click type, is_flag) for a dataclass field."""
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {"Path": Path})  # noqa: S307
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if isinstance(tp, types.UnionType) else [tp]
+    base = args[0]
+    if base is bool:
+        return bool, True
+    if "choices" in f.metadata:
+        return click.Choice(f.metadata["choices"]), False
+    return {int: int, float: float, str: str}[base], False
+
+
+def train_options(func):
+    """Add one option per TrainConfig field (default None = "not given", so YAML and presets apply)."""
+    for f in reversed(fields(TrainConfig)):
+        ctype, is_flag = _click_type(f)
+        name = f"--{f.name.replace('_', '-')}"
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} [default: {default}]"
+        if is_flag:
+            func = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)(func)
+        else:
+            func = click.option(name, f.name, type=ctype, default=None, help=help_text)(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """prodistill: distil Stable Video Diffusion into a 1-4 step student (OSV), and serve it."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of options (keys as the flags without dashes); flags override it.")
+@train_options
+def train(config_file: str | None, **flags) -> None:
+    """Distil the teacher into a few-step student (default: OSV, both stages, tiny preset, built-in clips)."""
+    from prodistill.training.run import run_training
+
+    try:
+        if flags.get("resume") and config_file is None:
+            out = Path(flags.get("out") or TrainConfig.__dataclass_fields__["out"].default)
+            if (out / "config.yaml").is_file():
+                config_file = str(out / "config.yaml")
+        cfg = build_config(flags, config_file)
+        run_dir = run_training(cfg)
+    except ValueError as e:  # every user-facing error in prodistill is a ValueError subclass
+        raise click.ClickException(str(e)) from e
+    click.echo(f"done: {run_dir}")
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder of `prodistill train` (its last stage's latest checkpoint is used) or a checkpoint folder.")
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="Conditioning image.")
+@click.option("--out", "out_path", default="sample.mp4", show_default=True, help="Output mp4 (H.264).")
+@click.option("--steps", type=click.IntRange(1, 4), default=1, show_default=True, help="Student steps.")
+@click.option("--tts/--no-tts", default=False, show_default=True, help="Time Travel Sampler (OSV eq. 13; NFE 2 per step).")
+@click.option("--teacher-steps", type=click.IntRange(1, 1000), default=None,
+              help="Sample the teacher instead (EDM Euler with per-frame CFG), with this many steps.")
+@click.option("--cfg", "cfg_scale", type=float, default=3.0, show_default=True,
+              help="Teacher CFG: the last frame's scale (the first frame's is 1, linear in between, as SVD).")
+@click.option("--weights", type=click.Choice(["student", "ema"]), default="student", show_default=True,
+              help="Which stage-2 weights to sample from.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def sample(ckpt, image, out_path, steps, tts, teacher_steps, cfg_scale, weights, seed, device) -> None:
+    """Generate a video from one image with the distilled student (or the teacher, for comparison)."""
+    from prodistill.sampling import generate_video
+
+    try:
+        path = generate_video(Path(ckpt), Path(image), Path(out_path), steps=steps, tts=tts,
+                              teacher_steps=teacher_steps, cfg_scale=cfg_scale, weights=weights, seed=seed,
+                              device=device)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The training configuration: one typed dataclass whose field docstrings are the CLI's `--help`.
+
+Precedence, lowest first: the paper's defaults written here < the preset's own defaults (the tiny preset
+trains for seconds, not days) < a YAML file (`--config`) < command-line flags. Every run writes the
+resolved result to `RUN/config.yaml`; `--resume` and `prodistill sample` read it back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prodistill.models.presets import PRESETS, get_preset
+
+METHODS = ("osv",)
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # -- what to run ---------------------------------------------------------------------------------
+    method: str = _f("osv", "Distillation method.", choices=METHODS)
+    stage: str = _f("both", "OSV stage to train: 1 (latent GAN pretraining), 2 (adversarial consistency "
+                    "distillation) or both in sequence.", choices=("1", "2", "both"))
+    preset: str = _f("tiny", "Architecture when no weights are given: tiny (CPU, random init) or svd-xt "
+                     "(full size, random init, for benchmarks).", choices=tuple(PRESETS))
+    teacher: str | None = _f(None, "Teacher weights: a diffusers SVD folder (unet/, vae/, image_encoder/, "
+                             "feature_extractor/) or a hub id. Default: random init of --preset.")
+    dino: str | None = _f(None, "DINOv2 weights for the discriminator (transformers folder or hub id). "
+                          "Default: random init of --preset's DINOv2 architecture.")
+    data: str | None = _f(None, "Folder of videos to train on. Default: the built-in clips.")
+    out: str = _f("runs/osv", "Run folder: resolved config, logs, checkpoints and sample videos.")
+    resume: bool = _f(False, "Continue the run in --out from its latest checkpoint.")
+    device: str = _f("auto", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda"))
+    dtype: str = _f("auto", "Weights/compute precision of frozen models: fp32, bf16, fp16, or auto "
+                    "(bf16 on cuda, fp32 on cpu). Trainable tensors stay fp32.",
+                    choices=("auto", "fp32", "bf16", "fp16"))
+    seed: int = _f(0, "Seed of every random draw (data order, noise, timesteps).")
+    # -- data -------------------------------------------------------------------------------------------
+    resolution: str | None = _f(None, "Training resolution WxH in pixels (default: the preset's).")
+    frames: int = _f(14, "Frames per clip.")
+    fps: float = _f(7.0, "Frame rate clips are sampled at (SVD conditions on fps − 1).")
+    batch_size: int = _f(1, "Clips per micro-batch (per GPU).")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
+    num_workers: int = _f(0, "Data loader worker processes.")
+    # -- schedule ---------------------------------------------------------------------------------------
+    max_steps: int | None = _f(None, "Optimiser steps for each selected stage (overrides --stage1-steps "
+                               "and --stage2-steps).")
+    stage1_steps: int = _f(2000, "Stage-1 (LGP) optimiser steps (paper: 2K).")
+    stage2_steps: int = _f(20000, "Stage-2 (ACD) optimiser steps (paper: 20K).")
+    lr: float = _f(5e-6, "Student learning rate (paper: 5e-6, Adam).")
+    disc_lr: float = _f(5e-6, "Discriminator learning rate.")
+    warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
+    grad_clip: float = _f(1.0, "Gradient-norm clipping threshold (0 disables).")
+    # -- method -----------------------------------------------------------------------------------------
+    lora_rank: int = _f(64, "LoRA rank of the student.")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: the rank).")
+    lora_targets: str = _f("to_q,to_k,to_v,to_out.0", "Comma-separated module names that get LoRA.")
+    train_modules: str = _f("", "Stage 2: comma-separated regexes of UNet parameter names trained in full "
+                            "besides LoRA (e.g. temporal_transformer_blocks).")
+    num_timesteps: int = _f(100, "Discrete training timesteps on the Karras σ grid (paper: 100).")
+    solver_steps: int = _f(5, "m: teacher PF-ODE Euler steps per consistency target (OSV eq. 8; paper: 5).")
+    guidance_min: float = _f(1.0, "Teacher CFG scale on the first frame during distillation.")
+    guidance_max: float = _f(3.0, "Teacher CFG scale on the last frame (linear in between, as SVD).")
+    lambda_lgp: float = _f(0.1, "λ_LGP, weight of the adversarial term in stage 1 (OSV eq. 7).")
+    lambda_acd: float = _f(0.1, "λ_ACD, weight of the adversarial term in stage 2 (OSV eq. 10).")
+    huber_c: float | None = _f(None, "c of the pseudo-Huber distance (default 0.00054·√d, as iCT).")
+    ema_decay: float = _f(0.95, "EMA decay μ of the consistency target θ⁻.")
+    disc_input: str = _f("latent", "What the discriminator sees: latent (upsampled latents, the paper's "
+                         "design) or decoded (VAE-decoded frames, the paper's ablation).",
+                         choices=("latent", "decoded"))
+    disc_upscale: int = _f(4, "PixelShuffle factor r of the latent upsampler.")
+    disc_head_channels: int = _f(64, "Width of the discriminator's spatial and temporal heads.")
+    motion_bucket_id: int = _f(127, "SVD motion bucket conditioning.")
+    noise_aug_strength: float = _f(0.02, "Noise added to the conditioning frame (SVD).")
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    log_every: int = _f(10, "Steps between log lines (the only host synchronisation in the loop).")
+    ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
+    keep_ckpts: int = _f(3, "Checkpoints kept per stage.")
+    sample_every: int = _f(1000, "Steps between preview videos (0: only at the end of a stage).")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
+
+    # ------------------------------------------------------------------------------------------------
+    def resolve(self, explicit: set[str]) -> "TrainConfig":
+        """Apply the preset's defaults to every field the user did not set, then validate."""
+        for key, value in get_preset(self.preset).train_defaults.items():
+            if key not in explicit:
+                setattr(self, key, value)
+        if self.resolution is None:
+            w, h = get_preset(self.preset).resolution
+            self.resolution = f"{w}x{h}"
+        if self.max_steps is not None:
+            self.stage1_steps = self.stage2_steps = self.max_steps
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        self.size()
+        positive = ("frames", "batch_size", "grad_accum", "num_timesteps", "solver_steps", "log_every",
+                    "ckpt_every", "keep_ckpts", "disc_upscale", "stage1_steps", "stage2_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.frames < 2:
+            raise ValueError(f"--frames must be at least 2 for a video, got {self.frames}")
+        if self.solver_steps >= self.num_timesteps:
+            raise ValueError(f"--solver-steps ({self.solver_steps}) must be smaller than --num-timesteps "
+                             f"({self.num_timesteps})")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+    def size(self) -> tuple[int, int]:
+        """(W, H) from the `WxH` resolution string, checked to be a multiple of 16 pixels."""
+        try:
+            w, h = (int(v) for v in str(self.resolution).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--resolution must look like 512x320 (WxH), got {self.resolution!r}") from None
+        if w <= 0 or h <= 0 or w % 16 or h % 16:
+            raise ValueError(f"--resolution {w}x{h}: width and height must be positive multiples of 16")
+        return w, h
+
+    def stages(self) -> tuple[int, ...]:
+        return (1, 2) if self.stage == "both" else (int(self.stage),)
+
+    def steps_for(self, stage: int) -> int:
+        return self.stage1_steps if stage == 1 else self.stage2_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file, rejecting keys that are not config fields (a typo should not pass silently)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a YAML mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see `prodistill train --help`")
+    return data
+
+
+def build_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
+    """YAML file (if any) overlaid with the non-None `overrides`, then resolved against the preset."""
+    values = load_yaml(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values).resolve(explicit=set(values))

@@ -1,0 +1,37 @@
+"""Distances and adversarial losses used by the methods."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """Per-sample pseudo-Huber distance d(x, y) = √(‖x − y‖₂² + c²) − c (OSV eq. 7/10, after iCT); shape (B,)."""
+    sq = (x - y).float().pow(2).flatten(1).sum(1)
+    return (sq + c * c).sqrt() - c
+
+
+def default_huber_c(numel_per_sample: int) -> float:
+    """iCT's choice c = 0.00054·√d for d-dimensional samples (the OSV appendix's value is not legible)."""
+    return 0.00054 * math.sqrt(numel_per_sample)
+
+
+def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator hinge loss ReLU(1 − D(real)) + ReLU(1 + D(fake)), averaged (OSV eq. 6 and 9)."""
+    return F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean()
+
+
+def hinge_g_loss(fake_logits: Tensor) -> Tensor:
+    """Generator adversarial term ReLU(1 − D(fake)), averaged (OSV eq. 7 and 10, before λ)."""
+    return F.relu(1.0 - fake_logits.float()).mean()
+
+
+def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of per-sample values, optionally weighted per sample (λ(t_n) of OSV eq. 10)."""
+    return values.mean() if weights is None else (values * weights.to(values)).mean()
+
+
+__all__ = ["pseudo_huber", "default_huber_c", "hinge_d_loss", "hinge_g_loss", "weighted_mean"]

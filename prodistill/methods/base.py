@@ -1,0 +1,57 @@
+"""The contract between a distillation method and the trainer.
+
+A method declares its optimiser *phases* (e.g. generator then discriminator), the parameters each phase
+updates, and computes one phase's loss on one micro-batch. The trainer does everything else: accumulation,
+clipping, optimiser and LR-schedule steps, logging, checkpoints, resume. Loss terms are returned as tensors
+(never `.item()`), so a step has no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    """Scalar to backpropagate for this phase and micro-batch."""
+    logs: dict[str, Tensor] = field(default_factory=dict)
+    """Detached scalars to log (loss terms, logits)."""
+    cache: dict[str, Tensor] = field(default_factory=dict)
+    """Tensors a later phase of the same step reuses for this micro-batch (e.g. generated samples)."""
+
+
+class Method:
+    """Base class: subclasses set `phases` and implement `parameters`, `compute` and the weight I/O."""
+
+    name: str = "method"
+    phases: tuple[str, ...] = ("generator",)
+
+    def parameters(self, phase: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def compute(self, phase: str, batch: dict, cache: dict[str, Tensor]) -> StepOutput:
+        """Loss of `phase` on one micro-batch; `cache` holds what earlier phases stored for it."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, phase: str) -> None:
+        """Called after each optimiser step of `phase` (e.g. the EMA update)."""
+
+    def weights(self) -> dict[str, dict[str, Tensor]]:
+        """Trainable state as named groups of tensors (each group becomes one safetensors file)."""
+        raise NotImplementedError
+
+    def load_weights(self, weights: dict[str, dict[str, Tensor]]) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        """Switch the method's trainable modules between train and eval mode."""
+
+    @torch.no_grad()
+    def preview(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """A generation (pixels (B, F, 3, H, W) in [−1, 1]) from `batch`'s first frames, for a video; draws
+        only from `generator`, so previews never change the training's random stream."""
+        raise NotImplementedError

@@ -1,0 +1,219 @@
+"""Stable Video Diffusion adapter: builds/loads the teacher's parts and conditions them exactly as diffusers'
+`StableVideoDiffusionPipeline` does, so the same code serves the tiny preset, the full-size architecture and
+real SVD / SVD-XT weights.
+
+SVD image-to-video conditioning (per clip):
+- `encoder_hidden_states`: the CLIP image embedding of the first frame, (B, 1, D);
+- the VAE latent (distribution mode, *not* scaled) of the noise-augmented first frame, repeated over frames
+  and concatenated to the noisy latent on channels (4 + 4 = 8 UNet input channels);
+- `added_time_ids = [fps − 1, motion_bucket_id, noise_aug_strength]`.
+Video latents are scaled by the VAE's scaling factor (0.18215); the UNet is an EDM v-prediction model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prodistill.diffusion.edm import append_dims, preconditioning
+from prodistill.models.presets import Preset
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEACHER_PARTS = ("unet", "vae", "image_encoder")
+
+
+class WeightsError(ValueError):
+    """Weights given by the user are missing or malformed."""
+
+
+@dataclass
+class SVDCondition:
+    """Everything the SVD UNet is conditioned on, batched along dim 0."""
+
+    image_embeds: Tensor
+    """(B, 1, D) CLIP image embedding of the first frame."""
+    image_latents: Tensor
+    """(B, F, 4, h, w) unscaled latent of the noise-augmented first frame, repeated over frames."""
+    added_time_ids: Tensor
+    """(B, 3): fps − 1, motion_bucket_id, noise_aug_strength."""
+
+    def cat(self, other: "SVDCondition") -> "SVDCondition":
+        return SVDCondition(*(torch.cat([a, b]) for a, b in zip(self.astuple(), other.astuple())))
+
+    def astuple(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.image_embeds, self.image_latents, self.added_time_ids
+
+    def unconditional(self) -> "SVDCondition":
+        """c_zero: image embedding and first-frame latent set to zero, as the SVD pipeline's negative branch."""
+        return replace(self, image_embeds=torch.zeros_like(self.image_embeds),
+                       image_latents=torch.zeros_like(self.image_latents))
+
+
+def edm_denoise(unet: nn.Module, x: Tensor, sigma: Tensor, cond: SVDCondition) -> Tensor:
+    """D(x, σ) = c_skip·x + c_out·F(c_in·x ⊕ image_latents, c_noise) for latents x (B, F, 4, h, w), σ (B,)."""
+    c_skip, c_out, c_in, c_noise = preconditioning(sigma.float())
+    model_in = torch.cat([append_dims(c_in, x.ndim).to(x.dtype) * x, cond.image_latents.to(x.dtype)], dim=2)
+    out = unet(
+        model_in,
+        c_noise.to(x.dtype),
+        encoder_hidden_states=cond.image_embeds.to(x.dtype),
+        added_time_ids=cond.added_time_ids.to(x.dtype),
+        return_dict=False,
+    )[0]
+    return append_dims(c_skip, x.ndim) * x.float() + append_dims(c_out, x.ndim) * out.float()
+
+
+def _check_teacher_folder(path: Path) -> None:
+    missing = [p for p in TEACHER_PARTS if not (path / p / "config.json").is_file()]
+    if missing:
+        raise WeightsError(
+            f"--teacher {path} is not a diffusers SVD folder: it lacks {', '.join(p + '/config.json' for p in missing)}; "
+            "pass the folder that holds unet/, vae/, image_encoder/ and feature_extractor/ (or a hub id)."
+        )
+
+
+class SVDModels:
+    """The frozen teacher UNet, VAE and CLIP image encoder, plus SVD's conditioning logic."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, image_encoder: nn.Module,
+                 clip_mean=CLIP_MEAN, clip_std=CLIP_STD, clip_size: int | None = None,
+                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02):
+        self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
+        for m in (unet, vae, image_encoder):
+            m.requires_grad_(False).eval()
+        self.clip_mean = torch.tensor(clip_mean).view(1, 3, 1, 1)
+        self.clip_std = torch.tensor(clip_std).view(1, 3, 1, 1)
+        self.clip_size = clip_size or image_encoder.config.image_size
+        self.motion_bucket_id = motion_bucket_id
+        self.noise_aug_strength = noise_aug_strength
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @classmethod
+    def build(cls, preset: Preset, teacher: str | None = None, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> "SVDModels":
+        """Random init from the preset, or `from_pretrained` of a diffusers SVD folder / hub id."""
+        from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        if teacher is None:
+            unet = UNetSpatioTemporalConditionModel(**preset.unet)
+            vae = AutoencoderKLTemporalDecoder(**preset.vae)
+            enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**preset.image_encoder))
+            models = cls(unet, vae, enc)
+        else:
+            models = cls._from_pretrained(teacher)
+        return models.to(device, dtype)
+
+    @classmethod
+    def _from_pretrained(cls, teacher: str) -> "SVDModels":
+        from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        path = Path(teacher).expanduser()
+        if path.exists():
+            _check_teacher_folder(path)
+            teacher = str(path)
+        try:
+            unet = UNetSpatioTemporalConditionModel.from_pretrained(teacher, subfolder="unet")
+            vae = AutoencoderKLTemporalDecoder.from_pretrained(teacher, subfolder="vae")
+            enc = CLIPVisionModelWithProjection.from_pretrained(teacher, subfolder="image_encoder")
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise WeightsError(
+                f"could not load SVD weights from {teacher!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "pass a local diffusers SVD folder or a hub id reachable from this machine."
+            ) from e
+        kw = {}
+        try:
+            proc = CLIPImageProcessor.from_pretrained(teacher, subfolder="feature_extractor")
+            kw = dict(clip_mean=tuple(proc.image_mean), clip_std=tuple(proc.image_std))
+        except (OSError, ValueError):
+            pass  # the processor is optional: SVD's is OpenAI CLIP's mean/std, our defaults
+        return cls(unet, vae, enc, **kw)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "SVDModels":
+        for m in (self.unet, self.vae, self.image_encoder):
+            m.to(device=device, dtype=dtype)
+        self.clip_mean, self.clip_std = self.clip_mean.to(device), self.clip_std.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # -- encoders ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_video(self, pixels: Tensor, generator: torch.Generator | None = None, chunk: int = 14) -> Tensor:
+        """Pixels (B, F, 3, H, W) in [−1, 1] → scaled latents (B, F, 4, H/8, W/8), sampled from the posterior."""
+        b, f = pixels.shape[:2]
+        frames = pixels.flatten(0, 1).to(self.device, self.dtype)
+        parts = []
+        for i in range(0, frames.shape[0], chunk):
+            dist = self.vae.encode(frames[i : i + chunk]).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+            parts.append(dist.mean + dist.std * noise)
+        return (torch.cat(parts) * self.scaling_factor).unflatten(0, (b, f)).float()
+
+    @torch.no_grad()
+    def encode_image_embeds(self, image: Tensor) -> Tensor:
+        """First frame (B, 3, H, W) in [−1, 1] → CLIP image embedding (B, 1, D)."""
+        x = F.interpolate(image.float(), size=(self.clip_size, self.clip_size), mode="bicubic",
+                          align_corners=False, antialias=True)
+        x = ((x + 1) / 2 - self.clip_mean) / self.clip_std
+        return self.image_encoder(pixel_values=x.to(self.dtype)).image_embeds.unsqueeze(1).float()
+
+    @torch.no_grad()
+    def condition(self, image: Tensor, num_frames: int, fps: float,
+                  generator: torch.Generator | None = None) -> SVDCondition:
+        """SVD's conditioning of a clip on its first frame `image` (B, 3, H, W) in [−1, 1]."""
+        image = image.to(self.device, torch.float32)
+        noise = torch.randn(image.shape, generator=generator, device=image.device)
+        augmented = (image + self.noise_aug_strength * noise).to(self.dtype)
+        latent = self.vae.encode(augmented).latent_dist.mode().float()
+        b = image.shape[0]
+        time_ids = torch.tensor([[fps - 1, self.motion_bucket_id, self.noise_aug_strength]],
+                                device=image.device).expand(b, 3)
+        return SVDCondition(
+            image_embeds=self.encode_image_embeds(image),
+            image_latents=latent.unsqueeze(1).expand(b, num_frames, *latent.shape[1:]).contiguous(),
+            added_time_ids=time_ids.contiguous(),
+        )
+
+    def prepare_batch(self, batch: dict, fps: float, generator: torch.Generator | None = None
+                      ) -> tuple[Tensor, SVDCondition]:
+        """A data batch → (scaled latents x0 (B, F, 4, h, w), conditioning). Pre-encoded batches pass through."""
+        if "latents" in batch:
+            cond = SVDCondition(batch["image_embeds"], batch["image_latents"], batch["added_time_ids"])
+            return batch["latents"].to(self.device), SVDCondition(*(t.to(self.device) for t in cond.astuple()))
+        pixels = batch["pixels"]
+        latents = self.encode_video(pixels, generator)
+        return latents, self.condition(pixels[:, 0], pixels.shape[1], fps, generator)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, F, 4, h, w) → pixels (B, F, 3, H, W) in [−1, 1] with the temporal decoder."""
+        return self.decode_with_grad(latents).clamp(-1, 1)
+
+    def decode_with_grad(self, latents: Tensor) -> Tensor:
+        """Like `decode` but differentiable and unclamped (the `--disc-input decoded` ablation trains
+        through it); each clip is decoded as one temporal window."""
+        b, f = latents.shape[:2]
+        z = (latents.flatten(0, 1) / self.scaling_factor).to(self.dtype)
+        with self.autocast():
+            frames = [self.vae.decode(z[i : i + f], num_frames=f).sample for i in range(0, b * f, f)]
+        return torch.cat(frames).float().unflatten(0, (b, f))
+
+    def autocast(self):
+        """Mixed precision for models held in bf16/fp16 (trainable fp32 adapters meet frozen bf16 weights)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)

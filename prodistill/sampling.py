@@ -1,0 +1,148 @@
+"""Generation with a distilled student or with the teacher, from one conditioning image.
+
+Shared by `prodistill sample` and the trainer's preview videos. The student runs without CFG (OSV §4):
+the k-step consistency sampler, or the Time Travel Sampler (eq. 13, NFE 2 at one step). The teacher runs
+SVD's own recipe: Euler on the PF-ODE over Karras σ with per-frame linear CFG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from prodistill.diffusion.consistency import Denoiser
+from prodistill.diffusion.edm import karras_sigmas, sampler_indices, training_grid
+from prodistill.diffusion.samplers import consistency_sample, time_travel_sample
+from prodistill.diffusion.solvers import ConditionalDenoiser, edm_euler_sample, frame_guidance, guided_denoiser
+from prodistill.models.svd import SVDCondition, SVDModels, edm_denoise
+
+
+def conditional_denoiser(models: SVDModels, unet: nn.Module, params: dict[str, Tensor] | None = None
+                         ) -> ConditionalDenoiser:
+    """D(x, σ, cond) of `unet` (teacher or student) in the models' precision; `params` swaps tensors in
+    (e.g. the EMA target's) without copying the network."""
+
+    def d(x: Tensor, sigma: Tensor, cond: SVDCondition) -> Tensor:
+        net = unet if params is None else (lambda *a, **k: functional_call(unet, params, a, k))
+        with models.autocast():
+            return edm_denoise(net, x, sigma, cond)
+
+    return d
+
+
+def unet_denoiser(models: SVDModels, unet: nn.Module, cond: SVDCondition,
+                  params: dict[str, Tensor] | None = None) -> Denoiser:
+    """D(x, σ) of `unet` under a fixed `cond`."""
+    d = conditional_denoiser(models, unet, params)
+    return lambda x, sigma: d(x, sigma, cond)
+
+
+def latent_shape(models: SVDModels, batch: int, frames: int, width: int, height: int) -> tuple[int, ...]:
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    return (batch, frames, models.vae.config.latent_channels, height // factor, width // factor)
+
+
+@torch.no_grad()
+def sample_student(denoise: Denoiser, shape: tuple[int, ...], steps: int, tts: bool, num_timesteps: int,
+                   generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Latents from a consistency student in `steps` steps (TTS: 2·steps network calls)."""
+    grid = training_grid(num_timesteps).to(device, torch.float32)
+    sigmas = grid[sampler_indices(steps, num_timesteps)]
+    noise = torch.randn(shape, generator=generator, device=device)
+    if tts:
+        return time_travel_sample(denoise, noise, sigmas, grid[sampler_indices(steps + 1, num_timesteps)])
+    return consistency_sample(denoise, noise, sigmas, generator)
+
+
+@torch.no_grad()
+def sample_teacher(models: SVDModels, cond: SVDCondition, shape: tuple[int, ...], steps: int,
+                   cfg_min: float, cfg_max: float, generator: torch.Generator | None) -> Tensor:
+    """Latents from the teacher: `steps` Euler steps with per-frame CFG from cfg_min to cfg_max."""
+    noise = torch.randn(shape, generator=generator, device=models.device)
+    guidance = frame_guidance(cfg_min, cfg_max, shape[0], shape[1], models.device)
+    denoise = guided_denoiser(conditional_denoiser(models, models.unet), cond, cond.unconditional(), guidance)
+    return edm_euler_sample(denoise, noise, karras_sigmas(steps).to(models.device))
+
+
+def load_image(path: str | Path, width: int, height: int) -> Tensor:
+    """An image file → (1, 3, H, W) in [−1, 1], resized to cover (W, H) and centre-cropped."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not read image {path}: pass a PNG or JPEG file ({e})") from e
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float()
+    return cover_crop(x, width, height) / 127.5 - 1.0
+
+
+def cover_crop(x: Tensor, width: int, height: int) -> Tensor:
+    """Resize (N, C, h, w) so it covers (height, width), keeping aspect, then centre-crop."""
+    h, w = x.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
+def to_uint8_frames(pixels_fchw: Tensor) -> np.ndarray:
+    """(F, 3, H, W) in [−1, 1] → (F, H, W, 3) uint8 for a video writer."""
+    x = ((pixels_fchw.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) from either a run folder or one of its checkpoint folders."""
+    from prodistill.training.checkpoint import META_FILE, latest_checkpoint
+
+    if (path / META_FILE).is_file():
+        return path.parent.parent, path
+    for stage in (2, 1):
+        ckpt = latest_checkpoint(path / f"stage{stage}")
+        if ckpt is not None:
+            return path, ckpt
+    raise ValueError(f"{path} holds no checkpoint: pass the --out folder of a `prodistill train` run")
+
+
+def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool = False,
+                   teacher_steps: int | None = None, cfg_scale: float = 3.0, weights: str = "student",
+                   seed: int = 0, device: str = "auto") -> Path:
+    """`prodistill sample`: one video from one image, with the run's student (or its teacher)."""
+    from prodistill.config import build_config
+    from prodistill.data.video import write_mp4
+    from prodistill.models.student import build_student, load_trainable
+    from prodistill.training.checkpoint import load_weights
+    from prodistill.training.run import build_models, resolve_device
+
+    run_dir, ckpt_dir = _resolve_checkpoint(ckpt)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
+    cfg = build_config({"device": device}, run_dir / "config.yaml")
+    dev = resolve_device(cfg.device)
+    width, height = cfg.size()
+    cond_image = load_image(image, width, height)
+    models = build_models(cfg, dev)
+    generator = torch.Generator(dev).manual_seed(seed)
+    cond = models.condition(cond_image, cfg.frames, cfg.fps, generator)
+    shape = latent_shape(models, 1, cfg.frames, width, height)
+    if teacher_steps is not None:
+        latents = sample_teacher(models, cond, shape, teacher_steps, 1.0, cfg_scale, generator)
+    else:
+        tensors = load_weights(ckpt_dir, dev)
+        group = "ema" if weights == "ema" else "student"
+        if group not in tensors:
+            raise ValueError(f"{ckpt_dir} has no {group} weights (EMA exists in stage 2 only): use --weights student")
+        train_modules = tuple(s for s in cfg.train_modules.split(",") if s) if "ema" in tensors else ()
+        student = build_student(models.unet, cfg.lora_rank, cfg.lora_alpha,
+                                tuple(cfg.lora_targets.split(",")), train_modules)
+        load_trainable(student, tensors[group])
+        denoise = unet_denoiser(models, student.eval(), cond)
+        latents = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, generator, dev)
+    pixels = models.decode(latents)
+    return write_mp4(out, to_uint8_frames(pixels[0]), cfg.fps)

@@ -1,0 +1,78 @@
+"""Checkpoints: weights as safetensors, training state (optimisers, schedulers, RNG, data position) beside them.
+
+A checkpoint is a folder `ckpt-NNNNNNN/` written under a temporary name and renamed into place, and the
+`latest` pointer is replaced atomically after it, so an interrupted save never damages the last good
+checkpoint: a reader only ever sees complete folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+LATEST = "latest"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Tensor]], state: dict,
+                    meta: dict | None = None, keep: int = 3) -> Path:
+    """Write `stage_dir/ckpt-<step>/` atomically, point `latest` at it and keep the newest `keep` checkpoints."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / f"ckpt-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-ckpt-"))
+    try:
+        for group, tensors in weights.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{group}.safetensors"))
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(stage_dir / LATEST, final.name)
+    for old in sorted(p for p in stage_dir.glob("ckpt-*") if p.is_dir())[:-keep or None]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a stage, or None."""
+    pointer = stage_dir / LATEST
+    if pointer.is_file():
+        path = stage_dir / pointer.read_text().strip()
+        if (path / META_FILE).is_file():
+            return path
+    done = sorted(p for p in stage_dir.glob("ckpt-*") if (p / META_FILE).is_file())
+    return done[-1] if done else None
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / META_FILE).read_text())
+
+
+def load_weights(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, dict[str, Tensor]]:
+    return {p.stem: load_file(str(p), device=str(device)) for p in sorted(ckpt.glob("*.safetensors"))}
+
+
+def load_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,123 @@
+"""`prodistill train`: validate everything cheap first, build the models once, then run the selected stages.
+
+Run folder layout:
+    RUN/config.yaml               resolved configuration (what `--resume` and `prodistill sample` read)
+    RUN/metrics.jsonl             one line per logged step
+    RUN/stage{1,2}/ckpt-NNNNNNN/  student.safetensors, discriminator.safetensors, ema.safetensors (stage 2),
+                                  state.pt (optimisers, schedules, RNG, data position), meta.json
+    RUN/samples/*.mp4             preview videos (1-step student)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from prodistill.config import TrainConfig
+from prodistill.methods import build_method
+from prodistill.training.checkpoint import latest_checkpoint, load_weights, read_meta
+from prodistill.training.logger import MetricsLogger
+from prodistill.training.trainer import Trainer
+
+log = logging.getLogger("prodistill")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunError(ValueError):
+    """A run folder or device request that cannot work as asked."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or check the driver")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def check_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.out)
+    has_ckpt = any(latest_checkpoint(run_dir / f"stage{s}") for s in (1, 2))
+    if cfg.resume and not (run_dir / "config.yaml").is_file():
+        raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+    if has_ckpt and not cfg.resume:
+        raise RunError(f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another --out")
+    return run_dir
+
+
+def build_models(cfg: TrainConfig, device: torch.device):
+    """The teacher's parts: random init of the preset (seeded, so resume and sampling rebuild the same
+    network) or the given weights."""
+    from prodistill.models.presets import get_preset
+    from prodistill.models.svd import SVDModels
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        models = SVDModels.build(get_preset(cfg.preset), cfg.teacher, device, dtype)
+    models.motion_bucket_id, models.noise_aug_strength = cfg.motion_bucket_id, cfg.noise_aug_strength
+    return models
+
+
+def make_loader(cfg: TrainConfig, files):
+    from prodistill.data.dataset import ClipLoader, VideoClipDataset
+
+    dataset = VideoClipDataset(files, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
+    return ClipLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+
+
+def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps: float, seed: int) -> Path:
+    """A 1-step student video of the batch's first clip, from its own generator (training RNG untouched)."""
+    from prodistill.data.video import write_mp4
+    from prodistill.sampling import to_uint8_frames
+
+    generator = torch.Generator(method.generator.device).manual_seed(seed)
+    pixels = method.preview({k: v[:1] for k, v in batch.items()}, generator)
+    return write_mp4(run_dir / "samples" / f"stage{stage}-step{step:07d}.mp4", to_uint8_frames(pixels[0]), fps)
+
+
+def run_training(cfg: TrainConfig) -> Path:
+    from prodistill.data.dataset import list_videos
+
+    run_dir = check_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    files = list_videos(cfg.data)  # cheap checks before any model is built
+    models = build_models(cfg, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg.tensorboard)
+    try:
+        for stage in cfg.stages():
+            _run_stage(cfg, models, files, stage, run_dir, device, logger)
+    finally:
+        logger.close()
+    return run_dir
+
+
+def _run_stage(cfg, models, files, stage, run_dir, device, logger) -> None:
+    stage_dir = run_dir / f"stage{stage}"
+    steps = cfg.steps_for(stage)
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt is not None and read_meta(ckpt)["step"] >= steps:
+        log.info("stage %d already complete (%s)", stage, ckpt)
+        return
+    generator = torch.Generator(device).manual_seed(cfg.seed + stage)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1000 * stage)  # LoRA and head init: identical on every (re)start
+        method = build_method(cfg, models, stage, generator)
+    trainer = Trainer(cfg, method, make_loader(cfg, files), stage, stage_dir, steps, generator, logger,
+                      preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed))
+    if ckpt is not None:
+        trainer.resume(ckpt)
+    elif stage == 2 and (stage1 := latest_checkpoint(run_dir / "stage1")) is not None:
+        method.load_weights(load_weights(stage1, device))
+    trainer.fit()

@@ -1,0 +1,119 @@
+"""The training loop. It knows optimisers, accumulation, clipping, schedules, logging, checkpoints and
+resume — and no method math: a `Method` supplies phases, parameters and losses.
+
+One step = for each phase of the method (e.g. generator, then discriminator): accumulate gradients over
+`grad_accum` micro-batches, clip, step the optimiser and the LR schedule, then call the method's hook (the
+EMA update). The micro-batches are drawn once per step and shared by all phases.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from prodistill.methods.base import Method
+from prodistill.training.checkpoint import load_state, load_weights, save_checkpoint
+from prodistill.training.logger import MetricsLogger
+
+
+def warmup_schedule(warmup_steps: int):
+    """Linear warm-up from 1/warmup to 1, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class Trainer:
+    def __init__(self, cfg, method: Method, loader, stage: int, stage_dir: Path, total_steps: int,
+                 generator: torch.Generator, logger: MetricsLogger, preview_fn=None):
+        self.cfg, self.method, self.loader, self.stage = cfg, method, loader, stage
+        self.stage_dir, self.total_steps, self.generator, self.logger = stage_dir, total_steps, generator, logger
+        self.preview_fn = preview_fn
+        self.step = 0
+        fused = generator.device.type == "cuda"
+        self.optimizers, self.schedulers = {}, {}
+        for phase in method.phases:
+            lr = cfg.disc_lr if phase == "discriminator" else cfg.lr
+            opt = torch.optim.AdamW(method.parameters(phase), lr=lr, betas=(0.9, 0.999), weight_decay=0.0,
+                                    fused=fused or None)
+            self.optimizers[phase] = opt
+            self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(cfg.warmup_steps))
+
+    # -- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "step": self.step,
+            "stage": self.stage,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "generator": self.generator.get_state(),
+            "loader": self.loader.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def resume(self, ckpt: Path) -> None:
+        self.method.load_weights(load_weights(ckpt, self.generator.device))
+        state = load_state(ckpt)
+        self.step = int(state["step"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.generator.set_state(state["generator"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.logger.truncate_after(self.stage, self.step)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.stage_dir, self.step, self.method.weights(), self.state_dict(),
+                               meta={"stage": self.stage, "method": self.method.name,
+                                     "complete": self.step >= self.total_steps},
+                               keep=self.cfg.keep_ckpts)
+
+    # -- loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg, method = self.cfg, self.method
+        method.train(True)
+        pending: list[tuple[int, dict]] = []
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
+                   dynamic_ncols=True)
+        while self.step < self.total_steps:
+            micro = [next(self.loader) for _ in range(cfg.grad_accum)]
+            caches: list[dict] = [{} for _ in micro]
+            logs: dict[str, torch.Tensor] = {}
+            for phase in method.phases:
+                opt = self.optimizers[phase]
+                opt.zero_grad(set_to_none=True)
+                for batch, cache in zip(micro, caches):
+                    out = method.compute(phase, batch, cache)
+                    (out.loss / cfg.grad_accum).backward()
+                    cache.update(out.cache)
+                    for k, v in out.logs.items():
+                        logs[k] = logs.get(k, 0) + v / cfg.grad_accum
+                params = [p for g in opt.param_groups for p in g["params"]]
+                limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                logs[f"grad_norm/{phase}"] = torch.nn.utils.clip_grad_norm_(params, limit)
+                logs[f"lr/{phase}"] = torch.tensor(self.schedulers[phase].get_last_lr()[0])
+                opt.step()
+                self.schedulers[phase].step()
+                method.after_optimizer_step(phase)
+            self.step += 1
+            bar.update(1)
+            pending.append((self.step, logs))
+            last = self.step >= self.total_steps
+            if self.step % cfg.log_every == 0 or last:
+                shown = self.logger.write(self.stage, pending)
+                pending = []
+                bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3g}"
+                                 for k, v in shown.items() if k.startswith(("loss/", "d/logits"))}, refresh=False)
+            if self.step % cfg.ckpt_every == 0 or last:
+                self.save()
+            if self.preview_fn is not None and ((cfg.sample_every and self.step % cfg.sample_every == 0) or last):
+                self.preview_fn(method, micro[0], self.stage, self.step)
+        bar.close()
