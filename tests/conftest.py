@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models and a config small enough that a training step takes well under a second."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prodistill.config import build_config
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Built-in clips go to a per-session temp cache, never into the user's home."""
+    monkeypatch.setenv("PRODISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_config(tmp_path, **overrides):
+    values = dict(out=str(tmp_path / "run"), preset="tiny", resolution="32x32", frames=4, max_steps=2,
+                  device="cpu", lora_rank=2, disc_head_channels=8, log_every=1, ckpt_every=1, sample_every=0,
+                  solver_steps=2, num_timesteps=10, warmup_steps=0)
+    values.update(overrides)
+    return build_config(values)
+
+
+class RandomClips:
+    """A resumable stand-in for ClipLoader: deterministic random pixel batches, no video decoding."""
+
+    def __init__(self, batch_size: int, frames: int, size: int, seed: int = 0):
+        self.shape = (batch_size, frames, 3, size, size)
+        self.seed, self.position = seed, 0
+
+    def __next__(self) -> dict:
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.position)
+        self.position += 1
+        return {"pixels": torch.rand(self.shape, generator=gen) * 2 - 1}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]

@@ -1,0 +1,108 @@
+"""OSV on the tiny preset: what each stage's step updates, stage chaining, and resume equivalence."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import RandomClips, tiny_config
+from prodistill.methods import build_method
+from prodistill.training.checkpoint import latest_checkpoint, load_weights
+from prodistill.training.logger import MetricsLogger, read_metrics
+from prodistill.training.run import build_models
+from prodistill.training.trainer import Trainer
+
+
+def _snapshot(named):
+    return {k: v.detach().clone() for k, v in named}
+
+
+def _changed(before, module_named):
+    now = dict(module_named)
+    return {k for k, v in before.items() if not torch.equal(v, now[k].detach())}
+
+
+def _trainer(cfg, stage, run_dir, models=None):
+    models = models or build_models(cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(cfg.seed + stage)
+    torch.manual_seed(cfg.seed + 1000 * stage)
+    method = build_method(cfg, models, stage, gen)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loader = RandomClips(cfg.batch_size, cfg.frames, cfg.size()[0])
+    trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", cfg.steps_for(stage), gen,
+                      MetricsLogger(run_dir))
+    return trainer, method, models
+
+
+def test_stage1_step_updates_only_lora_and_heads(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=1)
+    trainer, osv, models = _trainer(cfg, 1, tmp_path / "run")
+    teacher = _snapshot(models.unet.named_parameters())
+    backbone = _snapshot(osv.disc.backbone.named_parameters())
+    student_all = _snapshot(osv.student.named_parameters())
+    heads = _snapshot(osv.disc.trainable_state_dict().items())
+    trainer.fit()
+    assert not _changed(teacher, models.unet.named_parameters())
+    assert not _changed(backbone, osv.disc.backbone.named_parameters())
+    changed = _changed(student_all, osv.student.named_parameters())
+    assert changed and all("lora_" in k for k in changed)
+    assert {k for k in student_all if "lora_B" in k} <= changed  # B starts at 0 and gets the first gradient
+    assert _changed(heads, osv.disc.trainable_state_dict().items())
+
+
+def test_stage2_step_updates_lora_modules_heads_and_ema(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=1, train_modules="conv_out")
+    trainer, osv, models = _trainer(cfg, 2, tmp_path / "run")
+    teacher = _snapshot(models.unet.named_parameters())
+    backbone = _snapshot(osv.disc.backbone.named_parameters())
+    student_all = _snapshot(osv.student.named_parameters())
+    ema = _snapshot(osv.ema.params.items())
+    trainer.fit()
+    assert not _changed(teacher, models.unet.named_parameters())
+    assert not _changed(backbone, osv.disc.backbone.named_parameters())
+    changed = _changed(student_all, osv.student.named_parameters())
+    assert {"conv_out.weight", "conv_out.bias"} <= changed
+    assert all("lora_" in k or k.startswith("conv_out") for k in changed)
+    ema_changed = _changed(ema, osv.ema.params.items())
+    assert ema_changed
+    # θ⁻ ← μ·θ⁻ + (1 − μ)·θ after the generator step
+    now = dict(osv.student.named_parameters())
+    for k in ema_changed:
+        expect = cfg.ema_decay * ema[k] + (1 - cfg.ema_decay) * now[k].detach()
+        torch.testing.assert_close(osv.ema.params[k], expect)
+
+
+def test_stage2_starts_from_stage1_student_and_discriminator(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=1)
+    run_dir = tmp_path / "run"
+    t1, osv1, models = _trainer(cfg, 1, run_dir)
+    t1.fit()
+    _, osv2, _ = _trainer(cfg, 2, run_dir, models)
+    osv2.load_weights(load_weights(latest_checkpoint(run_dir / "stage1")))
+    for k, v in osv1.trainable.items():
+        torch.testing.assert_close(osv2.trainable[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(osv2.ema.params[k], v.detach(), rtol=0, atol=0)
+    for k, v in osv1.disc.trainable_state_dict().items():
+        torch.testing.assert_close(osv2.disc.trainable_state_dict()[k], v, rtol=0, atol=0)
+
+
+def _losses(run_dir, stage):
+    return [(r["step"], r["loss/g_total"], r["loss/d"]) for r in read_metrics(run_dir) if r["stage"] == stage]
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    for stage in (1, 2):
+        cfg = tiny_config(tmp_path, max_steps=4)
+        straight = tmp_path / f"straight{stage}"
+        trainer, _, models = _trainer(cfg, stage, straight)
+        trainer.fit()
+
+        interrupted = tmp_path / f"interrupted{stage}"
+        short = tiny_config(tmp_path, max_steps=2)
+        t_a, _, _ = _trainer(short, stage, interrupted, models)
+        t_a.fit()
+        t_b, _, _ = _trainer(cfg, stage, interrupted, models)
+        t_b.resume(latest_checkpoint(interrupted / f"stage{stage}"))
+        assert t_b.step == 2
+        t_b.fit()
+        assert _losses(interrupted, stage) == _losses(straight, stage)
+        assert len(_losses(straight, stage)) == 4
