@@ -14,9 +14,8 @@ from typing import Any
 
 import yaml
 
+from prodistill.methods import METHODS
 from prodistill.models.presets import PRESETS, get_preset
-
-METHODS = ("osv",)
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -26,9 +25,10 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass(kw_only=True)
 class TrainConfig:
     # -- what to run ---------------------------------------------------------------------------------
-    method: str = _f("osv", "Distillation method.", choices=METHODS)
+    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation baseline).", choices=tuple(METHODS))
     stage: str = _f("both", "OSV stage to train: 1 (latent GAN pretraining), 2 (adversarial consistency "
-                    "distillation) or both in sequence.", choices=("1", "2", "both"))
+                    "distillation) or both in sequence. Single-stage methods ignore it.",
+                    choices=("1", "2", "both"))
     preset: str = _f("tiny", "Architecture when no weights are given: tiny (CPU, random init) or svd-xt "
                      "(full size, random init, for benchmarks).", choices=tuple(PRESETS))
     teacher: str | None = _f(None, "Teacher weights: a diffusers SVD folder (unet/, vae/, image_encoder/, "
@@ -131,6 +131,8 @@ class TrainConfig:
         return w, h
 
     def stages(self) -> tuple[int, ...]:
+        if self.method != "osv":
+            return (2,)  # single-stage methods are consistency distillation, OSV's stage-2 slot
         return (1, 2) if self.stage == "both" else (int(self.stage),)
 
     def steps_for(self, stage: int) -> int:

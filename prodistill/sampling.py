@@ -12,39 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from prodistill.diffusion.consistency import Denoiser
 from prodistill.diffusion.edm import karras_sigmas, sampler_indices, training_grid
 from prodistill.diffusion.samplers import consistency_sample, time_travel_sample
-from prodistill.diffusion.solvers import ConditionalDenoiser, edm_euler_sample, frame_guidance, guided_denoiser
+from prodistill.diffusion.solvers import bind, edm_euler_sample, frame_guidance, guided_denoiser
 from prodistill.models.svd import SVDCondition, SVDModels, edm_denoise
-
-
-def conditional_denoiser(models: SVDModels, unet: nn.Module, params: dict[str, Tensor] | None = None
-                         ) -> ConditionalDenoiser:
-    """D(x, σ, cond) of `unet` (teacher or student) in the models' precision; `params` swaps tensors in
-    (e.g. the EMA target's) without copying the network."""
-
-    def d(x: Tensor, sigma: Tensor, cond: SVDCondition) -> Tensor:
-        net = unet if params is None else (lambda *a, **k: functional_call(unet, params, a, k))
-        with models.autocast():
-            return edm_denoise(net, x, sigma, cond)
-
-    return d
-
-
-def unet_denoiser(models: SVDModels, unet: nn.Module, cond: SVDCondition,
-                  params: dict[str, Tensor] | None = None) -> Denoiser:
-    """D(x, σ) of `unet` under a fixed `cond`."""
-    d = conditional_denoiser(models, unet, params)
-    return lambda x, sigma: d(x, sigma, cond)
-
-
-def latent_shape(models: SVDModels, batch: int, frames: int, width: int, height: int) -> tuple[int, ...]:
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    return (batch, frames, models.vae.config.latent_channels, height // factor, width // factor)
 
 
 @torch.no_grad()
@@ -65,7 +39,7 @@ def sample_teacher(models: SVDModels, cond: SVDCondition, shape: tuple[int, ...]
     """Latents from the teacher: `steps` Euler steps with per-frame CFG from cfg_min to cfg_max."""
     noise = torch.randn(shape, generator=generator, device=models.device)
     guidance = frame_guidance(cfg_min, cfg_max, shape[0], shape[1], models.device)
-    denoise = guided_denoiser(conditional_denoiser(models, models.unet), cond, cond.unconditional(), guidance)
+    denoise = guided_denoiser(models.denoiser(models.teacher), cond, cond.unconditional(), guidance)
     return edm_euler_sample(denoise, noise, karras_sigmas(steps).to(models.device))
 
 
@@ -116,7 +90,7 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool
     """`prodistill sample`: one video from one image, with the run's student (or its teacher)."""
     from prodistill.config import build_config
     from prodistill.data.video import write_mp4
-    from prodistill.models.student import build_student, load_trainable
+    from prodistill.models.student import load_trainable
     from prodistill.training.checkpoint import load_weights
     from prodistill.training.run import build_models, resolve_device
 
@@ -130,7 +104,7 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool
     models = build_models(cfg, dev)
     generator = torch.Generator(dev).manual_seed(seed)
     cond = models.condition(cond_image, cfg.frames, cfg.fps, generator)
-    shape = latent_shape(models, 1, cfg.frames, width, height)
+    shape = models.latent_shape(1, cfg.frames, width, height)
     if teacher_steps is not None:
         latents = sample_teacher(models, cond, shape, teacher_steps, 1.0, cfg_scale, generator)
     else:
@@ -138,11 +112,9 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool
         group = "ema" if weights == "ema" else "student"
         if group not in tensors:
             raise ValueError(f"{ckpt_dir} has no {group} weights (EMA exists in stage 2 only): use --weights student")
-        train_modules = tuple(s for s in cfg.train_modules.split(",") if s) if "ema" in tensors else ()
-        student = build_student(models.unet, cfg.lora_rank, cfg.lora_alpha,
-                                tuple(cfg.lora_targets.split(",")), train_modules)
+        student = models.make_student(cfg, stage=2 if "ema" in tensors else 1)
         load_trainable(student, tensors[group])
-        denoise = unet_denoiser(models, student.eval(), cond)
+        denoise = bind(models.denoiser(student.eval()), cond)
         latents = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, generator, dev)
     pixels = models.decode(latents)
     return write_mp4(out, to_uint8_frames(pixels[0]), cfg.fps)

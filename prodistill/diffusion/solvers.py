@@ -37,6 +37,11 @@ def cfg_combine(d_uncond: Tensor, d_cond: Tensor, guidance: Tensor | float) -> T
     return d_uncond + guidance * (d_cond - d_uncond)
 
 
+def bind(denoise: ConditionalDenoiser, cond) -> Denoiser:
+    """D(x, σ) from D(x, σ, cond) with `cond` fixed."""
+    return lambda x, sigma: denoise(x, sigma, cond)
+
+
 def guided_denoiser(denoise: ConditionalDenoiser, cond: C, uncond: C, guidance: Tensor | float) -> Denoiser:
     """A Denoiser evaluating the unconditional and conditional branch as one batch of 2B and mixing them."""
     both = uncond.cat(cond)

@@ -8,10 +8,41 @@ clipping, optimiser and LR-schedule steps, logging, checkpoints, resume. Loss te
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from prodistill.diffusion.solvers import ConditionalDenoiser
+
+
+class DistillationModels(Protocol):
+    """What a method needs from "the models": `SVDModels` for real video, and the analytic benchmark's
+    closed-form teacher, so the same method code runs on both. Conditions support `.cat` and
+    `.unconditional()` (c_zero for CFG)."""
+
+    teacher: nn.Module
+    latent_channels: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def prepare_batch(self, batch: dict, fps: float, generator: torch.Generator) -> tuple[Tensor, Any]:
+        """A data batch → (clean latents x0 (B, F, C, h, w), condition)."""
+
+    def make_student(self, cfg, stage: int) -> nn.Module:
+        """The student network for `stage`, its trainable parameters marked requires_grad."""
+
+    def denoiser(self, net: nn.Module, params: dict[str, Tensor] | None = None) -> ConditionalDenoiser:
+        """D(x, σ, cond) of `net`, optionally with `params` swapped in (the EMA target)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → pixels (B, F, 3, H, W) in [−1, 1] (previews; the decoded-discriminator ablation)."""
+
+    def decode_with_grad(self, latents: Tensor) -> Tensor: ...
 
 
 @dataclass

@@ -16,38 +16,30 @@ from torch import Tensor, nn
 from prodistill.diffusion.consistency import consistency_from_denoised
 from prodistill.diffusion.edm import training_grid
 from prodistill.diffusion.losses import default_huber_c, hinge_d_loss, hinge_g_loss, pseudo_huber
-from prodistill.diffusion.solvers import frame_guidance, guided_denoiser, teacher_solve
+from prodistill.diffusion.solvers import bind, frame_guidance, guided_denoiser, teacher_solve
 from prodistill.methods.base import Method, StepOutput
 from prodistill.models.presets import get_preset
 from prodistill.models.discriminator import LatentVideoDiscriminator, build_dinov2
-from prodistill.models.student import build_student, load_trainable, trainable_parameters
-from prodistill.models.svd import SVDModels
-from prodistill.sampling import conditional_denoiser, sample_student, unet_denoiser
+from prodistill.models.student import load_trainable, trainable_parameters
+from prodistill.sampling import sample_student
 from prodistill.training.ema import EMA
-
-
-def _split(csv: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in csv.split(",") if s.strip())
 
 
 class OSV(Method):
     name = "osv"
     phases = ("generator", "discriminator")
 
-    def __init__(self, cfg, models: SVDModels, stage: int, generator: torch.Generator):
+    def __init__(self, cfg, models, stage: int, generator: torch.Generator):
         if stage not in (1, 2):
             raise ValueError(f"OSV has stages 1 and 2, got {stage}")
         self.cfg, self.models, self.stage, self.generator = cfg, models, stage, generator
         device = models.device
-        self.student = build_student(
-            models.unet, cfg.lora_rank, cfg.lora_alpha, _split(cfg.lora_targets),
-            train_modules=_split(cfg.train_modules) if stage == 2 else (),
-        )
+        self.student = models.make_student(cfg, stage)
         self.trainable = trainable_parameters(self.student)
         backbone = build_dinov2(cfg.dino, cfg.preset).to(device, models.dtype)
         self.disc = LatentVideoDiscriminator(
             backbone,
-            latent_channels=models.vae.config.latent_channels,
+            latent_channels=models.latent_channels,
             upscale=cfg.disc_upscale,
             image_size=get_preset(cfg.preset).disc_image_size,
             head_channels=cfg.disc_head_channels,
@@ -57,9 +49,9 @@ class OSV(Method):
             p.data = p.data.float()
         self.grid = training_grid(cfg.num_timesteps).to(device, torch.float32)
         self.ema = EMA(self.trainable, cfg.ema_decay) if stage == 2 else None
-        self.student_d = conditional_denoiser(models, self.student)
-        self.teacher_d = conditional_denoiser(models, models.unet)
-        self.ema_d = conditional_denoiser(models, self.student, self.ema.params) if self.ema else None
+        self.student_d = models.denoiser(self.student)
+        self.teacher_d = models.denoiser(models.teacher)
+        self.ema_d = models.denoiser(self.student, self.ema.params) if self.ema else None
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _randint(self, high: int, batch: int) -> Tensor:
@@ -147,9 +139,8 @@ class OSV(Method):
 
     @torch.no_grad()
     def preview(self, batch: dict, generator: torch.Generator) -> Tensor:
-        _, cond = self.models.prepare_batch(batch, self.cfg.fps, generator)
-        denoise = unet_denoiser(self.models, self.student, cond)
-        latents = sample_student(denoise, tuple(cond.image_latents.shape), 1, False, self.cfg.num_timesteps, generator,
+        x0, cond = self.models.prepare_batch(batch, self.cfg.fps, generator)
+        latents = sample_student(bind(self.student_d, cond), tuple(x0.shape), 1, False, self.cfg.num_timesteps, generator,
                                  self.models.device)
         return self.models.decode(latents)
 

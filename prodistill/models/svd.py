@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from prodistill.diffusion.edm import append_dims, preconditioning
+from prodistill.diffusion.solvers import ConditionalDenoiser
 from prodistill.models.presets import Preset
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -141,6 +143,38 @@ class SVDModels:
             m.to(device=device, dtype=dtype)
         self.clip_mean, self.clip_std = self.clip_mean.to(device), self.clip_std.to(device)
         return self
+
+    # -- the interface methods and samplers use (the analytic benchmark implements the same) -----------------
+    @property
+    def teacher(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    def latent_shape(self, batch: int, frames: int, width: int, height: int) -> tuple[int, ...]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (batch, frames, self.latent_channels, height // factor, width // factor)
+
+    def make_student(self, cfg, stage: int) -> nn.Module:
+        """Teacher + LoRA (`cfg.lora_*`), plus `cfg.train_modules` trained in full in stage 2."""
+        from prodistill.models.student import build_student
+
+        split = lambda csv: tuple(s.strip() for s in csv.split(",") if s.strip())  # noqa: E731
+        return build_student(self.unet, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets),
+                             train_modules=split(cfg.train_modules) if stage == 2 else ())
+
+    def denoiser(self, net: nn.Module, params: dict[str, Tensor] | None = None) -> ConditionalDenoiser:
+        """D(x, σ, cond) of `net` (teacher or student) in the models' precision; `params` swaps tensors in
+        (the EMA target's) without copying the network."""
+
+        def d(x: Tensor, sigma: Tensor, cond: SVDCondition) -> Tensor:
+            unet = net if params is None else (lambda *a, **k: functional_call(net, params, a, k))
+            with self.autocast():
+                return edm_denoise(unet, x, sigma, cond)
+
+        return d
 
     @property
     def device(self) -> torch.device:
