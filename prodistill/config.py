@@ -8,6 +8,7 @@ resolved result to `RUN/config.yaml`; `--resume` and `prodistill sample` read it
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,8 @@ class TrainConfig:
                              f"({self.num_timesteps})")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("teacher", "dino"):
+            _check_weights_arg(name, getattr(self, name))
 
     def size(self) -> tuple[int, int]:
         """(W, H) from the `WxH` resolution string, checked to be a multiple of 16 pixels."""
@@ -143,6 +146,14 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_weights_arg(name: str, value: str | None) -> None:
+    """A weights argument is an existing folder or a hub id (org/name); anything else is a typo."""
+    if value is None or Path(value).expanduser().exists() or re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
+        return
+    raise ValueError(f"--{name} {value}: no such folder, and not a hub id of the form org/name; "
+                     "pass a local weights folder or a hub id")
 
 
 def _flag(name: str) -> str:

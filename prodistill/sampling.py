@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from prodistill.diffusion.consistency import Denoiser
@@ -52,17 +51,9 @@ def load_image(path: str | Path, width: int, height: int) -> Tensor:
     except (OSError, ValueError) as e:
         raise ValueError(f"could not read image {path}: pass a PNG or JPEG file ({e})") from e
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float()
+    from prodistill.data.dataset import cover_crop
+
     return cover_crop(x, width, height) / 127.5 - 1.0
-
-
-def cover_crop(x: Tensor, width: int, height: int) -> Tensor:
-    """Resize (N, C, h, w) so it covers (height, width), keeping aspect, then centre-crop."""
-    h, w = x.shape[-2:]
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[..., top : top + height, left : left + width]
 
 
 def to_uint8_frames(pixels_fchw: Tensor) -> np.ndarray:

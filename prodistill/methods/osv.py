@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 from prodistill.diffusion.consistency import consistency_from_denoised
 from prodistill.diffusion.edm import training_grid
-from prodistill.diffusion.losses import default_huber_c, hinge_d_loss, hinge_g_loss, pseudo_huber
-from prodistill.diffusion.solvers import bind, frame_guidance, guided_denoiser, teacher_solve
+from prodistill.diffusion.losses import hinge_d_loss, hinge_g_loss, pseudo_huber
+from prodistill.diffusion.solvers import frame_guidance
 from prodistill.methods.base import Method, StepOutput
+from prodistill.methods.lcm import consistency_pair, huber_c, preview_student, solver_path
 from prodistill.models.presets import get_preset
 from prodistill.models.discriminator import LatentVideoDiscriminator, build_dinov2
 from prodistill.models.student import load_trainable, trainable_parameters
-from prodistill.sampling import sample_student
 from prodistill.training.ema import EMA
 
 
@@ -65,9 +65,6 @@ class OSV(Method):
         with self.models.autocast():
             return self.disc(frames).float()
 
-    def _huber_c(self, x: Tensor) -> float:
-        return self.cfg.huber_c if self.cfg.huber_c is not None else default_huber_c(x[0].numel())
-
     # -- Method -------------------------------------------------------------------------------------------
     def parameters(self, phase: str) -> list[nn.Parameter]:
         return list(self.trainable.values()) if phase == "generator" else self.disc.trainable_parameters()
@@ -88,17 +85,12 @@ class OSV(Method):
         else:
             m = self.cfg.solver_steps
             n = self._randint(self.cfg.num_timesteps - m, b)
-            path = self.grid[n[:, None] + torch.arange(m, -1, -1, device=n.device)]  # (B, m+1): σ_{n+m} … σ_n
-            x_nm = x0 + path[:, 0].view(-1, 1, 1, 1, 1) * eps
-            with torch.no_grad():
-                guidance = frame_guidance(self.cfg.guidance_min, self.cfg.guidance_max, b, x0.shape[1], x0.device)
-                teacher = guided_denoiser(self.teacher_d, cond, cond.unconditional(), guidance)
-                x_phi = teacher_solve(teacher, x_nm, path)  # eq. 8
-                target = consistency_from_denoised(x_phi, path[:, -1], self.ema_d(x_phi, path[:, -1], cond))
-            fake = consistency_from_denoised(x_nm, path[:, 0], self.student_d(x_nm, path[:, 0], cond))
-            real, lam = target, self.cfg.lambda_acd  # eq. 9-10: the EMA target's output is the GAN's real
+            guidance = frame_guidance(self.cfg.guidance_min, self.cfg.guidance_max, b, x0.shape[1], x0.device)
+            real, fake = consistency_pair(self.student_d, self.ema_d, self.teacher_d, x0, eps, cond,
+                                          solver_path(self.grid, n, m), guidance)  # eq. 8, m teacher steps
+            lam = self.cfg.lambda_acd  # eq. 9-10: the EMA target's output is the GAN's real
         g_adv = hinge_g_loss(self._disc_logits(fake))
-        distance = pseudo_huber(real, fake, self._huber_c(x0)).mean()  # λ(t_n) = 1
+        distance = pseudo_huber(real, fake, huber_c(self.cfg, x0)).mean()  # λ(t_n) = 1
         loss = lam * g_adv + distance  # eq. 7 (stage 1) / eq. 10 (stage 2)
         logs = {"loss/g_adv": g_adv.detach(), "loss/distance": distance.detach(), "loss/g_total": loss.detach()}
         return StepOutput(loss, logs, {"real": real.detach(), "fake": fake.detach()})
@@ -137,10 +129,6 @@ class OSV(Method):
         if self.ema is not None:
             self.ema.load_state_dict(weights.get("ema") or self.trainable)
 
-    @torch.no_grad()
     def preview(self, batch: dict, generator: torch.Generator) -> Tensor:
-        x0, cond = self.models.prepare_batch(batch, self.cfg.fps, generator)
-        latents = sample_student(bind(self.student_d, cond), tuple(x0.shape), 1, False, self.cfg.num_timesteps, generator,
-                                 self.models.device)
-        return self.models.decode(latents)
+        return preview_student(self.cfg, self.models, self.student_d, batch, generator)
 

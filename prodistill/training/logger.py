@@ -32,12 +32,15 @@ class MetricsLogger:
                 if line and not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
         self.path.write_text("".join(line + "\n" for line in keep))
 
-    def write(self, stage: int, rows: list[tuple[int, dict[str, Tensor]]]) -> dict[str, float]:
-        """Fetch and write the buffered rows; returns the last row as floats (for the progress bar)."""
+    def write(self, stage: int, rows: list[tuple[int, dict[str, Tensor | float]]]) -> dict[str, float]:
+        """Fetch and write the buffered rows (device tensors in one transfer, host floats as they are);
+        returns the last row as floats (for the progress bar)."""
         if not rows:
             return {}
         keys = sorted(rows[-1][1])
-        values = torch.stack([torch.stack([r[k].float() for k in keys]) for _, r in rows]).cpu().tolist()
+        device_keys = [k for k in keys if isinstance(rows[-1][1][k], Tensor)]
+        fetched = torch.stack([torch.stack([r[k].float() for k in device_keys]) for _, r in rows]).cpu().tolist()
+        values = [[dict(zip(device_keys, dev)).get(k, r.get(k)) for k in keys] for (_, r), dev in zip(rows, fetched)]
         with self.path.open("a") as f:
             for (step, _), vals in zip(rows, values):
                 rec = {"stage": stage, "step": step, **dict(zip(keys, vals))}

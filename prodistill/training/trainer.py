@@ -9,6 +9,7 @@ EMA update). The micro-batches are drawn once per step and shared by all phases.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -76,17 +77,29 @@ class Trainer:
                                      "complete": self.step >= self.total_steps},
                                keep=self.cfg.keep_ckpts)
 
+    def _add_perf(self, rows: list[tuple[int, dict]], since: float) -> None:
+        """Wall time per step over the logging interval (the logging sync makes it honest on GPU) and, on
+        CUDA, peak memory since the stage started."""
+        device = self.generator.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_step = (time.perf_counter() - since) / len(rows)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        for _, logs in rows:
+            logs["perf/sec_per_step"], logs["perf/peak_mem_gib"] = per_step, peak
+
     # -- loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg, method = self.cfg, self.method
         method.train(True)
         pending: list[tuple[int, dict]] = []
+        clock = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
                    dynamic_ncols=True)
         while self.step < self.total_steps:
             micro = [next(self.loader) for _ in range(cfg.grad_accum)]
             caches: list[dict] = [{} for _ in micro]
-            logs: dict[str, torch.Tensor] = {}
+            logs: dict[str, torch.Tensor | float] = {}
             for phase in method.phases:
                 opt = self.optimizers[phase]
                 opt.zero_grad(set_to_none=True)
@@ -99,7 +112,7 @@ class Trainer:
                 params = [p for g in opt.param_groups for p in g["params"]]
                 limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
                 logs[f"grad_norm/{phase}"] = torch.nn.utils.clip_grad_norm_(params, limit)
-                logs[f"lr/{phase}"] = torch.tensor(self.schedulers[phase].get_last_lr()[0])
+                logs[f"lr/{phase}"] = self.schedulers[phase].get_last_lr()[0]
                 opt.step()
                 self.schedulers[phase].step()
                 method.after_optimizer_step(phase)
@@ -108,8 +121,9 @@ class Trainer:
             pending.append((self.step, logs))
             last = self.step >= self.total_steps
             if self.step % cfg.log_every == 0 or last:
+                self._add_perf(pending, clock)
                 shown = self.logger.write(self.stage, pending)
-                pending = []
+                pending, clock = [], time.perf_counter()
                 bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3g}"
                                  for k, v in shown.items() if k.startswith(("loss/", "d/logits"))}, refresh=False)
             if self.step % cfg.ckpt_every == 0 or last:
