@@ -140,7 +140,7 @@ class SVDModels:
 
     def to(self, device, dtype: torch.dtype | None = None) -> "SVDModels":
         for m in (self.unet, self.vae, self.image_encoder):
-            m.to(device=device, dtype=dtype)
+            nn.Module.to(m, device=device, dtype=dtype)  # diffusers' override warns about a cast we want
         self.clip_mean, self.clip_std = self.clip_mean.to(device), self.clip_std.to(device)
         return self
 

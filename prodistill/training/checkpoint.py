@@ -22,8 +22,15 @@ META_FILE = "meta.json"
 LATEST = "latest"
 
 
+def _umask_mode(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.chmod(tmp, _umask_mode(0o666))
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -37,6 +44,7 @@ def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Ten
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / f"ckpt-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-ckpt-"))
+    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         for group, tensors in weights.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{group}.safetensors"))
