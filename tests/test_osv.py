@@ -106,3 +106,18 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
         t_b.fit()
         assert _losses(interrupted, stage) == _losses(straight, stage)
         assert len(_losses(straight, stage)) == 4
+
+
+def test_decoded_discriminator_ablation_trains_through_the_vae_decoder(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=1, disc_input="decoded")
+    trainer, osv, models = _trainer(cfg, 1, tmp_path / "run")
+    assert osv.disc.input_kind == "pixel"
+    vae = _snapshot(models.vae.named_parameters())
+    calls = []
+    decode = models.decode_with_grad
+    models.decode_with_grad = lambda z: calls.append(z.shape) or decode(z)
+    lora_b = {k: v for k, v in _snapshot(osv.student.named_parameters()).items() if "lora_B" in k}
+    trainer.fit()
+    assert len(calls) == 3  # fake (generator phase), real and fake (discriminator phase)
+    assert not _changed(vae, models.vae.named_parameters())
+    assert _changed(lora_b, osv.student.named_parameters()) == set(lora_b)
