@@ -83,7 +83,7 @@ def test_bad_files_are_skipped_counted_and_warned(tmp_path):
     assert got == [1, 1, 1] and ds.skipped == 2
     assert {p.name for p in ds.bad} == {"corrupt.mp4", "short.mp4"}
     assert len(caught) == 2
-    with pytest.raises(DataError):
+    with pytest.raises(DataError), pytest.warns(UserWarning, match="corrupt.mp4"):
         VideoClipDataset([tmp_path / "corrupt.mp4"], num_frames=4, resolution=(16, 16))[0]
 
 
