@@ -36,7 +36,10 @@ class TrainConfig:
                              "feature_extractor/) or a hub id. Default: random init of --preset.")
     dino: str | None = _f(None, "DINOv2 weights for the discriminator (transformers folder or hub id). "
                           "Default: random init of --preset's DINOv2 architecture.")
-    data: str | None = _f(None, "Folder of videos to train on. Default: the built-in clips.")
+    data: str | None = _f(None, "Videos to train on: a folder, or a .csv/.jsonl manifest with one row per video "
+                          "(OpenVid-1M's CSV works as is). Default: the built-in clips.")
+    video_root: str | None = _f(None, "Folder that relative paths in a --data manifest are relative to "
+                                "(default: the manifest's folder).")
     out: str = _f("runs/osv", "Run folder: resolved config, logs, checkpoints and sample videos.")
     resume: bool = _f(False, "Continue the run in --out from its latest checkpoint.")
     device: str = _f("auto", "cpu, cuda, or auto (cuda when available).", choices=("auto", "cpu", "cuda"))

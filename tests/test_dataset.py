@@ -75,7 +75,7 @@ def test_bad_files_are_skipped_counted_and_warned(tmp_path):
     write_mp4(tmp_path / "short.mp4", _levels(3), fps=7)
     (tmp_path / "corrupt.mp4").write_bytes(os.urandom(4096))
     files = list_videos(tmp_path)
-    assert [f.name for f in files] == ["corrupt.mp4", "good.mp4", "short.mp4"]
+    assert [f.path.name for f in files] == ["corrupt.mp4", "good.mp4", "short.mp4"]
     ds = VideoClipDataset(files, num_frames=4, fps=7.0, resolution=(16, 16))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -88,7 +88,7 @@ def test_bad_files_are_skipped_counted_and_warned(tmp_path):
 
 
 def test_list_videos_errors(tmp_path):
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="not a folder or a manifest"):
         list_videos(tmp_path / "missing")
     with pytest.raises(DataError, match="no video files"):
         list_videos(tmp_path)
@@ -133,3 +133,48 @@ def test_cover_crop_keeps_aspect_and_centre():
     x = torch.arange(4 * 8, dtype=torch.float32).view(1, 1, 4, 8)
     assert cover_crop(x, 4, 4).shape == (1, 1, 4, 4)
     assert torch.equal(cover_crop(x, 4, 4)[0, 0], x[0, 0, :, 2:6])
+
+
+def test_manifest_csv_openvid_layout_and_jsonl(tmp_path):
+    write_mp4(tmp_path / "clips" / "a.mp4", _levels(20), fps=28)
+    write_mp4(tmp_path / "clips" / "b.mp4", _levels(20), fps=28)
+    (tmp_path / "openvid.csv").write_text(
+        "video,caption,aesthetic score,motion score,temporal consistency score,camera motion,frame,fps,seconds\n"
+        "a.mp4,a cat,5.1,1.0,0.9,static,20,28.0,0.7\n"
+        "gone.mp4,missing,5,1,1,static,20,28.0,0.7\n"
+        "b.mp4,\"a dog, running\",5.2,1.2,0.95,pan,20,28.0,0.7\n")
+    with pytest.warns(UserWarning, match="1 of 3 rows"):
+        entries = list_videos(tmp_path / "openvid.csv", video_root=tmp_path / "clips")
+    assert [(e.path.name, e.caption, e.fps, e.num_frames) for e in entries] == [
+        ("a.mp4", "a cat", 28.0, 20), ("b.mp4", "a dog, running", 28.0, 20)]
+    (tmp_path / "m.jsonl").write_text('{"path": "clips/a.mp4"}\n\n{"path": "%s"}\n' % (tmp_path / "clips" / "b.mp4"))
+    assert [e.path.name for e in list_videos(tmp_path / "m.jsonl")] == ["a.mp4", "b.mp4"]
+    ds = VideoClipDataset(entries, num_frames=4, fps=7.0, resolution=(16, 16))
+    assert ds[0]["pixels"].shape == (4, 3, 16, 16)
+
+
+def test_manifest_errors(tmp_path):
+    (tmp_path / "none.csv").write_text("video\nx.mp4\n")
+    with pytest.raises(DataError, match="none of its 1 rows"):
+        list_videos(tmp_path / "none.csv")
+    (tmp_path / "nopath.csv").write_text("caption\nhello\n")
+    with pytest.raises(DataError, match="no video path"):
+        list_videos(tmp_path / "nopath.csv")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        list_videos(tmp_path / "bad.jsonl")
+
+
+def test_loader_counts_skips_across_workers_and_restores_them(tmp_path):
+    write_mp4(tmp_path / "good.mp4", _levels(20), fps=7)
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(4096))
+    for workers in (0, 1):
+        ds = VideoClipDataset(list_videos(tmp_path), num_frames=4, fps=7.0, resolution=(16, 16))
+        loader = ClipLoader(ds, batch_size=2, num_workers=workers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            next(loader)
+        assert loader.stats() == {"data/skipped": 1.0}
+    fresh = ClipLoader(VideoClipDataset(list_videos(tmp_path), num_frames=4, resolution=(16, 16)), batch_size=1)
+    fresh.load_state_dict(loader.state_dict())
+    assert fresh.stats() == {"data/skipped": 1.0} and {p.name for p in fresh.dataset.bad} == {"corrupt.mp4"}

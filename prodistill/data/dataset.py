@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prodistill.data.manifest import MANIFEST_SUFFIXES, VideoEntry, read_manifest
 from prodistill.data.video import VideoDecodeError, probe_video, read_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -25,19 +26,27 @@ class DataError(ValueError):
     """The data argument cannot be used as given."""
 
 
-def list_videos(data: str | Path | None) -> list[Path]:
-    """The videos to train on: the built-in clips (None) or every video file under a folder."""
+def list_videos(data: str | Path | None, video_root: str | Path | None = None) -> list[VideoEntry]:
+    """The videos to train on: the built-in clips (None), every video file under a folder, or the rows of
+    a manifest (.csv / .jsonl). Manifest rows whose file is missing are warned about and left out."""
     if data is None:
         from prodistill.data.builtin import ensure_builtin_clips
 
         data = ensure_builtin_clips()
     path = Path(data).expanduser()
+    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+        entries, missing = read_manifest(path, video_root)
+        if missing:
+            warnings.warn(f"{len(missing)} of {len(missing) + len(entries)} rows of {path} point at missing "
+                          f"files and are left out, e.g. {missing[0]}", stacklevel=2)
+        return entries
     if not path.is_dir():
-        raise DataError(f"--data {data}: not a folder; pass a folder of video files ({', '.join(VIDEO_SUFFIXES)})")
+        raise DataError(f"--data {data}: not a folder or a manifest; pass a folder of video files "
+                        f"({', '.join(VIDEO_SUFFIXES)}) or a .csv/.jsonl manifest")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"--data {data}: the folder holds no video files ({', '.join(VIDEO_SUFFIXES)})")
-    return files
+    return [VideoEntry(p) for p in files]
 
 
 def cover_crop(x: Tensor, width: int, height: int) -> Tensor:
@@ -65,9 +74,11 @@ def clip_indices(num_source_frames: int, source_fps: float, target_fps: float, n
 
 
 class VideoClipDataset(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path], num_frames: int = 14, fps: float = 7.0,
+    def __init__(self, videos: list[VideoEntry | Path | str], num_frames: int = 14, fps: float = 7.0,
                  resolution: tuple[int, int] = (64, 64), seed: int = 0):
-        self.files, self.num_frames, self.fps = list(files), num_frames, fps
+        self.entries = [v if isinstance(v, VideoEntry) else VideoEntry(Path(v)) for v in videos]
+        self.files = [e.path for e in self.entries]
+        self.num_frames, self.fps = num_frames, fps
         self.width, self.height = resolution
         self.seed, self.epoch = seed, 0
         self.skipped = 0
@@ -81,25 +92,34 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def load(self, idx: int) -> Tensor:
         """Clip `idx` as (F, 3, H, W) float in [−1, 1]; raises VideoDecodeError for a bad file."""
-        path = self.files[idx]
-        info = probe_video(path)
+        entry = self.entries[idx]
+        path = entry.path
+        if entry.fps is not None and entry.num_frames is not None:
+            source_fps, source_frames = entry.fps, entry.num_frames
+        else:
+            info = probe_video(path)
+            source_fps, source_frames = info.fps, info.num_frames
         rng = np.random.default_rng((self.seed, self.epoch, idx))
-        indices = clip_indices(info.num_frames, info.fps, self.fps, self.num_frames, rng)
+        indices = clip_indices(source_frames, source_fps, self.fps, self.num_frames, rng)
         if indices is None:
-            raise VideoDecodeError(path, f"{info.num_frames} frames, fewer than the {self.num_frames} a clip needs")
+            raise VideoDecodeError(path, f"{source_frames} frames, fewer than the {self.num_frames} a clip needs")
         frames = torch.from_numpy(read_frames(path, indices)).permute(0, 3, 1, 2).float()
         return cover_crop(frames, self.width, self.height) / 127.5 - 1.0
 
     def __getitem__(self, idx: int) -> dict:
+        """Clip `idx`, or the next good one; "skipped" lists the files found bad on the way (so a loader
+        can count them even when this runs in a worker process)."""
+        found_bad = []
         for k in range(len(self.files)):
             j = (idx + k) % len(self.files)
             if self.files[j] in self.bad:
                 continue
             try:
-                return {"pixels": self.load(j), "index": j}
+                return {"pixels": self.load(j), "index": j, "skipped": found_bad}
             except VideoDecodeError as e:
                 self.bad.add(self.files[j])
                 self.skipped += 1
+                found_bad.append(str(self.files[j]))
                 warnings.warn(f"skipping {e}", stacklevel=2)
         raise DataError(f"none of the {len(self.files)} videos could be decoded into {self.num_frames}-frame clips")
 
@@ -118,6 +138,7 @@ class ClipLoader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.position = 0, 0
+        self.skipped: list[str] = []
         self._iter = None
 
     def _order(self, epoch: int) -> list[int]:
@@ -166,13 +187,20 @@ class ClipLoader:
         for _ in range(self.batch_size):
             self.epoch, self.position, item = next(self._iter)
             items.append(item["pixels"])
+            self.skipped.extend(p for p in item["skipped"] if p not in self.skipped)  # workers may repeat
         return {"pixels": torch.stack(items)}
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics log."""
+        return {"data/skipped": float(len(self.skipped))}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "skipped": list(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.skipped = list(state.get("skipped", []))
+        self.dataset.bad.update(Path(p) for p in self.skipped)
         self._iter = None
 
 

@@ -89,7 +89,7 @@ def run_training(cfg: TrainConfig) -> Path:
 
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
-    files = list_videos(cfg.data)  # cheap checks before any model is built
+    files = list_videos(cfg.data, cfg.video_root)  # cheap checks before any model is built
     models = build_models(cfg, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)

@@ -85,8 +85,10 @@ class Trainer:
             torch.cuda.synchronize(device)
         per_step = (time.perf_counter() - since) / len(rows)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        extra = self.loader.stats() if hasattr(self.loader, "stats") else {}
         for _, logs in rows:
             logs["perf/sec_per_step"], logs["perf/peak_mem_gib"] = per_step, peak
+            logs.update(extra)
 
     # -- loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
