@@ -67,6 +67,42 @@ def train(config_file: str | None, **flags) -> None:
     click.echo(f"done: {run_dir}")
 
 
+@main.group()
+def data() -> None:
+    """Data tools: precompute the latent cache."""
+
+
+@data.command("cache")
+@click.option("--data", "data_arg", default=None, help="Folder of videos or a .csv/.jsonl manifest (default: built-in clips).")
+@click.option("--video-root", default=None, help="Folder that relative manifest paths are relative to.")
+@click.option("--out", required=True, help="Cache folder to create (or resume).")
+@click.option("--teacher", default=None, help="Diffusers SVD folder or hub id whose VAE and CLIP encode (default: --preset, random).")
+@click.option("--preset", type=click.Choice(["tiny", "svd-xt"]), default="tiny", show_default=True)
+@click.option("--resolution", default=None, help="WxH in pixels (default: the preset's).")
+@click.option("--frames", type=int, default=14, show_default=True)
+@click.option("--fps", type=float, default=7.0, show_default=True)
+@click.option("--noise-aug-strength", type=float, default=0.02, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clip choice and augmentation noise.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--shard-size", type=click.IntRange(1), default=64, show_default=True, help="Videos per shard file.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Clips per encoder batch.")
+def data_cache(data_arg, video_root, out, shard_size, batch_size, **model_flags) -> None:
+    """Encode every clip once (VAE latents, CLIP embedding, conditioning latent) for `train --data CACHE`."""
+    from prodistill.data.cache import build_cache
+    from prodistill.data.dataset import list_videos
+    from prodistill.training.run import build_models, resolve_device
+
+    try:
+        cfg = build_config({**model_flags, "data": data_arg, "video_root": video_root})
+        videos = list_videos(cfg.data, cfg.video_root)
+        models = build_models(cfg, resolve_device(cfg.device))
+        path = build_cache(cfg, models, videos, Path(out), shard_size, batch_size)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"cached {len(videos)} videos in {path}")
+
+
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(exists=True, file_okay=False),
               help="Run folder of `prodistill train` (its last stage's latest checkpoint is used) or a checkpoint folder.")

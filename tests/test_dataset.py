@@ -178,3 +178,29 @@ def test_loader_counts_skips_across_workers_and_restores_them(tmp_path):
     fresh = ClipLoader(VideoClipDataset(list_videos(tmp_path), num_frames=4, resolution=(16, 16)), batch_size=1)
     fresh.load_state_dict(loader.state_dict())
     assert fresh.stats() == {"data/skipped": 1.0} and {p.name for p in fresh.dataset.bad} == {"corrupt.mp4"}
+
+
+def test_latent_cache_round_trip_and_resume(tmp_path):
+    from click.testing import CliRunner
+
+    from prodistill.cli import main
+    from prodistill.data.cache import LatentCacheDataset
+
+    args = ["data", "cache", "--out", str(tmp_path / "cache"), "--resolution", "32x32", "--frames", "4",
+            "--device", "cpu", "--shard-size", "3"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
+    assert [p.name for p in shards] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    ds = LatentCacheDataset(tmp_path / "cache")
+    assert len(ds) == 8
+    item = ds[7]
+    assert item["latent_mean"].shape == (4, 4, 4, 4) and item["image_embeds"].shape == (1, 32)
+    # an interrupted build resumes: a missing shard is rebuilt, the others are left alone
+    mtime = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
+    assert shards[1].is_file() and shards[0].stat().st_mtime_ns == mtime
+    assert torch.equal(LatentCacheDataset(tmp_path / "cache")[4]["latent_mean"], ds[4]["latent_mean"])
+    other = CliRunner().invoke(main, [*args[:-2], "--frames", "6", "--shard-size", "3"])
+    assert other.exit_code != 0 and "other settings" in other.output

@@ -106,6 +106,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
         frames = torch.from_numpy(read_frames(path, indices)).permute(0, 3, 1, 2).float()
         return cover_crop(frames, self.width, self.height) / 127.5 - 1.0
 
+    def cond_noise(self, idx: int) -> Tensor:
+        """The noise SVD adds to the conditioning frame, drawn per clip (seed, epoch, idx) like the clip itself,
+        so training from videos and from the latent cache condition on the same augmented frame."""
+        rng = np.random.default_rng((self.seed, self.epoch, idx, 1))
+        return torch.from_numpy(rng.standard_normal((3, self.height, self.width), dtype=np.float32))
+
     def __getitem__(self, idx: int) -> dict:
         """Clip `idx`, or the next good one; "skipped" lists the files found bad on the way (so a loader
         can count them even when this runs in a worker process)."""
@@ -115,7 +121,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             if self.files[j] in self.bad:
                 continue
             try:
-                return {"pixels": self.load(j), "index": j, "skipped": found_bad}
+                return {"pixels": self.load(j), "cond_noise": self.cond_noise(j), "index": j, "skipped": found_bad}
             except VideoDecodeError as e:
                 self.bad.add(self.files[j])
                 self.skipped += 1
@@ -186,9 +192,9 @@ class ClipLoader:
         items = []
         for _ in range(self.batch_size):
             self.epoch, self.position, item = next(self._iter)
-            items.append(item["pixels"])
-            self.skipped.extend(p for p in item["skipped"] if p not in self.skipped)  # workers may repeat
-        return {"pixels": torch.stack(items)}
+            items.append(item)
+            self.skipped.extend(p for p in item.get("skipped", ()) if p not in self.skipped)  # workers may repeat
+        return {k: torch.stack([it[k] for it in items]) for k, v in items[0].items() if isinstance(v, Tensor)}
 
     def stats(self) -> dict[str, float]:
         """Counters for the metrics log."""

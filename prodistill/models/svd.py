@@ -186,16 +186,24 @@ class SVDModels:
 
     # -- encoders ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_video(self, pixels: Tensor, generator: torch.Generator | None = None, chunk: int = 14) -> Tensor:
-        """Pixels (B, F, 3, H, W) in [−1, 1] → scaled latents (B, F, 4, H/8, W/8), sampled from the posterior."""
+    def encode_posterior(self, pixels: Tensor, chunk: int = 14) -> tuple[Tensor, Tensor]:
+        """Pixels (B, F, 3, H, W) in [−1, 1] → the VAE posterior's (mean, std), unscaled, (B, F, 4, H/8, W/8)."""
         b, f = pixels.shape[:2]
         frames = pixels.flatten(0, 1).to(self.device, self.dtype)
-        parts = []
-        for i in range(0, frames.shape[0], chunk):
-            dist = self.vae.encode(frames[i : i + chunk]).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
-            parts.append(dist.mean + dist.std * noise)
-        return (torch.cat(parts) * self.scaling_factor).unflatten(0, (b, f)).float()
+        dists = [self.vae.encode(frames[i : i + chunk]).latent_dist for i in range(0, frames.shape[0], chunk)]
+        mean = torch.cat([d.mean for d in dists]).float().unflatten(0, (b, f))
+        return mean, torch.cat([d.std for d in dists]).float().unflatten(0, (b, f))
+
+    def sample_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents x0 = (mean + std·ε)·scaling_factor; one draw for the whole batch, so encoding on the
+        fly and reading the latent cache consume the generator identically."""
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_video(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels (B, F, 3, H, W) in [−1, 1] → scaled latents (B, F, 4, H/8, W/8), sampled from the posterior."""
+        return self.sample_latents(*self.encode_posterior(pixels), generator)
 
     @torch.no_grad()
     def encode_image_embeds(self, image: Tensor) -> Tensor:
@@ -206,31 +214,43 @@ class SVDModels:
         return self.image_encoder(pixel_values=x.to(self.dtype)).image_embeds.unsqueeze(1).float()
 
     @torch.no_grad()
-    def condition(self, image: Tensor, num_frames: int, fps: float,
-                  generator: torch.Generator | None = None) -> SVDCondition:
-        """SVD's conditioning of a clip on its first frame `image` (B, 3, H, W) in [−1, 1]."""
+    def encode_condition(self, image: Tensor, noise: Tensor | None = None,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """First frame (B, 3, H, W) in [−1, 1] → (CLIP embedding (B, 1, D), latent mode of the noise-augmented
+        frame (B, 4, h, w)). The augmentation noise is `noise` if given (data-side, per clip), else drawn."""
         image = image.to(self.device, torch.float32)
-        noise = torch.randn(image.shape, generator=generator, device=image.device)
-        augmented = (image + self.noise_aug_strength * noise).to(self.dtype)
-        latent = self.vae.encode(augmented).latent_dist.mode().float()
-        b = image.shape[0]
+        if noise is None:
+            noise = torch.randn(image.shape, generator=generator, device=image.device)
+        augmented = (image + self.noise_aug_strength * noise.to(image)).to(self.dtype)
+        return self.encode_image_embeds(image), self.vae.encode(augmented).latent_dist.mode().float()
+
+    def make_condition(self, image_embeds: Tensor, image_latent: Tensor, num_frames: int, fps: float) -> SVDCondition:
+        """Assemble SVD's condition from its encoded parts (repeat the first-frame latent over frames)."""
+        b = image_embeds.shape[0]
         time_ids = torch.tensor([[fps - 1, self.motion_bucket_id, self.noise_aug_strength]],
-                                device=image.device).expand(b, 3)
+                                device=image_embeds.device).expand(b, 3)
         return SVDCondition(
-            image_embeds=self.encode_image_embeds(image),
-            image_latents=latent.unsqueeze(1).expand(b, num_frames, *latent.shape[1:]).contiguous(),
+            image_embeds=image_embeds,
+            image_latents=image_latent.unsqueeze(1).expand(b, num_frames, *image_latent.shape[1:]).contiguous(),
             added_time_ids=time_ids.contiguous(),
         )
 
+    def condition(self, image: Tensor, num_frames: int, fps: float, generator: torch.Generator | None = None,
+                  noise: Tensor | None = None) -> SVDCondition:
+        """SVD's conditioning of a clip on its first frame `image` (B, 3, H, W) in [−1, 1]."""
+        return self.make_condition(*self.encode_condition(image, noise, generator), num_frames, fps)
+
     def prepare_batch(self, batch: dict, fps: float, generator: torch.Generator | None = None
                       ) -> tuple[Tensor, SVDCondition]:
-        """A data batch → (scaled latents x0 (B, F, 4, h, w), conditioning). Pre-encoded batches pass through."""
-        if "latents" in batch:
-            cond = SVDCondition(batch["image_embeds"], batch["image_latents"], batch["added_time_ids"])
-            return batch["latents"].to(self.device), SVDCondition(*(t.to(self.device) for t in cond.astuple()))
+        """A data batch → (scaled latents x0 (B, F, 4, h, w), conditioning). A batch from the latent cache
+        (posterior mean/std and encoded condition) skips the encoders and draws the same noise."""
+        if "latent_mean" in batch:
+            mean, std = (batch[k].to(self.device, torch.float32) for k in ("latent_mean", "latent_std"))
+            embeds, image_latent = (batch[k].to(self.device, torch.float32) for k in ("image_embeds", "image_latent"))
+            return self.sample_latents(mean, std, generator), self.make_condition(embeds, image_latent, mean.shape[1], fps)
         pixels = batch["pixels"]
         latents = self.encode_video(pixels, generator)
-        return latents, self.condition(pixels[:, 0], pixels.shape[1], fps, generator)
+        return latents, self.condition(pixels[:, 0], pixels.shape[1], fps, generator, batch.get("cond_noise"))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

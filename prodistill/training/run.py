@@ -68,9 +68,13 @@ def build_models(cfg: TrainConfig, device: torch.device):
 
 
 def make_loader(cfg: TrainConfig, files):
+    from prodistill.data.cache import LatentCacheDataset, is_cache
     from prodistill.data.dataset import ClipLoader, VideoClipDataset
 
-    dataset = VideoClipDataset(files, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
+    if is_cache(cfg.data):
+        dataset = LatentCacheDataset(cfg.data, cfg)
+    else:
+        dataset = VideoClipDataset(files, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
     return ClipLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
 
 
@@ -85,11 +89,16 @@ def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps
 
 
 def run_training(cfg: TrainConfig) -> Path:
+    from prodistill.data.cache import LatentCacheDataset, is_cache
     from prodistill.data.dataset import list_videos
 
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
-    files = list_videos(cfg.data, cfg.video_root)  # cheap checks before any model is built
+    if is_cache(cfg.data):  # cheap checks before any model is built
+        LatentCacheDataset(cfg.data, cfg)
+        files = None
+    else:
+        files = list_videos(cfg.data, cfg.video_root)
     models = build_models(cfg, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
