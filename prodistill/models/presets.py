@@ -59,8 +59,8 @@ TINY = Preset(
     ),
     resolution=(64, 64),
     disc_image_size=32,
-    train_defaults=dict(lr=1e-4, disc_lr=1e-4, lora_rank=4, stage1_steps=6, stage2_steps=6, ckpt_every=3,
-                        sample_every=0, log_every=1),
+    train_defaults=dict(lr=1e-4, disc_lr=1e-4, lora_rank=4, stage1_steps=60, stage2_steps=120, ckpt_every=50,
+                        sample_every=0, log_every=10, warmup_steps=10),
 )
 
 SVD_XT = Preset(
