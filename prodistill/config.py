@@ -51,6 +51,8 @@ class TrainConfig:
     resolution: str | None = _f(None, "Training resolution WxH in pixels (default: the preset's).")
     frames: int = _f(14, "Frames per clip.")
     fps: float = _f(7.0, "Frame rate clips are sampled at (SVD conditions on fps − 1).")
+    decoder: str = _f("auto", "Video decoding: dali (NVIDIA DALI, on the GPU when --device is cuda), pyav (CPU), "
+                      "or auto (dali when it is installed and a GPU is used).", choices=("auto", "dali", "pyav"))
     batch_size: int = _f(1, "Clips per micro-batch (per GPU).")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
     num_workers: int = _f(0, "Data loader worker processes.")

@@ -17,7 +17,7 @@ from prodistill.diffusion.consistency import Denoiser
 from prodistill.diffusion.edm import karras_sigmas, sampler_indices, training_grid
 from prodistill.diffusion.samplers import consistency_sample, time_travel_sample
 from prodistill.diffusion.solvers import bind, edm_euler_sample, frame_guidance, guided_denoiser
-from prodistill.models.svd import SVDCondition, SVDModels, edm_denoise
+from prodistill.models.svd import SVDCondition, SVDModels
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """Checkpoints are atomic: an interrupted save leaves the last good checkpoint and the pointer intact."""
 
-import os
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import torch
 from prodistill.data.builtin import ensure_builtin_clips
 from prodistill.data.dataset import (ClipLoader, DataError, VideoClipDataset, clip_indices, cover_crop,
                                      list_videos)
-from prodistill.data.video import VideoDecodeError, probe_video, read_frames, write_mp4
+from prodistill.data.video import probe_video, read_frames, write_mp4
 
 
 def _levels(num_frames: int, step: int = 8, size=(32, 48)) -> np.ndarray:

@@ -9,7 +9,9 @@ is skipped with a warning and counted; it never stops a run.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from torch import Tensor
 from prodistill.data.manifest import MANIFEST_SUFFIXES, VideoEntry, read_manifest
 from prodistill.data.video import VideoDecodeError, probe_video, read_frames
 
+T = TypeVar("T")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
@@ -83,6 +86,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.seed, self.epoch = seed, 0
         self.skipped = 0
         self.bad: set[Path] = set()
+        self._probed: dict[Path, tuple[float, int]] = {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -90,44 +94,60 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def load(self, idx: int) -> Tensor:
-        """Clip `idx` as (F, 3, H, W) float in [−1, 1]; raises VideoDecodeError for a bad file."""
+    def source(self, idx: int) -> tuple[float, int]:
+        """(fps, frame count) of video `idx`: from its manifest row when known, else probed (once)."""
         entry = self.entries[idx]
-        path = entry.path
         if entry.fps is not None and entry.num_frames is not None:
-            source_fps, source_frames = entry.fps, entry.num_frames
-        else:
-            info = probe_video(path)
-            source_fps, source_frames = info.fps, info.num_frames
-        rng = np.random.default_rng((self.seed, self.epoch, idx))
+            return entry.fps, entry.num_frames
+        if entry.path not in self._probed:
+            info = probe_video(entry.path)
+            self._probed[entry.path] = info.fps, info.num_frames
+        return self._probed[entry.path]
+
+    def clip_frames(self, idx: int, epoch: int | None = None) -> list[int]:
+        """Frame indices of video `idx`'s clip in `epoch` (default: the current one); raises
+        VideoDecodeError when the video is unreadable or too short. Shared with the DALI loader."""
+        source_fps, source_frames = self.source(idx)
+        rng = np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, idx))
         indices = clip_indices(source_frames, source_fps, self.fps, self.num_frames, rng)
         if indices is None:
-            raise VideoDecodeError(path, f"{source_frames} frames, fewer than the {self.num_frames} a clip needs")
-        frames = torch.from_numpy(read_frames(path, indices)).permute(0, 3, 1, 2).float()
+            raise VideoDecodeError(self.files[idx], f"{source_frames} frames, fewer than the {self.num_frames} "
+                                   "a clip needs")
+        return indices
+
+    def load(self, idx: int) -> Tensor:
+        """Clip `idx` as (F, 3, H, W) float in [−1, 1]; raises VideoDecodeError for a bad file."""
+        frames = torch.from_numpy(read_frames(self.files[idx], self.clip_frames(idx))).permute(0, 3, 1, 2).float()
         return cover_crop(frames, self.width, self.height) / 127.5 - 1.0
 
-    def cond_noise(self, idx: int) -> Tensor:
+    def cond_noise(self, idx: int, epoch: int | None = None) -> Tensor:
         """The noise SVD adds to the conditioning frame, drawn per clip (seed, epoch, idx) like the clip itself,
-        so training from videos and from the latent cache condition on the same augmented frame."""
-        rng = np.random.default_rng((self.seed, self.epoch, idx, 1))
+        so training from videos, through DALI or from the latent cache conditions on the same frame."""
+        rng = np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, idx, 1))
         return torch.from_numpy(rng.standard_normal((3, self.height, self.width), dtype=np.float32))
 
-    def __getitem__(self, idx: int) -> dict:
-        """Clip `idx`, or the next good one; "skipped" lists the files found bad on the way (so a loader
-        can count them even when this runs in a worker process)."""
+    def first_good(self, idx: int, fn: Callable[[int], T]) -> tuple[int, T, list[str]]:
+        """(j, fn(j), files found bad on the way) for the first video j ≥ idx (cyclically) where `fn` does not
+        raise VideoDecodeError; bad videos are remembered, counted and warned about once."""
         found_bad = []
         for k in range(len(self.files)):
             j = (idx + k) % len(self.files)
             if self.files[j] in self.bad:
                 continue
             try:
-                return {"pixels": self.load(j), "cond_noise": self.cond_noise(j), "index": j, "skipped": found_bad}
+                return j, fn(j), found_bad
             except VideoDecodeError as e:
                 self.bad.add(self.files[j])
                 self.skipped += 1
                 found_bad.append(str(self.files[j]))
                 warnings.warn(f"skipping {e}", stacklevel=2)
         raise DataError(f"none of the {len(self.files)} videos could be decoded into {self.num_frames}-frame clips")
+
+    def __getitem__(self, idx: int) -> dict:
+        """Clip `idx`, or the next good one; "skipped" lists the files found bad on the way (so a loader
+        can count them even when this runs in a worker process)."""
+        j, pixels, found_bad = self.first_good(idx, self.load)
+        return {"pixels": pixels, "cond_noise": self.cond_noise(j), "index": j, "skipped": found_bad}
 
 
 class ClipLoader:

@@ -10,6 +10,7 @@ Run folder layout:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -67,14 +68,34 @@ def build_models(cfg: TrainConfig, device: torch.device):
     return models
 
 
-def make_loader(cfg: TrainConfig, files):
+def use_dali(cfg: TrainConfig, device: torch.device) -> bool:
+    """--decoder: dali when asked (an ImportError with the install hint if missing), or for auto when DALI is
+    installed and training runs on a GPU; the latent cache needs no decoder."""
+    from prodistill.data.cache import is_cache
+
+    if is_cache(cfg.data) or cfg.decoder == "pyav":
+        return False
+    if cfg.decoder == "dali":
+        from dali_pipelines.video import _import_dali
+
+        _import_dali()
+        return True
+    return device.type == "cuda" and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def make_loader(cfg: TrainConfig, files, device: torch.device):
     from prodistill.data.cache import LatentCacheDataset, is_cache
     from prodistill.data.dataset import ClipLoader, VideoClipDataset
 
     if is_cache(cfg.data):
-        dataset = LatentCacheDataset(cfg.data, cfg)
-    else:
-        dataset = VideoClipDataset(files, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
+        return ClipLoader(LatentCacheDataset(cfg.data, cfg), batch_size=cfg.batch_size, seed=cfg.seed,
+                          num_workers=cfg.num_workers)
+    dataset = VideoClipDataset(files, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
+    if use_dali(cfg, device):
+        from dali_pipelines.video import DaliClipLoader
+
+        device_id = (device.index or 0) if device.type == "cuda" else None
+        return DaliClipLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, device_id=device_id)
     return ClipLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
 
 
@@ -99,6 +120,7 @@ def run_training(cfg: TrainConfig) -> Path:
         files = None
     else:
         files = list_videos(cfg.data, cfg.video_root)
+        use_dali(cfg, device)  # a missing DALI is reported now, not after the models are built
     models = build_models(cfg, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
@@ -123,7 +145,7 @@ def _run_stage(cfg, models, files, stage, run_dir, device, logger) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1000 * stage)  # LoRA and head init: identical on every (re)start
         method = build_method(cfg, models, stage, generator)
-    trainer = Trainer(cfg, method, make_loader(cfg, files), stage, stage_dir, steps, generator, logger,
+    trainer = Trainer(cfg, method, make_loader(cfg, files, device), stage, stage_dir, steps, generator, logger,
                       preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed))
     if ckpt is not None:
         trainer.resume(ckpt)
