@@ -94,36 +94,34 @@ def _num_groups(channels: int, max_groups: int = 32) -> int:
     return 1
 
 
-class SpatialHead(nn.Module):
+class _ConvHead(nn.Module):
+    """conv(k=3) -> GroupNorm -> LeakyReLU -> conv(k=1) to one logit channel; `conv` is nn.Conv2d or nn.Conv1d."""
+
+    conv: type[nn.Module]
+
+    def __init__(self, in_channels: int, hidden_channels: int = 64, negative_slope: float = 0.2):
+        super().__init__()
+        self.net = nn.Sequential(
+            self.conv(in_channels, hidden_channels, kernel_size=3, padding=1),
+            nn.GroupNorm(_num_groups(hidden_channels), hidden_channels),
+            nn.LeakyReLU(negative_slope),
+            self.conv(hidden_channels, 1, kernel_size=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SpatialHead(_ConvHead):
     """Per-frame 2D conv head: (N, C, hp, wp) -> (N, 1, hp, wp) per-patch logits."""
 
-    def __init__(self, in_channels: int, hidden_channels: int = 64, negative_slope: float = 0.2):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1),
-            nn.GroupNorm(_num_groups(hidden_channels), hidden_channels),
-            nn.LeakyReLU(negative_slope),
-            nn.Conv2d(hidden_channels, 1, kernel_size=1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    conv = nn.Conv2d
 
 
-class TemporalHead(nn.Module):
+class TemporalHead(_ConvHead):
     """Per-location 1D conv head over frames: (M, C, F) -> (M, 1, F) logits."""
 
-    def __init__(self, in_channels: int, hidden_channels: int = 64, negative_slope: float = 0.2):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(in_channels, hidden_channels, kernel_size=3, padding=1),
-            nn.GroupNorm(_num_groups(hidden_channels), hidden_channels),
-            nn.LeakyReLU(negative_slope),
-            nn.Conv1d(hidden_channels, 1, kernel_size=1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    conv = nn.Conv1d
 
 
 class DiscriminatorHeads(nn.Module):
