@@ -46,7 +46,8 @@ def list_videos(data: str | Path | None, video_root: str | Path | None = None) -
     if not path.is_dir():
         raise DataError(f"--data {data}: not a folder or a manifest; pass a folder of video files "
                         f"({', '.join(VIDEO_SUFFIXES)}) or a .csv/.jsonl manifest")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    files = sorted(p for p in path.rglob("*")
+                   if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not p.name.startswith("."))  # ._x.mp4, temp files
     if not files:
         raise DataError(f"--data {data}: the folder holds no video files ({', '.join(VIDEO_SUFFIXES)})")
     return [VideoEntry(p) for p in files]

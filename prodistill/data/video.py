@@ -14,7 +14,7 @@ files open in ordinary players and in DALI's NVDEC decoder.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -77,8 +77,8 @@ def write_mp4(path: str | Path, frames_fhwc: np.ndarray, fps: float, codec: str 
     encoder, options = _ENCODERS[codec]
     rate = Fraction(fps).limit_denominator(1001)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    # Not mkstemp: that file would keep mode 0600 after the rename; FFmpeg creates it with the umask's mode.
+    tmp_name = str(path.parent / f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         with av.open(tmp_name, mode="w") as container:
             stream = container.add_stream(encoder, rate=rate, options=options)
