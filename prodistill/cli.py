@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from prodistill.bench import bench
 from prodistill.config import TrainConfig, build_config
 
 
@@ -130,6 +131,8 @@ def sample(ckpt, image, out_path, steps, tts, teacher_steps, cfg_scale, weights,
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")
 
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,80 @@
+"""`prodistill bench`: the benchmarks that the project's figures come from.
+
+`quality` runs on CPU: it distils students on an analytic video distribution whose exact denoiser is known
+(`prodistill.bench.analytic`) and scores every sampler against the truth (`prodistill.bench.quality`).
+Heavy imports happen inside the commands, so `prodistill --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (quality: the analytic distillation benchmark, CPU; data: decode throughput vs training)."""
+
+
+@bench.command("quality")
+@click.option("--quick", is_flag=True,
+              help="Smoke-sized run (about 2.5 min on one CPU thread) instead of the full one (about 15).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-quality.json",
+              show_default=True, help="Where to write the results.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the PNG plot [default: the --json path with .png].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the mixture, the training and the evaluation.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="CPU threads. Results are reproducible for a given thread count; more than the free cores slows "
+                   "the run down many times.")
+def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: int, threads: int) -> None:
+    """Distil LCM and OSV students on a Gaussian-mixture video distribution with an exact teacher and
+    report each sampler's distance to the true distribution (table, JSON, PNG)."""
+    from prodistill.bench.quality import format_table, run_quality_bench, save_plot, settings_for, write_json
+
+    result = run_quality_bench(settings_for(quick), seed=seed, threads=threads, echo=click.echo)
+    click.echo(format_table(result))
+    click.echo(f"results: {write_json(result, Path(json_path))}")
+    png = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")
+    if save_plot(result, png) is None:
+        click.echo("plot skipped: matplotlib is not installed (pip install 'prodistill[bench]')")
+    else:
+        click.echo(f"plot: {png}")
+
+
+@bench.command("data")
+@click.option("--data", "data_arg", default=None, help="Videos to decode (default: the built-in H.264 clips).")
+@click.option("--preset", type=click.Choice(["tiny", "svd-xt"]), default="svd-xt", show_default=True,
+              help="Architecture whose training step sets the consumption rate.")
+@click.option("--resolution", default="512x512", show_default=True, help="WxH of the clips and the training step.")
+@click.option("--frames", type=int, default=14, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Clips per decode batch.")
+@click.option("--batches", type=click.IntRange(1), default=10, show_default=True, help="Timed batches per decoder.")
+@click.option("--train-steps", type=click.IntRange(1), default=3, show_default=True, help="Timed training steps.")
+@click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="PyAV loader processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-data.json", show_default=True)
+def data_command(data_arg, preset, resolution, frames, batch_size, batches, train_steps, workers, device,
+                 json_path) -> None:
+    """Clips/s of DALI (GPU) and PyAV (CPU) on the same files, next to what the training step consumes."""
+    import tempfile
+
+    from prodistill.bench.data import format_data_table, run_data_bench, write_data_json
+    from prodistill.config import build_config
+    from prodistill.training.run import resolve_device
+
+    try:
+        cfg = build_config({"data": data_arg, "preset": preset, "resolution": resolution, "frames": frames,
+                            "batch_size": batch_size, "device": device, "log_every": 1})
+        dev = resolve_device(cfg.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_data_bench(cfg, dev, batches, train_steps, workers, Path(tmp), echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_data_table(result))
+    click.echo(f"results: {write_data_json(result, Path(json_path))}")
+
+
+__all__ = ["bench"]
