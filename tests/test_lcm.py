@@ -10,7 +10,8 @@ from prodistill.diffusion.consistency import consistency_from_denoised
 from prodistill.diffusion.losses import pseudo_huber
 from prodistill.diffusion.solvers import euler_step, frame_guidance, guided_denoiser
 from prodistill.methods import build_method
-from prodistill.methods.lcm import LCM, huber_c
+from prodistill.methods.consistency import huber_c
+from prodistill.methods.lcm import LCM
 from prodistill.training.checkpoint import latest_checkpoint, load_weights
 from prodistill.training.logger import MetricsLogger, read_metrics
 from prodistill.training.run import build_models

@@ -18,7 +18,7 @@ from prodistill.diffusion.edm import training_grid
 from prodistill.diffusion.losses import hinge_d_loss, hinge_g_loss, pseudo_huber
 from prodistill.diffusion.solvers import frame_guidance
 from prodistill.methods.base import Method, StepOutput
-from prodistill.methods.lcm import consistency_pair, huber_c, preview_student, solver_path
+from prodistill.methods.consistency import consistency_pair, huber_c, preview_student, solver_path
 from prodistill.models.presets import get_preset
 from prodistill.models.discriminator import LatentVideoDiscriminator, build_dinov2
 from prodistill.models.student import load_trainable, trainable_parameters
