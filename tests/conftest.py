@@ -48,3 +48,23 @@ class RandomClips:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+
+def make_trainer(cfg, run_dir, stage: int | None = None, models=None):
+    """(Trainer, method, models) for `stage` (default: the method's only stage) on RandomClips, seeded as
+    `prodistill train` seeds a stage."""
+    from prodistill.methods import build_method
+    from prodistill.training.logger import MetricsLogger
+    from prodistill.training.run import build_models
+    from prodistill.training.trainer import Trainer
+
+    models = models or build_models(cfg, torch.device("cpu"))
+    stage = stage if stage is not None else cfg.stages()[-1]
+    gen = torch.Generator().manual_seed(cfg.seed + stage)
+    torch.manual_seed(cfg.seed + 1000 * stage)
+    method = build_method(cfg, models, stage, gen)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loader = RandomClips(cfg.batch_size, cfg.frames, cfg.size()[0])
+    trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", cfg.steps_for(stage), gen,
+                      MetricsLogger(run_dir))
+    return trainer, method, models

@@ -5,30 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import RandomClips, tiny_config
+from conftest import RandomClips, make_trainer, tiny_config
 from prodistill.diffusion.consistency import consistency_from_denoised
 from prodistill.diffusion.losses import pseudo_huber
 from prodistill.diffusion.solvers import euler_step, frame_guidance, guided_denoiser
-from prodistill.methods import build_method
 from prodistill.methods.consistency import huber_c
 from prodistill.methods.lcm import LCM
 from prodistill.training.checkpoint import latest_checkpoint, load_weights
-from prodistill.training.logger import MetricsLogger, read_metrics
+from prodistill.training.logger import read_metrics
 from prodistill.training.run import build_models
-from prodistill.training.trainer import Trainer
-
-
-def _trainer(cfg, run_dir, models=None):
-    models = models or build_models(cfg, torch.device("cpu"))
-    (stage,) = cfg.stages()
-    gen = torch.Generator().manual_seed(cfg.seed + stage)
-    torch.manual_seed(cfg.seed + 1000 * stage)
-    method = build_method(cfg, models, stage, gen)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loader = RandomClips(cfg.batch_size, cfg.frames, cfg.size()[0])
-    trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", cfg.steps_for(stage), gen,
-                      MetricsLogger(run_dir))
-    return trainer, method, models
 
 
 def test_lcm_is_single_stage_without_discriminator(tmp_path):
@@ -45,7 +30,7 @@ def test_lcm_is_single_stage_without_discriminator(tmp_path):
 
 def test_lcm_step_updates_only_lora_and_ema(tmp_path):
     cfg = tiny_config(tmp_path, method="lcm", max_steps=1)
-    trainer, lcm, models = _trainer(cfg, tmp_path / "run")
+    trainer, lcm, models = make_trainer(cfg, tmp_path / "run")
     teacher = {k: v.detach().clone() for k, v in models.unet.named_parameters()}
     student_all = {k: v.detach().clone() for k, v in lcm.student.named_parameters()}
     ema = {k: v.clone() for k, v in lcm.ema.params.items()}
@@ -91,12 +76,12 @@ def test_lcm_target_is_one_guided_euler_step_whatever_solver_steps(tmp_path):
 def test_lcm_resume_reproduces_the_uninterrupted_losses(tmp_path):
     cfg = tiny_config(tmp_path, method="lcm", max_steps=4)
     straight = tmp_path / "straight"
-    trainer, _, models = _trainer(cfg, straight)
+    trainer, _, models = make_trainer(cfg, straight)
     trainer.fit()
     interrupted = tmp_path / "interrupted"
-    t_a, _, _ = _trainer(tiny_config(tmp_path, method="lcm", max_steps=2), interrupted, models)
+    t_a, _, _ = make_trainer(tiny_config(tmp_path, method="lcm", max_steps=2), interrupted, models=models)
     t_a.fit()
-    t_b, _, _ = _trainer(cfg, interrupted, models)
+    t_b, _, _ = make_trainer(cfg, interrupted, models=models)
     t_b.resume(latest_checkpoint(interrupted / "stage2"))
     t_b.fit()
     losses = lambda d: [(r["step"], r["loss/g_total"]) for r in read_metrics(d)]  # noqa: E731

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from conftest import RandomClips, tiny_config
-from prodistill.methods import build_method
+from conftest import make_trainer, tiny_config
 from prodistill.training.checkpoint import latest_checkpoint, load_weights
-from prodistill.training.logger import MetricsLogger, read_metrics
-from prodistill.training.run import build_models
-from prodistill.training.trainer import Trainer
+from prodistill.training.logger import read_metrics
 
 
 def _snapshot(named):
@@ -21,21 +18,9 @@ def _changed(before, module_named):
     return {k for k, v in before.items() if not torch.equal(v, now[k].detach())}
 
 
-def _trainer(cfg, stage, run_dir, models=None):
-    models = models or build_models(cfg, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(cfg.seed + stage)
-    torch.manual_seed(cfg.seed + 1000 * stage)
-    method = build_method(cfg, models, stage, gen)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loader = RandomClips(cfg.batch_size, cfg.frames, cfg.size()[0])
-    trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", cfg.steps_for(stage), gen,
-                      MetricsLogger(run_dir))
-    return trainer, method, models
-
-
 def test_stage1_step_updates_only_lora_and_heads(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=1)
-    trainer, osv, models = _trainer(cfg, 1, tmp_path / "run")
+    trainer, osv, models = make_trainer(cfg, stage=1, run_dir=tmp_path / "run")
     teacher = _snapshot(models.unet.named_parameters())
     backbone = _snapshot(osv.disc.backbone.named_parameters())
     student_all = _snapshot(osv.student.named_parameters())
@@ -51,7 +36,7 @@ def test_stage1_step_updates_only_lora_and_heads(tmp_path):
 
 def test_stage2_step_updates_lora_modules_heads_and_ema(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=1, train_modules="conv_out")
-    trainer, osv, models = _trainer(cfg, 2, tmp_path / "run")
+    trainer, osv, models = make_trainer(cfg, stage=2, run_dir=tmp_path / "run")
     teacher = _snapshot(models.unet.named_parameters())
     backbone = _snapshot(osv.disc.backbone.named_parameters())
     student_all = _snapshot(osv.student.named_parameters())
@@ -74,9 +59,9 @@ def test_stage2_step_updates_lora_modules_heads_and_ema(tmp_path):
 def test_stage2_starts_from_stage1_student_and_discriminator(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=1)
     run_dir = tmp_path / "run"
-    t1, osv1, models = _trainer(cfg, 1, run_dir)
+    t1, osv1, models = make_trainer(cfg, stage=1, run_dir=run_dir)
     t1.fit()
-    _, osv2, _ = _trainer(cfg, 2, run_dir, models)
+    _, osv2, _ = make_trainer(cfg, stage=2, run_dir=run_dir, models=models)
     osv2.load_weights(load_weights(latest_checkpoint(run_dir / "stage1")))
     for k, v in osv1.trainable.items():
         torch.testing.assert_close(osv2.trainable[k], v, rtol=0, atol=0)
@@ -93,14 +78,14 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     for stage in (1, 2):
         cfg = tiny_config(tmp_path, max_steps=4)
         straight = tmp_path / f"straight{stage}"
-        trainer, _, models = _trainer(cfg, stage, straight)
+        trainer, _, models = make_trainer(cfg, stage=stage, run_dir=straight)
         trainer.fit()
 
         interrupted = tmp_path / f"interrupted{stage}"
         short = tiny_config(tmp_path, max_steps=2)
-        t_a, _, _ = _trainer(short, stage, interrupted, models)
+        t_a, _, _ = make_trainer(short, stage=stage, run_dir=interrupted, models=models)
         t_a.fit()
-        t_b, _, _ = _trainer(cfg, stage, interrupted, models)
+        t_b, _, _ = make_trainer(cfg, stage=stage, run_dir=interrupted, models=models)
         t_b.resume(latest_checkpoint(interrupted / f"stage{stage}"))
         assert t_b.step == 2
         t_b.fit()
@@ -110,7 +95,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
 def test_decoded_discriminator_ablation_trains_through_the_vae_decoder(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=1, disc_input="decoded")
-    trainer, osv, models = _trainer(cfg, 1, tmp_path / "run")
+    trainer, osv, models = make_trainer(cfg, stage=1, run_dir=tmp_path / "run")
     assert osv.disc.input_kind == "pixel"
     vae = _snapshot(models.vae.named_parameters())
     calls = []
