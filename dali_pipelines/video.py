@@ -47,7 +47,7 @@ INSTALL_HINT = "pip install 'prodistill[dali]' (NVIDIA DALI for CUDA 13: nvidia-
 Clip = tuple[np.ndarray, np.ndarray]
 
 
-def _import_dali():
+def import_dali():
     try:
         import nvidia.dali as dali
         import nvidia.dali.fn as fn
@@ -71,7 +71,7 @@ def clip_pipeline(source: Callable[[], list[Clip]], batch_size: int, resolution:
     `device_id` NVDEC decodes and every op runs on that GPU; with None everything runs on the CPU, which
     decodes VP8/VP9/MJPEG only.
     """
-    dali, fn, types = _import_dali()
+    dali, fn, types = import_dali()
     width, height = resolution
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads or min(4, os.cpu_count() or 1),
                          device_id=device_id, prefetch_queue_depth=prefetch_queue_depth)
@@ -135,7 +135,7 @@ class DaliClipLoader(ClipLoader):
     def __init__(self, dataset: VideoClipDataset, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device_id: int | None = None, num_threads: int | None = None,
                  prefetch_queue_depth: int = 2):
-        _import_dali()
+        import_dali()
         if device_id is not None and not torch.cuda.is_available():
             raise RuntimeError(f"DaliClipLoader(device_id={device_id}) needs a CUDA GPU and none is visible; "
                                "pass device_id=None to decode VP9/MJPEG videos on the CPU.")

@@ -82,3 +82,22 @@ def test_bad_input_is_one_clear_sentence(tmp_path, args, message, monkeypatch):
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r" / "stage1").exists()
+
+
+def test_missing_optional_packages_are_reported_before_models_are_built(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), "--tensorboard", *TINY])
+    assert result.exit_code != 0 and "pip install 'prodistill[tensorboard]'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_decoder_dali_without_dali_is_one_sentence(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali → ImportError
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), "--decoder", "dali", *TINY])
+    assert result.exit_code != 0 and "pip install 'prodistill[dali]'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()

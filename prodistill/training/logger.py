@@ -18,10 +18,8 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'") from e
+            from torch.utils.tensorboard import SummaryWriter  # checked by run_training before any work
+
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def truncate_after(self, stage: int, step: int) -> None:

@@ -76,9 +76,12 @@ def use_dali(cfg: TrainConfig, device: torch.device) -> bool:
     if is_cache(cfg.data) or cfg.decoder == "pyav":
         return False
     if cfg.decoder == "dali":
-        from dali_pipelines.video import _import_dali
+        from dali_pipelines.video import import_dali
 
-        _import_dali()
+        try:
+            import_dali()
+        except ImportError as e:
+            raise RunError(str(e)) from None
         return True
     return device.type == "cuda" and importlib.util.find_spec("nvidia.dali") is not None
 
@@ -121,6 +124,8 @@ def run_training(cfg: TrainConfig) -> Path:
     else:
         files = list_videos(cfg.data, cfg.video_root)
         use_dali(cfg, device)  # a missing DALI is reported now, not after the models are built
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
     models = build_models(cfg, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
