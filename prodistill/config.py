@@ -154,11 +154,23 @@ class TrainConfig:
 
 
 def _check_weights_arg(name: str, value: str | None) -> None:
-    """A weights argument is an existing folder or a hub id (org/name); anything else is a typo."""
-    if value is None or Path(value).expanduser().exists() or re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
+    """A weights argument is a folder with the expected config files or a hub id (org/name); anything else
+    is a typo, reported before any model is built."""
+    if value is None:
         return
-    raise ValueError(f"--{name} {value}: no such folder, and not a hub id of the form org/name; "
-                     "pass a local weights folder or a hub id")
+    path = Path(value).expanduser()
+    if path.exists():
+        if name == "teacher":
+            from prodistill.models.svd import check_teacher_folder
+
+            check_teacher_folder(path)
+        elif not (path / "config.json").is_file():
+            raise ValueError(f"--{name} {value} is not a transformers model folder (no config.json); pass the "
+                             "folder that save_pretrained wrote, or a hub id")
+        return
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
+        raise ValueError(f"--{name} {value}: no such folder, and not a hub id of the form org/name; "
+                         "pass a local weights folder or a hub id")
 
 
 def _flag(name: str) -> str:

@@ -72,3 +72,13 @@ def test_cli_trains_from_weight_folders(svd_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "stage1" / "ckpt-0000001" / "student.safetensors").is_file()
     assert build_models(tiny_config(tmp_path, teacher=str(root)), torch.device("cpu")).clip_mean.flatten()[0] == 0.5
+
+
+def test_malformed_dino_folder_is_refused_at_config_time(tmp_path):
+    from prodistill.config import build_config
+
+    (tmp_path / "dino").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        build_config({"dino": str(tmp_path / "dino")})
+    with pytest.raises(WeightsError, match="unet/config.json"):
+        build_config({"teacher": str(tmp_path / "dino")})

@@ -71,7 +71,8 @@ def edm_denoise(unet: nn.Module, x: Tensor, sigma: Tensor, cond: SVDCondition) -
     return append_dims(c_skip, x.ndim) * x.float() + append_dims(c_out, x.ndim) * out.float()
 
 
-def _check_teacher_folder(path: Path) -> None:
+def check_teacher_folder(path: Path) -> None:
+    """Raise WeightsError unless `path` holds the diffusers SVD sub-folders prodistill loads."""
     missing = [p for p in TEACHER_PARTS if not (path / p / "config.json").is_file()]
     if missing:
         raise WeightsError(
@@ -119,7 +120,7 @@ class SVDModels:
 
         path = Path(teacher).expanduser()
         if path.exists():
-            _check_teacher_folder(path)
+            check_teacher_folder(path)
             teacher = str(path)
         try:
             unet = UNetSpatioTemporalConditionModel.from_pretrained(teacher, subfolder="unet")
