@@ -55,6 +55,7 @@ def main(verbose: bool) -> None:
 def train(config_file: str | None, **flags) -> None:
     """Distil the teacher into a few-step student (default: OSV, both stages, tiny preset, built-in clips)."""
     from prodistill.training.run import run_training
+    from prodistill.training.trainer import TrainingInterrupted
 
     try:
         if flags.get("resume") and config_file is None:
@@ -65,6 +66,9 @@ def train(config_file: str | None, **flags) -> None:
         run_dir = run_training(cfg)
     except ValueError as e:  # every user-facing error in prodistill is a ValueError subclass
         raise click.ClickException(str(e)) from e
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        raise SystemExit(130) from None
     click.echo(f"done: {run_dir}")
 
 

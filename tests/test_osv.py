@@ -106,3 +106,35 @@ def test_decoded_discriminator_ablation_trains_through_the_vae_decoder(tmp_path)
     assert len(calls) == 3  # fake (generator phase), real and fake (discriminator phase)
     assert not _changed(vae, models.vae.named_parameters())
     assert _changed(lora_b, osv.student.named_parameters()) == set(lora_b)
+
+
+def test_signal_finishes_the_step_saves_and_resume_matches(tmp_path):
+    import os
+    import signal
+
+    import pytest
+
+    from conftest import RandomClips
+    from prodistill.training.trainer import TrainingInterrupted
+
+    class Preempted(RandomClips):
+        def __next__(self):
+            if self.position == 1:  # while fetching step 2's batch, as a cluster pre-emption would
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__next__()
+
+    cfg = tiny_config(tmp_path, max_steps=4, ckpt_every=10, log_every=10)
+    straight, _, models = make_trainer(cfg, stage=2, run_dir=tmp_path / "straight")
+    straight.fit()
+
+    run = tmp_path / "preempted"
+    t_a, _, _ = make_trainer(cfg, stage=2, run_dir=run, models=models)
+    t_a.loader = Preempted(cfg.batch_size, cfg.frames, cfg.size()[0])
+    with pytest.raises(TrainingInterrupted, match="after step 2"):
+        t_a.fit()
+    assert latest_checkpoint(run / "stage2").name == "ckpt-0000002"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    t_b, _, _ = make_trainer(cfg, stage=2, run_dir=run, models=models)
+    t_b.resume(latest_checkpoint(run / "stage2"))
+    t_b.fit()
+    assert _losses(run, 2) == _losses(tmp_path / "straight", 2)

@@ -8,7 +8,10 @@ EMA update). The micro-batches are drawn once per step and shared by all phases.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,32 @@ from tqdm.auto import tqdm
 from prodistill.methods.base import Method
 from prodistill.training.checkpoint import load_state, load_weights, save_checkpoint
 from prodistill.training.logger import MetricsLogger
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after finishing the current step and saving a checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While active, the first SIGINT or SIGTERM only sets `flag["signal"]` (the loop finishes its step and
+    saves); a second SIGINT interrupts at once. Outside the main thread it does nothing."""
+    flag: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def warmup_schedule(warmup_steps: int):
@@ -92,6 +121,12 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
+        """Train to `total_steps`. On SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption) the current step is
+        finished, logged and checkpointed, then TrainingInterrupted is raised: `--resume` continues exactly."""
+        with stop_requests() as stop:
+            self._fit(stop)
+
+    def _fit(self, stop: dict) -> None:
         cfg, method = self.cfg, self.method
         method.train(True)
         pending: list[tuple[int, dict]] = []
@@ -121,15 +156,20 @@ class Trainer:
             self.step += 1
             bar.update(1)
             pending.append((self.step, logs))
+            interrupted = stop["signal"] is not None
             last = self.step >= self.total_steps
-            if self.step % cfg.log_every == 0 or last:
+            if self.step % cfg.log_every == 0 or last or interrupted:
                 self._add_perf(pending, clock)
                 shown = self.logger.write(self.stage, pending)
                 pending, clock = [], time.perf_counter()
                 bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3g}"
                                  for k, v in shown.items() if k.startswith(("loss/", "d/logits"))}, refresh=False)
-            if self.step % cfg.ckpt_every == 0 or last:
+            if self.step % cfg.ckpt_every == 0 or last or interrupted:
                 self.save()
+            if interrupted and not last:
+                bar.close()
+                raise TrainingInterrupted(f"stopped by signal {stop['signal']} after step {self.step} of stage "
+                                          f"{self.stage}; a checkpoint was saved: rerun with --resume to continue")
             if self.preview_fn is not None and ((cfg.sample_every and self.step % cfg.sample_every == 0) or last):
                 self.preview_fn(method, micro[0], self.stage, self.step)
         bar.close()
