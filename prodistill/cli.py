@@ -44,7 +44,7 @@ def train_options(func):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
-    """prodistill: distil Stable Video Diffusion into a 1-4 step student (OSV), and serve it."""
+    """prodistill: distil Stable Video Diffusion into a 1-4 step student (OSV; LCM as the baseline)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 
 

@@ -101,3 +101,17 @@ def test_decoder_dali_without_dali_is_one_sentence(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), "--decoder", "dali", *TINY])
     assert result.exit_code != 0 and "pip install 'prodistill[dali]'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_lcm_train_then_sample(tmp_path):
+    run = tmp_path / "lcm"
+    result = _run(["train", "--method", "lcm", "--out", str(run), "--max-steps", "1", *TINY])
+    assert result.exit_code == 0, result.output
+    assert {p.stem for p in (run / "stage2" / "ckpt-0000001").glob("*.safetensors")} == {"student", "ema"}
+    image = tmp_path / "c.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    out = tmp_path / "l.mp4"
+    result = _run(["sample", "--ckpt", str(run), "--image", str(image), "--out", str(out), "--weights", "ema",
+                   "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert probe_video(out).num_frames == 14
