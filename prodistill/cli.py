@@ -17,7 +17,7 @@ from prodistill.config import TrainConfig, build_config
 
 def _click_type(f) -> tuple[typing.Any, bool]:
     """(click type, is_flag) for a dataclass field."""
-    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {"Path": Path})  # noqa: S307
+    tp = typing.get_type_hints(TrainConfig)[f.name]
     args = [a for a in typing.get_args(tp) if a is not type(None)] if isinstance(tp, types.UnionType) else [tp]
     base = args[0]
     if base is bool:
