@@ -69,11 +69,9 @@ def build_models(cfg: TrainConfig, device: torch.device):
 
 
 def use_dali(cfg: TrainConfig, device: torch.device) -> bool:
-    """--decoder: dali when asked (an ImportError with the install hint if missing), or for auto when DALI is
-    installed and training runs on a GPU; the latent cache needs no decoder."""
-    from prodistill.data.cache import is_cache
-
-    if is_cache(cfg.data) or cfg.decoder == "pyav":
+    """--decoder for video data: dali when asked (a RunError with the install hint if missing), or for auto
+    when DALI is installed and training runs on a GPU."""
+    if cfg.decoder == "pyav":
         return False
     if cfg.decoder == "dali":
         from dali_pipelines.video import import_dali
@@ -86,14 +84,26 @@ def use_dali(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("nvidia.dali") is not None
 
 
-def make_loader(cfg: TrainConfig, files, device: torch.device):
+def training_source(cfg: TrainConfig, device: torch.device):
+    """What `--data` names, checked cheaply before any model is built: the latent cache's dataset, or the list
+    of videos (and, for them, whether the requested decoder is there)."""
     from prodistill.data.cache import LatentCacheDataset, is_cache
-    from prodistill.data.dataset import ClipLoader, VideoClipDataset
+    from prodistill.data.dataset import list_videos
 
     if is_cache(cfg.data):
-        return ClipLoader(LatentCacheDataset(cfg.data, cfg), batch_size=cfg.batch_size, seed=cfg.seed,
-                          num_workers=cfg.num_workers)
-    dataset = VideoClipDataset(files, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
+        return LatentCacheDataset(cfg.data, cfg)
+    files = list_videos(cfg.data, cfg.video_root)
+    use_dali(cfg, device)
+    return files
+
+
+def make_loader(cfg: TrainConfig, source, device: torch.device):
+    """A fresh loader (epoch 0) over `source` from `training_source`."""
+    from prodistill.data.dataset import ClipLoader, VideoClipDataset
+
+    if not isinstance(source, list):  # the latent cache
+        return ClipLoader(source, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+    dataset = VideoClipDataset(source, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
     if use_dali(cfg, device):
         from dali_pipelines.video import DaliClipLoader
 
@@ -113,17 +123,9 @@ def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps
 
 
 def run_training(cfg: TrainConfig) -> Path:
-    from prodistill.data.cache import LatentCacheDataset, is_cache
-    from prodistill.data.dataset import list_videos
-
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
-    if is_cache(cfg.data):  # cheap checks before any model is built
-        LatentCacheDataset(cfg.data, cfg)
-        files = None
-    else:
-        files = list_videos(cfg.data, cfg.video_root)
-        use_dali(cfg, device)  # a missing DALI is reported now, not after the models are built
+    source = training_source(cfg, device)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
     models = build_models(cfg, device)
@@ -133,13 +135,13 @@ def run_training(cfg: TrainConfig) -> Path:
     logger = MetricsLogger(run_dir, cfg.tensorboard)
     try:
         for stage in cfg.stages():
-            _run_stage(cfg, models, files, stage, run_dir, device, logger)
+            _run_stage(cfg, models, source, stage, run_dir, device, logger)
     finally:
         logger.close()
     return run_dir
 
 
-def _run_stage(cfg, models, files, stage, run_dir, device, logger) -> None:
+def _run_stage(cfg, models, source, stage, run_dir, device, logger) -> None:
     stage_dir = run_dir / f"stage{stage}"
     steps = cfg.steps_for(stage)
     ckpt = latest_checkpoint(stage_dir)
@@ -150,7 +152,7 @@ def _run_stage(cfg, models, files, stage, run_dir, device, logger) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1000 * stage)  # LoRA and head init: identical on every (re)start
         method = build_method(cfg, models, stage, generator)
-    trainer = Trainer(cfg, method, make_loader(cfg, files, device), stage, stage_dir, steps, generator, logger,
+    trainer = Trainer(cfg, method, make_loader(cfg, source, device), stage, stage_dir, steps, generator, logger,
                       preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed))
     if ckpt is not None:
         trainer.resume(ckpt)
