@@ -20,6 +20,10 @@ def test_round_trip_and_pruning(tmp_path):
     assert latest.name == "ckpt-0000004" and ck.read_meta(latest)["step"] == 4
     assert ck.load_weights(latest)["student"]["w"].tolist() == [4.0, 4.0]
     assert ck.load_state(latest) == {"step": 4}
+    from prodistill.atomic import umask_mode
+
+    assert (latest / "student.safetensors").stat().st_mode & 0o777 == umask_mode(0o666)
+    assert latest.stat().st_mode & 0o777 == umask_mode(0o777)
 
 
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):

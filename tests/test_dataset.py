@@ -192,6 +192,9 @@ def test_latent_cache_round_trip_and_resume(tmp_path):
     assert result.exit_code == 0, result.output
     shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
     assert [p.name for p in shards] == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    from prodistill.atomic import umask_mode
+
+    assert all(p.stat().st_mode & 0o777 == umask_mode(0o666) for p in (*shards, tmp_path / "cache" / "cache.json"))
     ds = LatentCacheDataset(tmp_path / "cache")
     assert len(ds) == 8
     item = ds[7]

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from prodistill.atomic import atomic_temp, atomic_write_text, save_tensors
 from prodistill.data.dataset import DataError, VideoClipDataset
 from prodistill.data.video import VideoDecodeError
 
@@ -124,16 +123,13 @@ def _diff(have: dict, want: dict) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = atomic_temp(path)
     try:
-        save_file(tensors, tmp)
+        save_tensors(tensors, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,28 +14,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from prodistill.atomic import atomic_write_text, save_tensors, umask_mode
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 LATEST = "latest"
-
-
-def _umask_mode(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.chmod(tmp, _umask_mode(0o666))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Tensor]], state: dict,
@@ -44,10 +30,10 @@ def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Ten
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / f"ckpt-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-ckpt-"))
-    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         for group, tensors in weights.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{group}.safetensors"))
+            save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{group}.safetensors")
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
         if final.exists():
@@ -56,7 +42,7 @@ def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Ten
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(stage_dir / LATEST, final.name)
+    atomic_write_text(stage_dir / LATEST, final.name)
     for old in sorted(p for p in stage_dir.glob("ckpt-*") if p.is_dir())[:-keep or None]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

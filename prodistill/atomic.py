@@ -1,0 +1,41 @@
+"""Atomic file writes and safetensors files with ordinary permissions: write beside the target, then `os.replace`, so a reader (or a resumed run) only ever
+sees the old file or the complete new one. Files get the mode the user's umask gives ordinary files
+(`mkstemp` alone would leave them private)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` with the process umask applied, as `open()` would create it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def atomic_temp(path: Path) -> str:
+    """A new empty temporary file beside `path` with ordinary permissions; the caller replaces `path` with it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    os.chmod(tmp, umask_mode(0o666))
+    return tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = atomic_temp(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict, path: str | Path) -> None:
+    """safetensors' save_file, then the umask's ordinary file mode (safetensors creates its files private)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    os.chmod(path, umask_mode(0o666))
