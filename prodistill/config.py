@@ -86,6 +86,17 @@ class TrainConfig:
     disc_head_channels: int = _f(64, "Width of the discriminator's spatial and temporal heads.")
     motion_bucket_id: int = _f(127, "SVD motion bucket conditioning.")
     noise_aug_strength: float = _f(0.02, "Noise added to the conditioning frame (SVD).")
+    # -- speed (prodistill.accel applies these in one written order) -----------------------------------
+    compile: str = _f("auto", "torch.compile by region (UNet stages, DINOv2 layers, discriminator heads): teacher "
+                      "(only the frozen teacher's forward; ~30 s to compile at full size), on (every network; "
+                      "far longer to compile), off, or auto (teacher on cuda, off on cpu). Compiled kernels are "
+                      "cached in --compile-cache.", choices=("auto", "teacher", "on", "off"))
+    cuda_graphs: str = _f("auto", "Replay the frozen teacher's m-step guided solve as one CUDA graph: on, off, or "
+                          "auto (on for cuda).", choices=("auto", "on", "off"))
+    compile_cache: str | None = _f(None, "Folder of torch.compile's on-disk caches (default: "
+                                   "~/.cache/prodistill/compile, or under $XDG_CACHE_HOME).")
+    grad_checkpointing: bool = _f(False, "Recompute the student's UNet activations in the backward pass: less "
+                                  "memory, about one more student forward of time.")
     # -- bookkeeping ------------------------------------------------------------------------------------
     log_every: int = _f(10, "Steps between log lines (the only host synchronisation in the loop).")
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")

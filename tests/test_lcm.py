@@ -66,7 +66,7 @@ def test_lcm_target_is_one_guided_euler_step_whatever_solver_steps(tmp_path):
     x = x0 + s_hi.view(-1, 1, 1, 1, 1) * eps
     with torch.no_grad():
         w = frame_guidance(cfg.guidance_min, cfg.guidance_max, 2, cfg.frames)
-        x_phi = euler_step(guided_denoiser(lcm.teacher_d, cond, cond.unconditional(), w), x, s_hi, s_lo)
+        x_phi = euler_step(guided_denoiser(lcm.teacher_solve.teacher_d, cond, cond.unconditional(), w), x, s_hi, s_lo)
         target = consistency_from_denoised(x_phi, s_lo, lcm.ema_d(x_phi, s_lo, cond))
     prediction = consistency_from_denoised(x, s_hi, lcm.student_d(x, s_hi, cond))
     expect = pseudo_huber(target, prediction, huber_c(cfg, x0)).mean()

@@ -14,7 +14,8 @@ import click
 
 @click.group()
 def bench() -> None:
-    """Benchmarks (quality: the analytic distillation benchmark, CPU; data: decode throughput vs training)."""
+    """Benchmarks (train: the step's speed-ups side by side; quality: the analytic distillation benchmark, CPU;
+    data: decode throughput vs training)."""
 
 
 @bench.command("quality")
@@ -75,6 +76,51 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
         raise click.ClickException(str(e)) from e
     click.echo(format_data_table(result))
     click.echo(f"results: {write_data_json(result, Path(json_path))}")
+
+
+@bench.command("train")
+@click.option("--preset", type=click.Choice(["tiny", "svd-xt"]), default="svd-xt", show_default=True)
+@click.option("--resolution", default="512x512", show_default=True, help="WxH of the training step.")
+@click.option("--frames", type=int, default=14, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--method", type=click.Choice(["osv", "lcm"]), default="osv", show_default=True)
+@click.option("--stage", type=click.Choice(["1", "2"]), default="2", show_default=True, help="OSV stage.")
+@click.option("--configs", default="plain,eager-pixels,eager,graphs,compile-teacher+graphs,compile,compile+graphs",
+              show_default=True, help="Comma-separated configurations (run in this order whatever the order given).")
+@click.option("--iters", type=click.IntRange(1), default=10, show_default=True, help="Timed iterations each.")
+@click.option("--warmup", type=click.IntRange(1), default=3, show_default=True,
+              help="Untimed iterations first (the first one compiles).")
+@click.option("--grad-checkpointing", is_flag=True, help="Checkpoint the student's activations (prodistill configs).")
+@click.option("--compile-cache", default=None, help="torch.compile cache folder (default: the user cache).")
+@click.option("--explain", is_flag=True, help="Add dynamo graph/recompile counts, the SDPA backend table and a "
+                                              "profiler table of the last configuration's top kernels.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-train.json", show_default=True)
+def train_command(preset, resolution, frames, batch_size, method, stage, configs, iters, warmup, grad_checkpointing,
+                  compile_cache, explain, device, json_path) -> None:
+    """Seconds per iteration, peak memory, TFLOP and MFU of the training step: plain script vs prodistill eager
+    vs CUDA-graph teacher solve vs compiled (+ graphs), in one process (SPEC §6)."""
+    import tempfile
+
+    from prodistill.bench.train import format_train_table, parse_configs, run_train_bench, write_train_json
+    from prodistill.config import build_config
+    from prodistill.training.run import resolve_device
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = build_config({"preset": preset, "resolution": resolution, "frames": frames, "method": method,
+                                "stage": stage, "batch_size": batch_size, "device": device, "out": tmp,
+                                "grad_checkpointing": grad_checkpointing, "compile_cache": compile_cache})
+            dev = resolve_device(cfg.device)
+            names = parse_configs(configs, dev)
+            result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
+                                     on_row=lambda r: write_train_json(r, Path(json_path)))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    if explain:
+        click.echo(result["explain"]["profile"])
+    click.echo(format_train_table(result))
+    click.echo(f"results: {write_train_json(result, Path(json_path))}")
 
 
 __all__ = ["bench"]

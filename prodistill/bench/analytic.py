@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from prodistill.diffusion.edm import append_dims
 
@@ -239,10 +238,8 @@ class AnalyticModels:
         the LoRA options of `cfg` are SVD's and do not apply."""
         return CorrectedDenoiser(self.mixture, self.hidden, self.depth)
 
-    def denoiser(self, net: nn.Module, params: dict[str, Tensor] | None = None):
-        if params is None:
-            return lambda x, sigma, cond: net(x, sigma, cond)
-        return lambda x, sigma, cond: functional_call(net, params, (x, sigma, cond))
+    def denoiser(self, net: nn.Module):
+        return lambda x, sigma, cond: net(x, sigma, cond)
 
     def autocast(self):
         return contextlib.nullcontext()

@@ -34,8 +34,8 @@ class DistillationModels(Protocol):
     def make_student(self, cfg, stage: int) -> nn.Module:
         """The student network for `stage`, its trainable parameters marked requires_grad."""
 
-    def denoiser(self, net: nn.Module, params: dict[str, Tensor] | None = None) -> ConditionalDenoiser:
-        """D(x, σ, cond) of `net`, optionally with `params` swapped in (the EMA target)."""
+    def denoiser(self, net: nn.Module) -> ConditionalDenoiser:
+        """D(x, σ, cond) of `net` (teacher or student)."""
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
 

@@ -1,5 +1,6 @@
-"""Consistency-distillation pieces shared by the methods: the (target, prediction) pair of OSV eq. 8-10 (LCM
-is its m = 1 case), the σ path on the training grid, the pseudo-Huber c, and the 1-step preview."""
+"""Consistency-distillation pieces shared by the methods: the teacher's guided m-step solve, the (target,
+prediction) pair of OSV eq. 8-10 (LCM is its m = 1 case), the σ path on the training grid, the pseudo-Huber c,
+and the 1-step preview."""
 
 from __future__ import annotations
 
@@ -17,20 +18,36 @@ def solver_path(grid: Tensor, n: Tensor, m: int) -> Tensor:
     return grid[n[:, None] + torch.arange(m, -1, -1, device=n.device)]
 
 
-def consistency_pair(student_d: ConditionalDenoiser, ema_d: ConditionalDenoiser, teacher_d: ConditionalDenoiser,
-                     x0: Tensor, eps: Tensor, cond, path_bm: Tensor, guidance: Tensor | float
+class TeacherSolve:
+    """OSV eq. 8 as one call on tensors: x_{t_{n+m}} (B, F, C, h, w) → x^φ_{t_n} by m Euler steps of the frozen
+    teacher's guided PF-ODE along `path_bm` (B, m+1), with CFG distillation Φ̂ = Φ(c_zero) + w·(Φ(c) − Φ(c_zero))
+    and per-frame scales `guidance` (B, F).
+
+    This is the seam the speed-ups use: `prodistill.accel` replaces a method's `teacher_solve` by a CUDA-graph
+    replay of this very call (same signature, same result), so the method's math never changes with them.
+    """
+
+    def __init__(self, teacher_d: ConditionalDenoiser):
+        self.teacher_d = teacher_d
+
+    @torch.no_grad()
+    def __call__(self, x_start: Tensor, path_bm: Tensor, cond, guidance: Tensor) -> Tensor:
+        teacher = guided_denoiser(self.teacher_d, cond, cond.unconditional(), guidance)
+        return teacher_solve(teacher, x_start, path_bm)
+
+
+def consistency_pair(student_d: ConditionalDenoiser, ema_d: ConditionalDenoiser, solve: TeacherSolve,
+                     x0: Tensor, eps: Tensor, cond, path_bm: Tensor, guidance: Tensor
                      ) -> tuple[Tensor, Tensor]:
     """The consistency-distillation pair (target, prediction) for clean latents x0 (B, F, C, h, w).
 
-    x_{t_{n+m}} = x0 + σ_{n+m}·ε; the guided teacher solves the PF-ODE along `path_bm` (OSV eq. 8, with CFG
-    distillation Φ̂ = Φ(c_zero) + w·(Φ(c) − Φ(c_zero))); target = f_θ⁻(x^φ_tn, t_n), without gradient;
-    prediction = f_θ(x_{t_{n+m}}, t_{n+m}) (OSV eq. 10; LCM is m = 1).
+    x_{t_{n+m}} = x0 + σ_{n+m}·ε; `solve` runs the guided teacher along `path_bm` (OSV eq. 8); target =
+    f_θ⁻(x^φ_tn, t_n), without gradient; prediction = f_θ(x_{t_{n+m}}, t_{n+m}) (OSV eq. 10; LCM is m = 1).
     """
     sigma_start, sigma_end = path_bm[:, 0], path_bm[:, -1]
     x_start = x0 + sigma_start.view(-1, *([1] * (x0.ndim - 1))) * eps
     with torch.no_grad():
-        teacher = guided_denoiser(teacher_d, cond, cond.unconditional(), guidance)
-        x_phi = teacher_solve(teacher, x_start, path_bm)  # OSV eq. 8
+        x_phi = solve(x_start, path_bm, cond, guidance)  # OSV eq. 8
         target = consistency_from_denoised(x_phi, sigma_end, ema_d(x_phi, sigma_end, cond))
     prediction = consistency_from_denoised(x_start, sigma_start, student_d(x_start, sigma_start, cond))
     return target, prediction

@@ -18,7 +18,7 @@ from prodistill.diffusion.edm import training_grid
 from prodistill.diffusion.losses import pseudo_huber
 from prodistill.diffusion.solvers import frame_guidance
 from prodistill.methods.base import Method, StepOutput
-from prodistill.methods.consistency import consistency_pair, huber_c, preview_student, solver_path
+from prodistill.methods.consistency import TeacherSolve, consistency_pair, huber_c, preview_student, solver_path
 from prodistill.models.student import load_trainable, trainable_parameters
 from prodistill.training.ema import EMA
 
@@ -42,8 +42,8 @@ class LCM(Method):
         self.ema = EMA(self.trainable, cfg.ema_decay)
         self.grid = training_grid(cfg.num_timesteps).to(models.device, torch.float32)
         self.student_d = models.denoiser(self.student)
-        self.teacher_d = models.denoiser(models.teacher)
-        self.ema_d = models.denoiser(self.student, self.ema.params)
+        self.teacher_solve = TeacherSolve(models.denoiser(models.teacher))
+        self.ema_d = self.ema.wrap(self.student_d)
 
     def parameters(self, phase: str) -> list[nn.Parameter]:
         return list(self.trainable.values())
@@ -54,7 +54,7 @@ class LCM(Method):
         b, m = x0.shape[0], self.solver_steps
         n = torch.randint(0, self.cfg.num_timesteps - m, (b,), generator=self.generator, device=self.grid.device)
         guidance = frame_guidance(self.cfg.guidance_min, self.cfg.guidance_max, b, x0.shape[1], x0.device)
-        target, prediction = consistency_pair(self.student_d, self.ema_d, self.teacher_d, x0, eps, cond,
+        target, prediction = consistency_pair(self.student_d, self.ema_d, self.teacher_solve, x0, eps, cond,
                                               solver_path(self.grid, n, m), guidance)
         loss = pseudo_huber(target, prediction, huber_c(self.cfg, x0)).mean()  # λ(t_n) = 1
         return StepOutput(loss, {"loss/distance": loss.detach(), "loss/g_total": loss.detach()})

@@ -18,7 +18,7 @@ from prodistill.diffusion.edm import training_grid
 from prodistill.diffusion.losses import hinge_d_loss, hinge_g_loss, pseudo_huber
 from prodistill.diffusion.solvers import frame_guidance
 from prodistill.methods.base import Method, StepOutput
-from prodistill.methods.consistency import consistency_pair, huber_c, preview_student, solver_path
+from prodistill.methods.consistency import TeacherSolve, consistency_pair, huber_c, preview_student, solver_path
 from prodistill.models.presets import get_preset
 from prodistill.models.discriminator import LatentVideoDiscriminator, build_dinov2
 from prodistill.models.student import load_trainable, trainable_parameters
@@ -50,8 +50,8 @@ class OSV(Method):
         self.grid = training_grid(cfg.num_timesteps).to(device, torch.float32)
         self.ema = EMA(self.trainable, cfg.ema_decay) if stage == 2 else None
         self.student_d = models.denoiser(self.student)
-        self.teacher_d = models.denoiser(models.teacher)
-        self.ema_d = models.denoiser(self.student, self.ema.params) if self.ema else None
+        self.teacher_solve = TeacherSolve(models.denoiser(models.teacher))
+        self.ema_d = self.ema.wrap(self.student_d) if self.ema else None
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _randint(self, high: int, batch: int) -> Tensor:
@@ -86,7 +86,7 @@ class OSV(Method):
             m = self.cfg.solver_steps
             n = self._randint(self.cfg.num_timesteps - m, b)
             guidance = frame_guidance(self.cfg.guidance_min, self.cfg.guidance_max, b, x0.shape[1], x0.device)
-            real, fake = consistency_pair(self.student_d, self.ema_d, self.teacher_d, x0, eps, cond,
+            real, fake = consistency_pair(self.student_d, self.ema_d, self.teacher_solve, x0, eps, cond,
                                           solver_path(self.grid, n, m), guidance)  # eq. 8, m teacher steps
             lam = self.cfg.lambda_acd  # eq. 9-10: the EMA target's output is the GAN's real
         g_adv = hinge_g_loss(self._disc_logits(fake))

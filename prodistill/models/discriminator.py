@@ -321,20 +321,25 @@ class LatentVideoDiscriminator(nn.Module):
         return (x - mean) / std
 
     def features(self, pixel_values: Tensor) -> list[Tensor]:
-        """Backbone patch maps ``(N, C, hp, wp)`` for each selected layer (CLS/registers dropped)."""
-        out = self.backbone(pixel_values=pixel_values, output_hidden_states=True)
-        hidden = out.hidden_states
+        """Backbone patch maps ``(N, C, hp, wp)`` for each selected layer (CLS/registers dropped).
+
+        Runs the embeddings and the transformer blocks directly, up to the deepest selected layer: the same
+        tensors as ``hidden_states`` of ``output_hidden_states=True``, without the blocks after the last one
+        used and without transformers' output-capturing hooks (which torch.compile cannot trace)."""
+        hidden = self.backbone.embeddings(pixel_values)
         hp, wp = self.grid_size
         n_patch = hp * wp
-        feats = []
-        for i in self.layer_indices:
-            tok = hidden[i]  # (N, prefix + hp*wp, C); prefix = CLS (+ register tokens)
-            prefix = tok.shape[1] - n_patch
-            if prefix < 0:
-                raise RuntimeError(f"backbone returned {tok.shape[1]} tokens for a {hp}x{wp} patch grid")
-            tok = tok[:, prefix:]
-            feats.append(tok.transpose(1, 2).reshape(tok.shape[0], tok.shape[2], hp, wp))
-        return feats
+        prefix = hidden.shape[1] - n_patch  # CLS (+ register tokens)
+        if prefix < 0:
+            raise RuntimeError(f"backbone returned {hidden.shape[1]} tokens for a {hp}x{wp} patch grid")
+        feats: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.backbone.encoder.layer[: max(self.layer_indices)], start=1):
+            out = layer(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
+            if i in self.layer_indices:
+                tok = hidden[:, prefix:]
+                feats[i] = tok.transpose(1, 2).reshape(tok.shape[0], tok.shape[2], hp, wp)
+        return [feats[i] for i in self.layer_indices]
 
     def forward(self, video_bfchw: Tensor) -> Tensor:
         if video_bfchw.dim() != 5:

@@ -32,6 +32,8 @@ def build_student(teacher: nn.Module, lora_rank: int, lora_alpha: float | None =
                          "use a regex that appears in its parameter names, e.g. temporal_transformer_blocks")
     shared = {id(p): p for n, p in teacher.named_parameters() if n not in trained}
     student = copy.deepcopy(teacher, memo=dict(shared))
+    for module in student.modules():  # a compiled region's forward belongs to the teacher's module: drop it
+        vars(module).pop("forward", None)
     student.requires_grad_(False)
     if lora_rank > 0:
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights=True,

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from prodistill.diffusion.edm import append_dims, preconditioning
 from prodistill.diffusion.solvers import ConditionalDenoiser
@@ -105,9 +104,10 @@ class SVDModels:
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if teacher is None:
-            unet = UNetSpatioTemporalConditionModel(**preset.unet)
-            vae = AutoencoderKLTemporalDecoder(**preset.vae)
-            enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**preset.image_encoder))
+            with torch.device(device) if preset.init_on_device else contextlib.nullcontext():
+                unet = UNetSpatioTemporalConditionModel(**preset.unet)
+                vae = AutoencoderKLTemporalDecoder(**preset.vae)
+                enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**preset.image_encoder))
             models = cls(unet, vae, enc)
         else:
             models = cls._from_pretrained(teacher)
@@ -166,14 +166,12 @@ class SVDModels:
         return build_student(self.unet, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets),
                              train_modules=split(cfg.train_modules) if stage == 2 else ())
 
-    def denoiser(self, net: nn.Module, params: dict[str, Tensor] | None = None) -> ConditionalDenoiser:
-        """D(x, σ, cond) of `net` (teacher or student) in the models' precision; `params` swaps tensors in
-        (the EMA target's) without copying the network."""
+    def denoiser(self, net: nn.Module) -> ConditionalDenoiser:
+        """D(x, σ, cond) of `net` (teacher or student) in the models' precision."""
 
         def d(x: Tensor, sigma: Tensor, cond: SVDCondition) -> Tensor:
-            unet = net if params is None else (lambda *a, **k: functional_call(net, params, a, k))
             with self.autocast():
-                return edm_denoise(unet, x, sigma, cond)
+                return edm_denoise(net, x, sigma, cond)
 
         return d
 

@@ -123,8 +123,11 @@ def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps
 
 
 def run_training(cfg: TrainConfig) -> Path:
+    from prodistill.accel import Speedups
+
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
+    speedups = Speedups.from_config(cfg, device)
     source = training_source(cfg, device)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
@@ -135,13 +138,15 @@ def run_training(cfg: TrainConfig) -> Path:
     logger = MetricsLogger(run_dir, cfg.tensorboard)
     try:
         for stage in cfg.stages():
-            _run_stage(cfg, models, source, stage, run_dir, device, logger)
+            _run_stage(cfg, models, source, stage, run_dir, device, logger, speedups)
     finally:
         logger.close()
     return run_dir
 
 
-def _run_stage(cfg, models, source, stage, run_dir, device, logger) -> None:
+def _run_stage(cfg, models, source, stage, run_dir, device, logger, speedups) -> None:
+    from prodistill.accel import accelerate
+
     stage_dir = run_dir / f"stage{stage}"
     steps = cfg.steps_for(stage)
     ckpt = latest_checkpoint(stage_dir)
@@ -152,8 +157,11 @@ def _run_stage(cfg, models, source, stage, run_dir, device, logger) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1000 * stage)  # LoRA and head init: identical on every (re)start
         method = build_method(cfg, models, stage, generator)
+    accelerate(method, models, speedups)
+    log.info("stage %d speed-ups: %s", stage, speedups.describe())
     trainer = Trainer(cfg, method, make_loader(cfg, source, device), stage, stage_dir, steps, generator, logger,
-                      preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed))
+                      preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed),
+                      announce_first_step=speedups.compile or speedups.cuda_graphs)
     if ckpt is not None:
         trainer.resume(ckpt)
     elif stage == 2 and (stage1 := latest_checkpoint(run_dir / "stage1")) is not None:

@@ -9,6 +9,7 @@ EMA update). The micro-batches are drawn once per step and shared by all phases.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from prodistill.methods.base import Method
 from prodistill.training.checkpoint import load_state, load_weights, save_checkpoint
 from prodistill.training.logger import MetricsLogger
+
+log = logging.getLogger("prodistill")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -56,10 +59,12 @@ def warmup_schedule(warmup_steps: int):
 
 class Trainer:
     def __init__(self, cfg, method: Method, loader, stage: int, stage_dir: Path, total_steps: int,
-                 generator: torch.Generator, logger: MetricsLogger, preview_fn=None):
+                 generator: torch.Generator, logger: MetricsLogger, preview_fn=None, announce_first_step=False):
         self.cfg, self.method, self.loader, self.stage = cfg, method, loader, stage
         self.stage_dir, self.total_steps, self.generator, self.logger = stage_dir, total_steps, generator, logger
         self.preview_fn = preview_fn
+        self.announce_first_step = announce_first_step
+        """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.step = 0
         fused = generator.device.type == "cuda"
         self.optimizers, self.schedulers = {}, {}
@@ -110,14 +115,17 @@ class Trainer:
         """Wall time per step over the logging interval (the logging sync makes it honest on GPU) and, on
         CUDA, peak memory since the stage started."""
         device = self.generator.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        self._sync()
         per_step = (time.perf_counter() - since) / len(rows)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         extra = self.loader.stats() if hasattr(self.loader, "stats") else {}
         for _, logs in rows:
             logs["perf/sec_per_step"], logs["perf/peak_mem_gib"] = per_step, peak
             logs.update(extra)
+
+    def _sync(self) -> None:
+        if self.generator.device.type == "cuda":
+            torch.cuda.synchronize(self.generator.device)
 
     # -- loop ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -126,6 +134,30 @@ class Trainer:
         with stop_requests() as stop:
             self._fit(stop)
 
+    def train_step(self, micro: list[dict]) -> dict[str, torch.Tensor | float]:
+        """One optimiser step of every phase over the micro-batches `micro`; returns the (unsynchronised) logs.
+        `prodistill bench train` times exactly this."""
+        cfg, method = self.cfg, self.method
+        caches: list[dict] = [{} for _ in micro]
+        logs: dict[str, torch.Tensor | float] = {}
+        for phase in method.phases:
+            opt = self.optimizers[phase]
+            opt.zero_grad(set_to_none=True)
+            for batch, cache in zip(micro, caches):
+                out = method.compute(phase, batch, cache)
+                (out.loss / len(micro)).backward()
+                cache.update(out.cache)
+                for k, v in out.logs.items():
+                    logs[k] = logs.get(k, 0) + v / len(micro)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            logs[f"grad_norm/{phase}"] = torch.nn.utils.clip_grad_norm_(params, limit)
+            logs[f"lr/{phase}"] = self.schedulers[phase].get_last_lr()[0]
+            opt.step()
+            self.schedulers[phase].step()
+            method.after_optimizer_step(phase)
+        return logs
+
     def _fit(self, stop: dict) -> None:
         cfg, method = self.cfg, self.method
         method.train(True)
@@ -133,27 +165,18 @@ class Trainer:
         clock = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
                    dynamic_ncols=True)
+        first = self.announce_first_step
+        if first:
+            log.info("stage %d: the first step compiles and captures (minutes at full size on a cold cache)",
+                     self.stage)
         while self.step < self.total_steps:
             micro = [next(self.loader) for _ in range(cfg.grad_accum)]
-            caches: list[dict] = [{} for _ in micro]
-            logs: dict[str, torch.Tensor | float] = {}
-            for phase in method.phases:
-                opt = self.optimizers[phase]
-                opt.zero_grad(set_to_none=True)
-                for batch, cache in zip(micro, caches):
-                    out = method.compute(phase, batch, cache)
-                    (out.loss / cfg.grad_accum).backward()
-                    cache.update(out.cache)
-                    for k, v in out.logs.items():
-                        logs[k] = logs.get(k, 0) + v / cfg.grad_accum
-                params = [p for g in opt.param_groups for p in g["params"]]
-                limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                logs[f"grad_norm/{phase}"] = torch.nn.utils.clip_grad_norm_(params, limit)
-                logs[f"lr/{phase}"] = self.schedulers[phase].get_last_lr()[0]
-                opt.step()
-                self.schedulers[phase].step()
-                method.after_optimizer_step(phase)
+            logs = self.train_step(micro)
             self.step += 1
+            if first:
+                self._sync()
+                log.info("stage %d: first step took %.1f s", self.stage, time.perf_counter() - clock)
+                first = False
             bar.update(1)
             pending.append((self.step, logs))
             interrupted = stop["signal"] is not None

@@ -1,0 +1,221 @@
+"""`prodistill bench train`: the training step in several configurations, side by side in one process.
+
+Configurations (always run in this order, because compiling changes the shared teacher for what follows):
+- `plain`: the same iteration as a plain diffusers script (`prodistill.bench.plain`), the yardstick;
+- `eager-pixels`: prodistill's step, eager, encoding each clip with the VAE and CLIP inside the step;
+- `eager`: prodistill's step, eager, from latent-cache batches (the fast data path);
+- `graphs`: eager, with the teacher's m-step solve replayed as a CUDA graph (GPU only);
+- `compile-teacher+graphs`: only the teacher's regions compiled (`--compile teacher`), its solve graphed;
+- `compile`: regional torch.compile (`prodistill.accel`);
+- `compile+graphs`: plus the teacher's m-step solve replayed as a CUDA graph (GPU only).
+
+Per configuration: median s/it over `iters` timed iterations after `warmup` untimed ones (the first of which
+is reported as the warm-up/compile time), peak allocated and reserved GPU memory, TFLOP per iteration counted
+by `torch.utils.flop_counter.FlopCounterMode` on an eager iteration (never estimated), MFU against the
+device's dense bf16 peak, and the speed-up over `plain` measured in the same run. Times on CPU only show that
+the harness works; the figures that count are on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
+"""Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def parse_configs(text: str, device: torch.device) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    if any(c.endswith("graphs") for c in names) and device.type != "cuda":
+        raise ValueError("--configs graphs and compile+graphs need --device cuda (CUDA graphs); leave them out "
+                         "on the CPU")
+    return [c for c in CONFIGS if c in names]
+
+
+def synthetic_batches(cfg, models, generator: torch.Generator) -> tuple[dict, dict]:
+    """(a latent-cache batch, a pixel batch) of the configured shape, random, on the models' device."""
+    w, h = cfg.size()
+    shape = models.latent_shape(cfg.batch_size, cfg.frames, w, h)
+    dev = models.device
+    embed_dim = models.image_encoder.config.projection_dim
+
+    def rand(*s):
+        return torch.randn(*s, generator=generator, device=dev)
+
+    cached = {"latent_mean": rand(*shape), "latent_std": rand(*shape).abs() * 0.1,
+              "image_embeds": rand(cfg.batch_size, 1, embed_dim), "image_latent": rand(*shape[:1], *shape[2:])}
+    pixels = {"pixels": torch.rand(cfg.batch_size, cfg.frames, 3, h, w, generator=generator, device=dev) * 2 - 1}
+    return cached, pixels
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(name: str, cfg, models, device: torch.device):
+    """A callable running one iteration of configuration `name` (its networks built fresh), and its batch."""
+    from prodistill.accel import Speedups, accelerate
+    from prodistill.bench.plain import PlainStep
+    from prodistill.methods import build_method
+    from prodistill.training.logger import MetricsLogger
+    from prodistill.training.trainer import Trainer
+
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    cached, pixels = synthetic_batches(cfg, models, torch.Generator(device).manual_seed(cfg.seed + 1))
+    torch.manual_seed(cfg.seed)
+    if name == "plain":
+        step = PlainStep(cfg, models, generator)
+        return lambda: step(cached)
+    stage = cfg.stages()[0]
+    method = build_method(cfg, models, stage, generator)
+    accelerate(method, models, Speedups(compile=name.startswith("compile"), compile_teacher_only="teacher" in name,
+                                        cuda_graphs=name.endswith("graphs"),
+                                        grad_checkpointing=cfg.grad_checkpointing,
+                                        cache_dir=Path(cfg.compile_cache) if cfg.compile_cache else None))
+    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)))
+    batch = pixels if name == "eager-pixels" else cached
+    return lambda: trainer.train_step([batch])
+
+
+def count_tflop(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e12
+
+
+def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
+    step = _make_step(name, cfg, models, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    row = {"config": name, "sec_per_it": statistics.median(times), "sec_min": min(times), "sec_max": max(times),
+           "first_iter_s": first}
+    if device.type == "cuda":
+        row["peak_alloc_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        row["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+    if name in ("plain", "eager", "eager-pixels"):  # the others do the eager config's math (and a graph
+        row["tflop_per_it"] = count_tflop(step)   # replay would hide its work from the counter)
+    echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s)")
+    return row
+
+
+def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, iters: int,
+                    explain: bool = False, echo=print, on_row=None) -> dict:
+    """All `configs` in order; `on_row(result)` after each (the CLI saves the JSON, so a run stopped midway
+    keeps what it measured)."""
+    from prodistill.training.run import build_models
+
+    echo(f"building {cfg.preset} models on {device} ...")
+    models = build_models(cfg, device)
+    peak = device_peak_tflops(device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "preset": cfg.preset, "method": cfg.method, "stage": cfg.stages()[0], "resolution": cfg.resolution,
+              "frames": cfg.frames, "batch_size": cfg.batch_size, "solver_steps": cfg.solver_steps,
+              "lora_rank": cfg.lora_rank, "peak_tflops": peak, "torch": torch.__version__, "rows": []}
+    for name in configs:
+        echo(f"{name} ...")
+        result["rows"].append(run_config(name, cfg, models, device, warmup, iters, echo))
+        _derive(result)
+        if on_row is not None:
+            on_row(result)
+    if explain:
+        result["explain"] = explain_step(cfg, models, device, configs[-1], echo)
+    return result
+
+
+def _derive(result: dict) -> None:
+    rows = {r["config"]: r for r in result["rows"]}
+    eager_flops = rows.get("eager", rows.get("eager-pixels", {})).get("tflop_per_it")
+    plain = rows.get("plain")
+    for r in result["rows"]:
+        flops = r.get("tflop_per_it", eager_flops)
+        r["tflop_per_it"] = flops
+        if flops and result["peak_tflops"]:
+            r["mfu"] = flops / r["sec_per_it"] / result["peak_tflops"]
+        if plain:
+            r["speedup_vs_plain"] = plain["sec_per_it"] / r["sec_per_it"]
+
+
+def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> dict:
+    """Dynamo's graph and recompile counts of the run, the SDPA backend table at the step's attention shapes
+    (GPU), and a profiler table of the top kernels of configuration `best`."""
+    from torch._dynamo.utils import counters
+
+    from prodistill.accel.attention import measure, svd_attention_shapes
+
+    out = {"dynamo": {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                      "graph_breaks": sum(counters["graph_break"].values()),
+                      "recompiles": dict(counters.get("recompiles", {}))}}
+    if device.type == "cuda":
+        w, h = cfg.size()
+        echo("measuring SDPA backends ...")
+        out["sdpa"] = measure(svd_attention_shapes(cfg.batch_size, cfg.frames, w, h), device)
+    echo(f"profiling {best} ...")
+    step = _make_step(best, cfg, models, device)
+    step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    out["profile"] = prof.key_averages().table(sort_by=sort, row_limit=20)
+    return out
+
+
+def format_train_table(r: dict) -> str:
+    lines = [f"bench train: {r['method']} stage {r['stage']}, {r['preset']}, {r['resolution']}, {r['frames']} frames, "
+             f"batch {r['batch_size']}, m={r['solver_steps']}, LoRA r={r['lora_rank']} on {r['device']} "
+             f"(torch {r['torch']})",
+             f"{'config':16}{'s/it':>9}{'×plain':>8}{'TFLOP/it':>10}{'MFU':>7}{'peak GB':>9}{'reserved':>10}"
+             f"{'1st it s':>10}"]
+    for row in r["rows"]:
+        def fmt(key, spec, scale=1.0):
+            v = row.get(key)
+            return format(v * scale, spec) if v is not None else "-"
+
+        lines.append(f"{row['config']:16}{fmt('sec_per_it', '9.3f')}{fmt('speedup_vs_plain', '8.2f')}"
+                     f"{fmt('tflop_per_it', '10.1f')}{fmt('mfu', '6.1f', 100):>6}%{fmt('peak_alloc_gb', '9.1f')}"
+                     f"{fmt('peak_reserved_gb', '10.1f')}{fmt('first_iter_s', '10.1f')}")
+    if r["peak_tflops"] is None:
+        lines.append("MFU: no bf16 peak known for this device (CPU times only show that the harness runs)")
+    return "\n".join(lines)
+
+
+def write_train_json(result: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path

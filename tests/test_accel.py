@@ -1,0 +1,173 @@
+"""The training-step speed-ups on CPU: regions compile without graph breaks, the compiled step computes the
+eager step's losses, the EMA swap is honoured by compiled regions, resume stays exact, and the switches
+refuse what cannot work. (CUDA graphs and inductor on the GPU: tests/test_gpu.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import RandomClips, make_trainer, tiny_config
+from prodistill.accel import SpeedupError, Speedups, accelerate, method_networks
+from prodistill.accel.compile import find_regions
+from prodistill.training.checkpoint import latest_checkpoint
+from prodistill.training.logger import read_metrics
+
+UNET_STAGES = {"CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal", "UNetMidBlockSpatioTemporal",
+               "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"}
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss/g_total"], r.get("loss/d")) for r in read_metrics(run_dir)]
+
+
+def test_regions_cover_unet_stages_dinov2_and_heads(tmp_path):
+    cfg = tiny_config(tmp_path)
+    _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    names = [type(m).__name__ for m in find_regions(method_networks(osv, models))]
+    assert UNET_STAGES <= set(names)
+    assert {"Dinov2Layer", "Dinov2Embeddings", "LatentUpsampler", "DiscriminatorHeads"} <= set(names)
+    # teacher and student each contribute their own stages; DINOv2's 4 tiny layers are all regions
+    assert names.count("CrossAttnDownBlockSpatioTemporal") == 2 and names.count("Dinov2Layer") == 4
+
+
+@pytest.mark.parametrize("stage", [2])
+def test_compiled_step_has_no_graph_break_and_matches_eager(tmp_path, stage):
+    """fullgraph=True regions raise on any graph break, and the traced step must give the eager losses to the
+    last bit (dynamo's eager backend replays the traced ops). Stage 2 runs every region in every variant
+    (teacher, EMA target, student with grad, discriminator in both phases). Later tests reuse these traces."""
+    cfg = tiny_config(tmp_path, max_steps=2)
+    eager, _, models = make_trainer(cfg, tmp_path / "eager", stage=stage)
+    eager.fit()
+    compiled, method, _ = make_trainer(cfg, tmp_path / "compiled", stage=stage, models=models)
+    accelerate(method, models, Speedups(compile=True, backend="eager"))
+    compiled.fit()
+    got, want = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    assert len(got) == 2 and got == want
+
+
+def test_ema_target_swap_is_honoured_by_compiled_regions(tmp_path):
+    """aot_eager: the functionalised graphs of the forward (with parameters as graph inputs) must read the
+    values the EMA swap copies in."""
+    cfg = tiny_config(tmp_path)
+    _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    with torch.no_grad():  # student θ and target θ⁻ differ
+        for p in osv.trainable.values():
+            p.add_(0.1 * torch.randn_like(p))
+    pixels = next(RandomClips(1, cfg.frames, 32))
+    x0, cond = models.prepare_batch(pixels, cfg.fps, torch.Generator().manual_seed(0))
+    x, sigma = x0 + 2.0 * torch.randn_like(x0), torch.tensor([2.0])
+    with torch.no_grad():
+        eager_ema, eager_student = osv.ema_d(x, sigma, cond), osv.student_d(x, sigma, cond)
+        accelerate(osv, models, Speedups(compile=True, backend="aot_eager"))
+        compiled_student = osv.student_d(x, sigma, cond)  # compiled first with θ ...
+        compiled_ema = osv.ema_d(x, sigma, cond)  # ... then called with θ⁻ swapped in
+    assert not torch.allclose(eager_ema, eager_student, atol=1e-4)
+    torch.testing.assert_close(compiled_student, eager_student, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_ema, eager_ema, rtol=1e-4, atol=1e-5)
+    live = dict(osv.student.named_parameters())
+    assert all(live[k].data_ptr() != v.data_ptr() for k, v in osv.ema.params.items())  # swapped back
+
+
+def test_resume_with_compile_reproduces_the_uninterrupted_run(tmp_path):
+    """Resume logic under compiled regions (dynamo's eager backend: the traced bytecode, eager kernels), so
+    the losses must be equal to the last bit, as without compile."""
+    cfg = tiny_config(tmp_path, max_steps=3)
+    compiled = Speedups(compile=True, backend="eager")
+    straight, method, models = make_trainer(cfg, tmp_path / "straight", stage=2)
+    accelerate(method, models, compiled)
+    straight.fit()
+    first, method, _ = make_trainer(tiny_config(tmp_path, max_steps=2), tmp_path / "resumed", stage=2,
+                                    models=models)
+    accelerate(method, models, compiled)
+    first.fit()
+    second, method, _ = make_trainer(cfg, tmp_path / "resumed", stage=2, models=models)
+    accelerate(method, models, compiled)
+    second.resume(latest_checkpoint(tmp_path / "resumed" / "stage2"))
+    second.fit()
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+
+
+def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = tiny_config(tmp_path)
+    assert not Speedups.from_config(auto, cpu).compile and not Speedups.from_config(auto, cpu).cuda_graphs
+    on_gpu = Speedups.from_config(auto, cuda)
+    assert on_gpu.compile and on_gpu.compile_teacher_only and on_gpu.cuda_graphs
+    assert not Speedups.from_config(tiny_config(tmp_path, compile="on"), cuda).compile_teacher_only
+    forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
+    assert forced.compile and forced.cache_dir == tmp_path / "c"
+    assert Speedups.from_config(auto, cuda).describe() == "compile (teacher, inductor), CUDA graph teacher solve"
+    off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
+    assert not off.compile and not off.cuda_graphs and off.describe() == "none (eager)"
+    with pytest.raises(SpeedupError, match="--cuda-graphs on needs --device cuda"):
+        Speedups.from_config(tiny_config(tmp_path, cuda_graphs="on"), cpu)
+
+
+def test_grad_checkpointing_keeps_the_losses(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2)
+    plain, _, models = make_trainer(cfg, tmp_path / "plain", stage=2)
+    plain.fit()
+    ckpt, method, _ = make_trainer(cfg, tmp_path / "ckpt", stage=2, models=models)
+    accelerate(method, models, Speedups(grad_checkpointing=True))
+    assert method.student.is_gradient_checkpointing and not models.unet.is_gradient_checkpointing
+    ckpt.fit()
+    for (_, a, b), (_, c, d) in zip(_losses(tmp_path / "ckpt"), _losses(tmp_path / "plain")):
+        assert a == pytest.approx(c, rel=1e-5) and b == pytest.approx(d, rel=1e-5)
+
+
+def test_cli_train_with_compile_on_cpu(tmp_path, monkeypatch):
+    """`--compile on` end to end through `prodistill train` (the dynamo backend is swapped for a quick one)."""
+    from click.testing import CliRunner
+
+    from prodistill.cli import main
+
+    monkeypatch.setenv("PRODISTILL_COMPILE_BACKEND", "eager")
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--resolution", "32x32", "--frames", "4", "--max-steps", "1",
+            "--device", "cpu", "--lora-rank", "2", "--disc-head-channels", "8", "--solver-steps", "2",
+            "--num-timesteps", "10", "--compile", "on", "--compile-cache", str(tmp_path / "cache"),
+            "--sample-every", "0", "--stage", "2", "--data", str(_one_clip(tmp_path))]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (out / "stage2" / "ckpt-0000001").is_dir() and (tmp_path / "cache" / "inductor").is_dir()
+
+
+def _one_clip(tmp_path):
+    import numpy as np
+
+    from prodistill.data.video import write_mp4
+
+    frames = (np.random.default_rng(0).random((8, 32, 32, 3)) * 255).astype(np.uint8)
+    write_mp4(tmp_path / "clips" / "a.mp4", frames, 7.0)
+    return tmp_path / "clips"
+
+
+def test_teacher_only_compile_leaves_student_and_discriminator_eager(tmp_path):
+    cfg = tiny_config(tmp_path)
+    _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    accelerate(osv, models, Speedups(compile=True, compile_teacher_only=True, backend="eager"))
+    assert all("forward" in vars(m) for m in find_regions([models.teacher]))
+    assert not any("forward" in vars(m) for m in find_regions([osv.student, osv.disc]))
+
+
+def test_no_speedups_leave_the_networks_eager(tmp_path):
+    """Without speed-ups nothing is wrapped: no region's forward is replaced, the solve is the eager one."""
+    cfg = tiny_config(tmp_path)
+    _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    accelerate(osv, models, Speedups())
+    assert not any("forward" in vars(m) for m in find_regions(method_networks(osv, models)))
+    assert type(osv.teacher_solve).__name__ == "TeacherSolve"
+
+
+def test_student_built_after_compiling_the_teacher_gets_its_own_regions(tmp_path):
+    """A student is a copy of the teacher: it must not inherit the teacher's compiled forwards (it would then
+    run the teacher's modules, without LoRA, and get no gradient)."""
+    cfg = tiny_config(tmp_path)
+    _, first, models = make_trainer(cfg, tmp_path / "a", stage=2)
+    accelerate(first, models, Speedups(compile=True, backend="eager"))
+    _, second, _ = make_trainer(cfg, tmp_path / "b", stage=2, models=models)
+    assert not any("forward" in vars(m) for m in second.student.modules())
+    accelerate(second, models, Speedups(compile=True, backend="eager"))
+    for region in find_regions([second.student]):
+        assert region.forward._prodistill_owner is region
