@@ -112,10 +112,11 @@ def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str) -> d
     """The four graph modules in `precision`. The encoders and the VAE are cast on copies (the caller's
     models stay as they are); `merged_unet`, already a copy, is cast in place."""
     dtype = PRECISIONS[precision]
-    vae = copy.deepcopy(models.vae).to(dtype)
+    cast = lambda m: nn.Module.to(m, dtype=dtype)  # noqa: E731  (diffusers' override warns about a cast we want)
+    vae = cast(copy.deepcopy(models.vae))
     return {
-        "image_encoder": ImageEncoderGraph(copy.deepcopy(models.image_encoder).to(dtype), dtype).eval(),
+        "image_encoder": ImageEncoderGraph(cast(copy.deepcopy(models.image_encoder)), dtype).eval(),
         "vae_encoder": VaeEncoderGraph(vae, dtype).eval(),
-        "denoiser": DenoiserGraph(merged_unet.to(dtype), dtype).eval(),
+        "denoiser": DenoiserGraph(cast(merged_unet), dtype).eval(),
         "decoder": DecoderGraph(vae, models.scaling_factor, dtype).eval(),
     }

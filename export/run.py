@@ -102,16 +102,62 @@ def merged_student(cfg, models, ckpt_dir: Path, weights: str) -> torch.nn.Module
     return merge_student(student)
 
 
-def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Manifest | None:
+def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: str, opset: int = OPSET,
+                  source: dict | None = None, echo: Callable[[str], None] = print) -> Manifest:
+    """Export the four graphs of `models` with the student UNet `unet` (cast in place) at the config's resolution
+    and frames, check them, and write `folder/manifest.json`. Shared by `prodistill export` and the bench."""
     from export.graphs import build_graphs
     from prodistill.diffusion.edm import SIGMA_MIN
     from prodistill.sampling import student_sigmas
+
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = cfg.size()
+    latent_shape = list(models.latent_shape(1, cfg.frames, width, height))
+    sigmas, sigmas_next = student_sigmas(1, cfg.num_timesteps)
+    time_ids = [cfg.fps - 1, float(cfg.motion_bucket_id), cfg.noise_aug_strength]
+    shapes = {
+        "image_encoder": {"pixel_values": (1, 3, models.clip_size, models.clip_size)},
+        "vae_encoder": {"image": (1, 3, height, width)},
+        "denoiser": {"x": tuple(latent_shape), "sigma": (1,),
+                     "image_embeds": (1, 1, models.image_encoder.config.projection_dim),
+                     "image_latents": tuple(latent_shape), "added_time_ids": (1, 3)},
+        "decoder": {"latents": tuple(latent_shape)},
+    }
+    graphs = build_graphs(models, unet, precision)
+    infos = export_all(graphs, shapes, folder, precision, time_ids, float(sigmas[0]), opset, echo)
+    manifest = Manifest(
+        width=width, height=height, frames=cfg.frames, fps=cfg.fps, motion_bucket_id=cfg.motion_bucket_id,
+        noise_aug_strength=cfg.noise_aug_strength, latent_shape=latent_shape, scaling_factor=models.scaling_factor,
+        clip_size=models.clip_size, clip_mean=models.clip_mean.flatten().tolist(),
+        clip_std=models.clip_std.flatten().tolist(), sigma_min=SIGMA_MIN, sigmas_1step=[float(s) for s in sigmas],
+        sigmas_tts=[float(sigmas[0]), float(sigmas_next[1])], num_timesteps=cfg.num_timesteps, precision=precision,
+        opset=opset, graphs=infos, source=source or {},
+    )
+    manifest.save(folder)
+    return manifest
+
+
+def build_engines(manifest: Manifest, folder: Path, workspace_gib: float = 8.0,
+                  echo: Callable[[str], None] = print) -> Manifest:
+    """TensorRT engines for every graph of an export (sharing one timing cache); updates its manifest."""
+    from export.runtime.tensorrt import TIMING_CACHE, build_engine
+
+    for name, info in manifest.graphs.items():
+        echo(f"building TensorRT engine for {name} (strongly typed, workspace {workspace_gib:g} GiB)...")
+        info.engine = build_engine(folder / info.file, folder / f"{name}.plan", workspace_gib,
+                                   folder / TIMING_CACHE).name
+    manifest.save(folder)
+    return manifest
+
+
+def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Manifest | None:
     from prodistill.training.run import build_models, resolve_device
 
     cfg, ckpt_dir = _check_options(opts)
     start = time.perf_counter()
     device = resolve_device(cfg.device)
-    echo(f"building {cfg.preset} models on {device} and merging {ckpt_dir / (opts.weights + '.safetensors')}...")
+    weights_file = ckpt_dir / f"{opts.weights}.safetensors"
+    echo(f"building {cfg.preset} models on {device} and merging {weights_file}...")
     models = build_models(cfg, device)
     unet = merged_student(cfg, models, ckpt_dir, opts.weights)
     if opts.diffusers:
@@ -120,44 +166,12 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Mani
         echo(f"wrote diffusers folder {write_diffusers_folder(models, unet, Path(opts.diffusers))}")
     if not (opts.onnx or opts.trt):
         return None
-
+    source = {"checkpoint": str(ckpt_dir.resolve()), "weights": opts.weights, "sha256": sha256(weights_file),
+              "method": cfg.method, "preset": cfg.preset, "teacher": cfg.teacher, "lora_rank": cfg.lora_rank,
+              "train_modules": cfg.train_modules, "decoder": opts.decoder}
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    width, height = cfg.size()
-    latent_shape = list(models.latent_shape(1, cfg.frames, width, height))
-    sigmas, sigmas_next = student_sigmas(1, cfg.num_timesteps)
-    time_ids = [cfg.fps - 1, float(cfg.motion_bucket_id), cfg.noise_aug_strength]
-    embed_dim = models.image_encoder.config.projection_dim
-    cond_latent = [1, latent_shape[1], *latent_shape[2:]]
-    shapes = {
-        "image_encoder": {"pixel_values": (1, 3, models.clip_size, models.clip_size)},
-        "vae_encoder": {"image": (1, 3, height, width)},
-        "denoiser": {"x": tuple(latent_shape), "sigma": (1,), "image_embeds": (1, 1, embed_dim),
-                     "image_latents": tuple(cond_latent), "added_time_ids": (1, 3)},
-        "decoder": {"latents": tuple(latent_shape)},
-    }
-    graphs = build_graphs(models, unet, opts.precision)
-    infos = export_all(graphs, shapes, out, opts.precision, time_ids, float(sigmas[0]), opts.opset, echo)
-    del graphs, unet
-    weights_file = ckpt_dir / f"{opts.weights}.safetensors"
-    manifest = Manifest(
-        width=width, height=height, frames=cfg.frames, fps=cfg.fps, motion_bucket_id=cfg.motion_bucket_id,
-        noise_aug_strength=cfg.noise_aug_strength, latent_shape=latent_shape, scaling_factor=models.scaling_factor,
-        clip_size=models.clip_size, clip_mean=models.clip_mean.flatten().tolist(),
-        clip_std=models.clip_std.flatten().tolist(), sigma_min=SIGMA_MIN,
-        sigmas_1step=[float(s) for s in sigmas], sigmas_tts=[float(sigmas[0]), float(sigmas_next[1])],
-        num_timesteps=cfg.num_timesteps, precision=opts.precision, opset=opts.opset, graphs=infos,
-        source={"checkpoint": str(ckpt_dir.resolve()), "weights": opts.weights, "sha256": sha256(weights_file),
-                "method": cfg.method, "preset": cfg.preset, "teacher": cfg.teacher, "lora_rank": cfg.lora_rank,
-                "train_modules": cfg.train_modules, "decoder": opts.decoder},
-    )
+    manifest = export_graphs(models, unet, cfg, out, opts.precision, opts.opset, source, echo)
     if opts.trt:
-        from export.runtime.tensorrt import TIMING_CACHE, build_engine
-
-        for name, info in manifest.graphs.items():
-            echo(f"building TensorRT engine for {name} (strongly typed, workspace {opts.workspace_gib:g} GiB)...")
-            info.engine = build_engine(out / info.file, out / f"{name}.plan", opts.workspace_gib,
-                                       out / TIMING_CACHE).name
-    path = manifest.save(out)
-    echo(f"wrote {path} ({time.perf_counter() - start:.1f} s in all)")
+        build_engines(manifest, out, opts.workspace_gib, echo)
+    echo(f"wrote {out / 'manifest.json'} ({time.perf_counter() - start:.1f} s in all)")
     return manifest
