@@ -81,7 +81,8 @@ def export_graph(name: str, graph: nn.Module, inputs: dict[str, Tensor], folder:
         (folder / data_file).unlink(missing_ok=True)
     onnx.save_model(model, str(folder / file), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)
-    outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    with torch.no_grad():  # ONNX shape inference leaves some outputs symbolic; the traced shapes are the truth
+        outputs = {graph.outputs[0]: list(graph(*inputs.values()).shape)}
     return GraphInfo(file=file, inputs={k: list(v.shape) for k, v in inputs.items()}, outputs=outputs,
                      external_data=data_file)
 
