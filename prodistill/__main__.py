@@ -1,6 +1,6 @@
 """`python -m prodistill ...` (and `torchrun -m prodistill ...`) runs the same CLI as the `prodistill` script."""
 
-from prodistill.cli import main
+from prodistill.entry import main
 
 if __name__ == "__main__":
     main()

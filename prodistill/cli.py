@@ -138,5 +138,46 @@ def sample(ckpt, image, out_path, steps, tts, teacher_steps, cfg_scale, weights,
 
 main.add_command(bench)
 
+
+# -- export and torch-free generation (issue 9) --------------------------------------------------------------
+@main.command("export")
+@click.option("--ckpt", required=True, type=click.Path(file_okay=False),
+              help="Run folder of `prodistill train` (its last stage's latest checkpoint) or a checkpoint folder.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Engines folder: ONNX graphs, TensorRT engines and manifest.json.")
+@click.option("--onnx/--no-onnx", "onnx_flag", default=None,
+              help="Write the ONNX graphs and check them with ONNX Runtime [default: on unless only --diffusers].")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs TensorRT: the Docker image has it).")
+@click.option("--diffusers", default=None, type=click.Path(file_okay=False),
+              help="Also write the merged student as a diffusers StableVideoDiffusionPipeline folder here.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Compute precision inside the graphs (their inputs and outputs are float32).")
+@click.option("--resolution", default=None, help="WxH of the exported graphs (default: the run's).")
+@click.option("--frames", type=click.IntRange(2), default=None, help="Frames of the exported graphs (default: the run's).")
+@click.option("--weights", type=click.Choice(["student", "ema"]), default="student", show_default=True)
+@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="full: the VAE temporal decoder; tiny: a distilled decoder (not available yet).")
+@click.option("--opset", type=click.Choice(["18", "19", "20"]), default="19", show_default=True)
+@click.option("--workspace-gib", type=float, default=8.0, show_default=True, help="TensorRT workspace limit.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the models are built and traced.")
+def export_command(ckpt, out, onnx_flag, trt, diffusers, opset, **kw) -> None:
+    """Merge the student and export it for 1-step serving (ONNX, TensorRT, diffusers)."""
+    from export.run import ExportOptions, run_export
+    from export.runtime.backends import BackendError
+
+    onnx_flag = onnx_flag if onnx_flag is not None else (trt or diffusers is None)
+    opts = ExportOptions(ckpt=Path(ckpt), out=Path(out) if out else None, onnx=onnx_flag, trt=trt,
+                         diffusers=Path(diffusers) if diffusers else None, opset=int(opset), **kw)
+    try:
+        run_export(opts, echo=click.echo)
+    except (ValueError, BackendError) as e:  # ExportError, config errors, a missing TensorRT: one sentence each
+        raise click.ClickException(str(e)) from e
+
+
+from export.runtime.cli import generate  # noqa: E402  (torch-free; `prodistill.entry` runs it without this module)
+
+main.add_command(generate)
+
 if __name__ == "__main__":
     main()

@@ -20,16 +20,24 @@ from prodistill.diffusion.solvers import bind, edm_euler_sample, frame_guidance,
 from prodistill.models.svd import SVDCondition, SVDModels
 
 
+def student_sigmas(steps: int, num_timesteps: int) -> tuple[Tensor, Tensor]:
+    """(σ of the `steps`-step schedule, σ of the (steps+1)-step schedule that TTS travels through), float32
+    as the samplers use them; the export writes the same values into its manifest."""
+    grid = training_grid(num_timesteps).to(torch.float32)
+    return grid[sampler_indices(steps, num_timesteps)], grid[sampler_indices(steps + 1, num_timesteps)]
+
+
 @torch.no_grad()
 def sample_student(denoise: Denoiser, shape: tuple[int, ...], steps: int, tts: bool, num_timesteps: int,
-                   generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Latents from a consistency student in `steps` steps (TTS: 2·steps network calls)."""
-    grid = training_grid(num_timesteps).to(device, torch.float32)
-    sigmas = grid[sampler_indices(steps, num_timesteps)]
-    noise = torch.randn(shape, generator=generator, device=device)
+                   generator: torch.Generator | None, device: torch.device, noise: Tensor | None = None) -> Tensor:
+    """Latents from a consistency student in `steps` steps (TTS: 2·steps network calls). `noise` (shape
+    `shape`) replaces the initial draw, so a runtime without torch's RNG can be compared on the same ε."""
+    sigmas, sigmas_next = (s.to(device) for s in student_sigmas(steps, num_timesteps))
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device)
     if tts:
-        return time_travel_sample(denoise, noise, sigmas, grid[sampler_indices(steps + 1, num_timesteps)])
-    return consistency_sample(denoise, noise, sigmas, generator)
+        return time_travel_sample(denoise, noise.to(device), sigmas, sigmas_next)
+    return consistency_sample(denoise, noise.to(device), sigmas, generator)
 
 
 @torch.no_grad()

@@ -68,3 +68,36 @@ def make_trainer(cfg, run_dir, stage: int | None = None, models=None):
     trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", cfg.steps_for(stage), gen,
                       MetricsLogger(run_dir))
     return trainer, method, models
+
+
+# -- export (issue 9) ------------------------------------------------------------------------------------------
+def make_lora_run(tmp_path, seed: int = 0):
+    """A tiny run folder (config.yaml + a stage-1 checkpoint) whose student holds a random, non-zero LoRA,
+    without training: merging and export must then change the teacher's output. Returns (cfg, run folder)."""
+    from prodistill.models.student import trainable_parameters
+    from prodistill.training.checkpoint import save_checkpoint
+    from prodistill.training.run import build_models
+
+    cfg = tiny_config(tmp_path, frames=4, stage="1")
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    cfg.save(run / "config.yaml")
+    student = build_models(cfg, torch.device("cpu")).make_student(cfg, stage=1)
+    gen = torch.Generator().manual_seed(seed)
+    params = trainable_parameters(student)
+    with torch.no_grad():
+        for p in params.values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    save_checkpoint(run / "stage1", 1, {"student": params}, state={}, meta={"complete": True})
+    return cfg, run
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(cfg, run folder, engines folder, log lines): the tiny LoRA run exported once per session (fp32 ONNX)."""
+    from export.run import ExportOptions, run_export
+
+    cfg, run = make_lora_run(tmp_path_factory.mktemp("export"))
+    log: list[str] = []
+    run_export(ExportOptions(ckpt=run, out=run.parent / "engines", precision="fp32", device="cpu"), echo=log.append)
+    return cfg, run, run.parent / "engines", log

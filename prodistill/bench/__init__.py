@@ -14,8 +14,8 @@ import click
 
 @click.group()
 def bench() -> None:
-    """Benchmarks (train: the step's speed-ups side by side; quality: the analytic distillation benchmark, CPU;
-    data: decode throughput vs training)."""
+    """Benchmarks (train: the step's speed-ups side by side; sample: teacher vs 1-step student generation;
+    quality: the analytic distillation benchmark, CPU; data: decode throughput vs training)."""
 
 
 @bench.command("quality")
@@ -121,6 +121,34 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
         click.echo(result["explain"]["profile"])
     click.echo(format_train_table(result))
     click.echo(f"results: {write_train_json(result, Path(json_path))}")
+
+
+@bench.command("sample")
+@click.option("--preset", type=click.Choice(["tiny", "svd-xt"]), default="svd-xt", show_default=True,
+              help="Architecture (random weights) unless --teacher is given.")
+@click.option("--teacher", default=None, help="Diffusers SVD folder or hub id to time instead of random weights.")
+@click.option("--resolution", default="1024x576", show_default=True, help="WxH of the generation.")
+@click.option("--frames", type=click.IntRange(2), default=14, show_default=True)
+@click.option("--teacher-steps", type=click.IntRange(1), default=25, show_default=True,
+              help="Euler steps of the teacher's CFG generation (SVD's default is 25).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-sample.json", show_default=True)
+def sample_command(preset, teacher, resolution, frames, teacher_steps, device, json_path) -> None:
+    """Teacher 25-step CFG vs student 1 step and TTS: torch eager, torch.compile, ONNX Runtime, TensorRT;
+    encode / UNet / decode timed separately, peak memory (fp16 on GPU, fp32 on CPU)."""
+    from prodistill.bench.sample import format_sample_table, run_sample_bench, write_sample_json
+    from prodistill.config import build_config
+    from prodistill.training.run import resolve_device
+
+    try:
+        dev = resolve_device(device)
+        cfg = build_config({"preset": preset, "teacher": teacher, "resolution": resolution, "frames": frames,
+                            "device": dev.type, "dtype": "fp16" if dev.type == "cuda" else "fp32"})
+        result = run_sample_bench(cfg, dev, teacher_steps, echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_sample_table(result))
+    click.echo(f"results: {write_sample_json(result, Path(json_path))}")
 
 
 __all__ = ["bench"]

@@ -1,0 +1,71 @@
+"""Inference backends behind one interface: run a named graph of the engines folder on float32 arrays.
+
+`ort` (onnxruntime) runs the ONNX graphs on the CPU, or on the GPU when onnxruntime-gpu provides the CUDA
+execution provider; `trt` runs the TensorRT engines (`export.runtime.tensorrt`, which owns every TensorRT
+call). Both are imported only when chosen, with a one-sentence install hint when missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from export.runtime.manifest import Manifest
+
+BACKENDS = ("ort", "trt")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here (missing package, missing engine file)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of `graph` (a key of the manifest's graphs) for float32 inputs of the exported shapes."""
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError('the ort backend needs onnxruntime: pip install ".[export]" (or onnxruntime-gpu '
+                           'for the CUDA provider)') from None
+    return onnxruntime
+
+
+class OrtBackend:
+    """One onnxruntime session per graph, created at start-up (session creation optimises the graph)."""
+
+    name = "ort"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str = "auto"):
+        ort = import_onnxruntime()
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "cuda" and not cuda:
+            raise BackendError("--device cuda needs onnxruntime-gpu (the CUDA execution provider is not available)")
+        self.providers = (["CUDAExecutionProvider"] if cuda and device != "cpu" else []) + ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # constant-folding notices about fp16 nodes are not actionable
+        self.sessions = {name: ort.InferenceSession(str(folder / info.file), options, providers=self.providers)
+                         for name, info in manifest.graphs.items()}
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {k: np.ascontiguousarray(v, np.float32) for k, v in inputs.items()})))
+
+
+def open_backend(name: str, folder: str | Path, manifest: Manifest, device: str = "auto") -> Backend:
+    """The `--backend` named `name` over the graphs (ort) or engines (trt) of `folder`."""
+    folder = Path(folder)
+    if name == "ort":
+        return OrtBackend(folder, manifest, device)
+    if name == "trt":
+        from export.runtime.tensorrt import TrtBackend
+
+        return TrtBackend(folder, manifest)
+    raise BackendError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")

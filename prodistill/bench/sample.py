@@ -1,0 +1,179 @@
+"""`prodistill bench sample`: the teacher's 25-step CFG generation against the student's 1 step and TTS, in one
+run, on every inference path present: torch eager, torch.compile (GPU only), ONNX Runtime and TensorRT.
+
+Each generation is timed in three parts — encode (CLIP + VAE encoder of the conditioning frame), UNet (all
+network calls of the sampler) and decode (the temporal VAE decoder) — with the device synchronised around each
+part, after one untimed warm-up generation. Peak memory is the CUDA allocator's peak on GPU (torch paths), and
+the process's resident high-water mark on CPU (cumulative over the run, so it only grows row to row).
+
+Weights are random (the preset's architecture, or `--teacher`); a merged LoRA student has exactly the teacher
+UNet's architecture and cost, so the teacher UNet stands in for it and no checkpoint is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+class _Timer:
+    """Seconds per named part, with the device synchronised before and after each part."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.parts = device, {}
+
+    def __call__(self, part: str, fn: Callable):
+        _sync(self.device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(self.device)
+        self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - start
+        return out
+
+
+def _row(path: str, generation: str, nfe: int, timer: _Timer, device: torch.device) -> dict:
+    parts = {f"{k}_s": round(v, 5) for k, v in timer.parts.items()}
+    return {"path": path, "generation": generation, "nfe": nfe, **parts,
+            "total_s": round(sum(timer.parts.values()), 5), "peak_mem_gb": round(_peak_gb(device), 3)}
+
+
+def _torch_rows(path: str, models, unet, decode, image, cfg, device, generations, teacher_steps: int
+                ) -> list[dict]:
+    """Rows of one torch path (eager or compiled): `unet` is the student network, `decode` the decoder."""
+    from prodistill.diffusion.solvers import bind
+    from prodistill.sampling import sample_student, sample_teacher
+
+    shape = models.latent_shape(1, cfg.frames, *cfg.size())
+    rows = []
+    for name, nfe, run in generations:
+        for timed in (False, True):  # warm-up, then the measured generation
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            timer, gen = _Timer(device), torch.Generator(device).manual_seed(0)
+            cond = timer("encode", lambda: models.condition(image, cfg.frames, cfg.fps, gen))
+            if run == "teacher":
+                latents = timer("unet", lambda: sample_teacher(models, cond, shape, teacher_steps, 1.0, 3.0, gen))
+            else:
+                denoise = bind(models.denoiser(unet), cond)
+                latents = timer("unet", lambda: sample_student(denoise, shape, 1, run == "tts", cfg.num_timesteps,
+                                                               gen, device))
+            with torch.no_grad():
+                timer("decode", lambda: decode(latents))
+        rows.append(_row(path, name, nfe, timer, device))
+    return rows
+
+
+def _runtime_rows(path: str, pipeline, image, device) -> list[dict]:
+    """Rows of a torch-free runtime path (ONNX Runtime or TensorRT) over the exported graphs."""
+    import numpy as np
+
+    from export.runtime.pipeline import Noise
+
+    image_np = image.cpu().numpy().astype(np.float32)
+    rows = []
+    for name, nfe, tts in (("student 1 step", 1, False), ("student TTS", 2, True)):
+        for _ in range(2):  # warm-up, then the measured generation
+            timer, noise = _Timer(torch.device("cpu")), Noise.draw(pipeline.manifest, 0)
+            cond = timer("encode", lambda: pipeline.encode(image_np, noise.augmentation))
+            latents = timer("unet", lambda: pipeline.sample(cond, noise.latents, tts))
+            timer("decode", lambda: pipeline.decode(latents))
+        row = _row(path, name, nfe, timer, device)
+        row["peak_mem_gb"] = row["peak_mem_gb"] if device.type == "cpu" else None  # not seen by torch's allocator
+        rows.append(row)
+    return rows
+
+
+def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25,
+                     echo: Callable[[str], None] = print) -> dict:
+    from export.onnx_export import ExportError, import_onnx
+    from export.run import build_engines, export_graphs
+    from export.runtime.pipeline import OneStepPipeline
+    from export.runtime.tensorrt import tensorrt_available
+    from prodistill.training.run import build_models
+
+    width, height = cfg.size()
+    echo(f"building {cfg.preset} models ({width}x{height}, {cfg.frames} frames, {cfg.dtype}) on {device}...")
+    models = build_models(cfg, device)
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    generations = [(f"teacher {teacher_steps}-step CFG", 2 * teacher_steps, "teacher"),
+                   ("student 1 step", 1, "one"), ("student TTS", 2, "tts")]
+    rows, skipped = [], {}
+    echo("torch eager...")
+    rows += _torch_rows("torch eager", models, models.unet, models.decode, image, cfg, device, generations, teacher_steps)
+
+    if device.type == "cuda":
+        echo("torch.compile (reduce-overhead: CUDA graphs) of the student UNet and the decoder; compiling...")
+        unet = torch.compile(models.unet, mode="reduce-overhead", fullgraph=False)
+        decode = torch.compile(models.decode, mode="reduce-overhead")
+        rows += _torch_rows("torch.compile", models, unet, decode, image, cfg, device, generations[1:],
+                            teacher_steps)
+    else:
+        skipped["torch.compile"] = "GPU only (CUDA graphs)"
+
+    precision = "fp32" if device.type == "cpu" else ("bf16" if cfg.dtype == "bf16" else "fp16")
+    try:
+        _, ort = import_onnx()
+    except ExportError as e:
+        skipped["onnxruntime"] = skipped["tensorrt"] = str(e)
+        return {"config": _config(cfg, device, teacher_steps), "rows": rows, "skipped": skipped}
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        skipped["onnxruntime"] = ("no CUDA execution provider (onnxruntime-gpu is not installed); the CPU provider "
+                                  "at this size would take minutes")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        echo(f"exporting the graphs ({precision}) for the runtime paths...")
+        models.to(device, torch.float32)  # the torch rows are done; graphs are cast from float32 weights
+        manifest = export_graphs(models, copy.deepcopy(models.unet), cfg, folder, precision, echo=lambda s: None)
+        if "onnxruntime" not in skipped:
+            echo("onnxruntime...")
+            rows += _runtime_rows("onnxruntime", OneStepPipeline(folder, "ort", device.type), image, device)
+        if tensorrt_available():
+            echo("building TensorRT engines...")
+            build_engines(manifest, folder, echo=echo)
+            rows += _runtime_rows("tensorrt", OneStepPipeline(folder, "trt"), image, device)
+        else:
+            skipped["tensorrt"] = "TensorRT is not installed"
+    return {"config": _config(cfg, device, teacher_steps), "rows": rows, "skipped": skipped}
+
+
+def _config(cfg, device: torch.device, teacher_steps: int) -> dict:
+    return {"preset": cfg.preset, "resolution": cfg.resolution, "frames": cfg.frames, "dtype": cfg.dtype,
+            "device": str(device), "teacher_steps": teacher_steps, "teacher": cfg.teacher,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def format_sample_table(result: dict) -> str:
+    rows = result["rows"]
+    teacher = next(r["total_s"] for r in rows if r["path"] == "torch eager" and r["generation"].startswith("teacher"))
+    lines = [f"{'path':<14} {'generation':<22} {'NFE':>4} {'encode s':>9} {'UNet s':>9} {'decode s':>9} "
+             f"{'total s':>9} {'vs teacher':>10} {'peak GB':>8}"]
+    for r in rows:
+        peak = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        lines.append(f"{r['path']:<14} {r['generation']:<22} {r['nfe']:>4} {r['encode_s']:>9.4f} {r['unet_s']:>9.4f} "
+                     f"{r['decode_s']:>9.4f} {r['total_s']:>9.4f} {teacher / r['total_s']:>9.1f}x {peak:>8}")
+    lines += [f"skipped {k}: {v}" for k, v in result["skipped"].items()]
+    return "\n".join(lines)
+
+
+def write_sample_json(result: dict, path: Path) -> Path:
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -1,0 +1,28 @@
+"""`prodistill bench sample` end to end on the tiny preset (CPU: torch eager and ONNX Runtime rows)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from prodistill.cli import main
+
+
+def test_bench_sample_tiny_cpu(tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["bench", "sample", "--preset", "tiny", "--resolution", "32x32", "--frames", "4",
+                                       "--teacher-steps", "2", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    rows = {(r["path"], r["generation"]): r for r in data["rows"]}
+    assert set(rows) == {("torch eager", "teacher 2-step CFG"), ("torch eager", "student 1 step"),
+                         ("torch eager", "student TTS"), ("onnxruntime", "student 1 step"), ("onnxruntime", "student TTS")}
+    assert [rows[("torch eager", g)]["nfe"] for g in ("teacher 2-step CFG", "student 1 step", "student TTS")] == [4, 1, 2]
+    for r in rows.values():
+        assert r["encode_s"] > 0 and r["unet_s"] > 0 and r["decode_s"] > 0 and r["peak_mem_gb"] > 0
+        assert abs(r["total_s"] - (r["encode_s"] + r["unet_s"] + r["decode_s"])) < 1e-4
+    assert set(data["skipped"]) == {"torch.compile", "tensorrt"}
+    assert data["config"] == {"preset": "tiny", "resolution": "32x32", "frames": 4, "dtype": "fp32", "device": "cpu",
+                              "teacher_steps": 2, "teacher": None, "gpu": None}
+    assert "onnxruntime    student 1 step" in result.output

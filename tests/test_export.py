@@ -1,0 +1,215 @@
+"""`prodistill export` on the tiny preset: LoRA merge, ONNX graphs vs PyTorch, manifest, errors, diffusers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_lora_run
+from prodistill.cli import main
+
+GRAPHS = ("image_encoder", "vae_encoder", "denoiser", "decoder")
+
+
+def _student(cfg, run):
+    from prodistill.models.student import load_trainable
+    from prodistill.training.checkpoint import load_weights
+    from prodistill.training.run import build_models
+
+    models = build_models(cfg, torch.device("cpu"))
+    student = models.make_student(cfg, stage=1)
+    load_trainable(student, load_weights(run / "stage1" / "ckpt-0000001")["student"])
+    return models, student
+
+
+def _denoiser_inputs(models, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 4, 4, 4, generator=g) * 3
+    embeds, latents = torch.randn(1, 1, 32, generator=g), torch.randn(1, 4, 4, 4, 4, generator=g)
+    return x, torch.tensor([3.0]), embeds, latents, torch.tensor([[6.0, 127.0, 0.02]])
+
+
+def test_merge_equals_the_unmerged_student_and_leaves_the_teacher_untouched(tmp_path):
+    from export.graphs import merge_student
+    from prodistill.models.svd import SVDCondition, edm_denoise
+
+    cfg, run = make_lora_run(tmp_path)
+    models, student = _student(cfg, run)
+    teacher_before = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    merged = merge_student(student)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    for k, v in models.unet.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    x, sigma, *cond = _denoiser_inputs(models)
+    with torch.no_grad():
+        d_student, d_merged, d_teacher = (edm_denoise(net, x, sigma, SVDCondition(*cond))
+                                          for net in (student, merged, models.unet))
+    assert (d_student - d_merged).abs().max() < 1e-5
+    assert (d_student - d_teacher).abs().max() > 1e-2  # the LoRA matters, so the check above can fail
+
+
+def test_every_graph_matches_pytorch_within_tolerance(exported):
+    _, _, engines, log = exported
+    manifest = json.loads((engines / "manifest.json").read_text())
+    for name in GRAPHS:
+        parity = manifest["graphs"][name]["parity"]
+        assert parity["tolerance"] == 1e-4 and parity["rel"] <= 1e-4 and parity["max_abs"] < 1e-3, (name, parity)
+        assert any(line.startswith(f"  {name}: max abs error") for line in log)
+
+
+def test_denoiser_graph_matches_the_students_edm_denoiser_at_the_tts_sigma(exported):
+    """An independent check of the exported denoiser: the unmerged student through `edm_denoise` (what
+    `prodistill sample` calls) vs ONNX Runtime, at the σ TTS travels to, on fresh inputs."""
+    import onnxruntime as ort
+
+    from prodistill.models.svd import SVDCondition, edm_denoise
+
+    cfg, run, engines, _ = exported
+    manifest = json.loads((engines / "manifest.json").read_text())
+    models, student = _student(cfg, run)
+    x, _, *cond = _denoiser_inputs(models, seed=1)
+    sigma = torch.tensor([manifest["sigmas_tts"][1]], dtype=torch.float32)
+    with torch.no_grad():
+        ref = edm_denoise(student, x, sigma, SVDCondition(*cond)).numpy()
+    session = ort.InferenceSession(str(engines / "denoiser.onnx"), providers=["CPUExecutionProvider"])
+    names = ["x", "sigma", "image_embeds", "image_latents", "added_time_ids"]
+    got = session.run(None, dict(zip(names, (t.numpy() for t in (x, sigma, *cond)))))[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_manifest_content(exported):
+    from prodistill.diffusion.edm import sampler_indices, training_grid
+
+    cfg, run, engines, _ = exported
+    m = json.loads((engines / "manifest.json").read_text())
+    grid = training_grid(10).to(torch.float32)
+    assert (m["width"], m["height"], m["frames"], m["fps"]) == (32, 32, 4, 7.0)
+    assert (m["motion_bucket_id"], m["noise_aug_strength"], m["latent_shape"]) == (127, 0.02, [1, 4, 4, 4, 4])
+    assert m["sigmas_1step"] == [700.0] == [float(grid[9])]
+    assert m["sigmas_tts"] == [700.0, float(grid[sampler_indices(2, 10)[1]])] and m["sigmas_tts"][1] < 700
+    assert (m["sigma_min"], m["num_timesteps"], m["precision"], m["opset"], m["format"]) == (0.002, 10, "fp32", 19, 1)
+    assert (m["clip_size"], m["scaling_factor"]) == (32, 0.18215)
+    assert m["graphs"]["denoiser"]["inputs"] == {"x": [1, 4, 4, 4, 4], "sigma": [1], "image_embeds": [1, 1, 32],
+                                                 "image_latents": [1, 4, 4, 4, 4], "added_time_ids": [1, 3]}
+    assert m["graphs"]["decoder"]["outputs"] == {"pixels": [1, 4, 3, 32, 32]}
+    assert m["graphs"]["image_encoder"]["inputs"] == {"pixel_values": [1, 3, 32, 32]}
+    assert m["graphs"]["vae_encoder"]["outputs"] == {"image_latent": [1, 4, 4, 4]}
+    weights = run / "stage1" / "ckpt-0000001" / "student.safetensors"
+    assert m["source"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (m["source"]["weights"], m["source"]["method"], m["source"]["lora_rank"]) == ("student", "osv", 2)
+    assert sorted(p.name for p in engines.iterdir()) == sorted([f"{g}.onnx" for g in GRAPHS] + ["manifest.json"])
+
+
+def test_fp16_graph_with_external_data_matches_pytorch(tmp_path):
+    """fp16 inside the graph, float32 at its boundary; weights in one external file when forced."""
+    import onnx
+
+    from export.graphs import ImageEncoderGraph
+    from export.onnx_export import export_all
+    from prodistill.training.run import build_models
+
+    cfg, _ = make_lora_run(tmp_path)
+    models = build_models(cfg, torch.device("cpu"))
+    graph = ImageEncoderGraph(torch.nn.Module.to(models.image_encoder, dtype=torch.float16), torch.float16).eval()
+    infos = export_all({"image_encoder": graph}, {"image_encoder": {"pixel_values": (1, 3, 32, 32)}}, tmp_path, "fp16",
+                       [6.0, 127.0, 0.02], 700.0, echo=lambda s: None, external_data_bytes=0)
+    info = infos["image_encoder"]
+    assert info.external_data == "image_encoder.onnx.data" and (tmp_path / info.external_data).stat().st_size > 10_000
+    assert (tmp_path / "image_encoder.onnx").stat().st_size < 50_000
+    model = onnx.load(str(tmp_path / "image_encoder.onnx"), load_external_data=False)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert 1e-6 < info.parity["rel"] <= 2e-2  # fp16 kernels differ a little, never by more than the tolerance
+
+
+def test_an_export_over_tolerance_fails_loudly(exported, tmp_path):
+    from export.graphs import DecoderGraph
+    from export.onnx_export import ExportError, check_parity, example_inputs
+    from export.runtime.manifest import Manifest
+    from prodistill.training.run import build_models
+
+    cfg, _, engines, _ = exported
+    models = build_models(cfg, torch.device("cpu"))
+    graph = DecoderGraph(models.vae, models.scaling_factor, torch.float32).eval()
+    with torch.no_grad():
+        models.vae.decoder.conv_out.bias += 0.5  # PyTorch now disagrees with the exported graph
+    inputs = example_inputs("decoder", graph, {"latents": (1, 4, 4, 4, 4)}, [], 700.0, torch.Generator())
+    with pytest.raises(ExportError, match="over the fp32 tolerance"):
+        check_parity("decoder", graph, inputs, engines, Manifest.load(engines).graphs["decoder"], "fp32")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "{tmp}/nothing"], "no such folder"),
+    (["--resolution", "30x32"], "multiples of 16"),
+    (["--decoder", "tiny"], "not available yet"),
+    (["--weights", "ema"], "no ema weights"),
+    (["--opset", "21"], "'21' is not one of"),
+])
+def test_bad_input_is_one_sentence_before_any_model_is_built(tmp_path, args, message, monkeypatch):
+    _, run = make_lora_run(tmp_path)
+    built = []
+    monkeypatch.setattr("prodistill.training.run.build_models", lambda *a: built.append(a))
+    ckpt = ["--ckpt", str(run)] if "--ckpt" not in args else []
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(main, ["export", *ckpt, "--out", str(tmp_path / "eng"), "--device", "cpu", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not built and not (tmp_path / "eng").exists()
+
+
+@pytest.mark.parametrize("missing, flag, message", [
+    ("onnxruntime", [], 'pip install ".[export]"'),
+    ("tensorrt", ["--trt"], "Docker image"),
+])
+def test_missing_packages_are_one_sentence_with_the_install_hint(tmp_path, monkeypatch, missing, flag, message):
+    _, run = make_lora_run(tmp_path)
+    monkeypatch.setitem(sys.modules, missing, None)  # import → ImportError
+    result = CliRunner().invoke(main, ["export", "--ckpt", str(run), "--out", str(tmp_path / "eng"), *flag])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "eng").exists()
+
+
+def test_diffusers_folder_loads_with_the_merged_unet(tmp_path):
+    from diffusers import StableVideoDiffusionPipeline
+
+    from export.graphs import merge_student
+
+    cfg, run = make_lora_run(tmp_path)
+    out = tmp_path / "diffusers"
+    result = CliRunner().invoke(main, ["export", "--ckpt", str(run), "--diffusers", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "eng").exists()  # --diffusers alone writes no ONNX
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(out))
+    _, student = _student(cfg, run)
+    merged = merge_student(student).state_dict()
+    loaded = pipe.unet.state_dict()
+    assert set(loaded) == set(merged) and all(torch.equal(loaded[k], merged[k]) for k in merged)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.sigma_max == 700.0
+    assert pipe.feature_extractor.crop_size == {"height": 32, "width": 32}
+
+
+def test_diffusers_pipeline_runs_one_step(tmp_path):
+    """SVD's pipeline resizes the CLIP input to a hard-coded 224², so this builds tiny models with a 224-pixel
+    CLIP (patch 32) and runs a 1-step call of the folder `write_diffusers_folder` writes."""
+    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from export.diffusers_folder import write_diffusers_folder
+    from prodistill.models.presets import TINY
+    from prodistill.models.svd import SVDModels
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY.image_encoder, "image_size": 224, "patch_size": 32}))
+    models = SVDModels(UNetSpatioTemporalConditionModel(**TINY.unet), AutoencoderKLTemporalDecoder(**TINY.vae), clip)
+    write_diffusers_folder(models, models.unet, tmp_path / "svd")
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(tmp_path / "svd"))
+    frames = pipe(Image.new("RGB", (32, 32), (200, 80, 40)), height=32, width=32, num_frames=4, num_inference_steps=1,
+                  min_guidance_scale=1.0, max_guidance_scale=1.0, decode_chunk_size=4, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 4, 32, 32, 3) and np.isfinite(frames).all() and frames.std() > 0

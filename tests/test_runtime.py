@@ -1,0 +1,147 @@
+"""The torch-free runtime against the torch code it replaces, on the tiny export (`exported` fixture)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "cond.png"
+    Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_image_preprocessing_matches_torch(image):
+    from export.runtime.image import clip_pixels, load_image, to_uint8_frames
+    from prodistill.models.svd import CLIP_MEAN, CLIP_STD
+    from prodistill.sampling import load_image as torch_load_image
+    from prodistill.sampling import to_uint8_frames as torch_to_uint8
+
+    ours, ref = load_image(image, 32, 32), torch_load_image(image, 32, 32)
+    assert ours.shape == (1, 3, 32, 32) and np.abs(ours - ref.numpy()).max() < 1e-5
+    x = F.interpolate(ref, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+    ref_clip = ((x + 1) / 2 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert np.abs(clip_pixels(ours, 224, CLIP_MEAN, CLIP_STD) - ref_clip.numpy()).max() < 1e-4
+    frames = np.random.default_rng(1).uniform(-1.2, 1.2, (2, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(to_uint8_frames(frames), torch_to_uint8(torch.from_numpy(frames)))
+
+
+def test_numpy_samplers_match_the_torch_samplers():
+    """1-step consistency and TTS (OSV eq. 13) in numpy vs prodistill.diffusion.samplers, same denoiser."""
+    from export.runtime.sampler import one_step, time_travel
+    from prodistill.diffusion.samplers import consistency_sample, time_travel_sample
+    from prodistill.sampling import student_sigmas
+
+    sigmas, sigmas_next = student_sigmas(1, 100)
+    noise = np.random.default_rng(0).standard_normal((1, 4, 4, 4, 4)).astype(np.float32)
+    weights = np.linspace(-1, 1, noise.size, dtype=np.float32).reshape(noise.shape)
+    denoise_np = lambda x, s: np.tanh(x / np.float32(s)) + weights / np.float32(1 + s)  # noqa: E731
+    denoise_torch = lambda x, s: torch.from_numpy(denoise_np(x.numpy(), float(s[0])))  # noqa: E731
+    ref_one = consistency_sample(denoise_torch, torch.from_numpy(noise), sigmas)
+    ref_tts = time_travel_sample(denoise_torch, torch.from_numpy(noise), sigmas, sigmas_next)
+    got_one = one_step(denoise_np, noise, float(sigmas[0]), 0.002)
+    got_tts = time_travel(denoise_np, noise, float(sigmas[0]), float(sigmas_next[1]), 0.002)
+    assert np.abs(got_one - ref_one.numpy()).max() < 1e-5
+    assert np.abs(got_tts - ref_tts.numpy()).max() < 1e-5
+    assert np.abs(got_tts - got_one).max() > 1e-2  # TTS is a different sampler, so the check above can fail
+
+
+@pytest.mark.parametrize("tts", [False, True])
+def test_runtime_matches_prodistill_sample_on_the_same_noise(exported, image, tts):
+    """The ORT runtime vs `prodistill sample`'s functions (`SVDModels.condition`, `sample_student` on the
+    unmerged student, `SVDModels.decode`) on the same checkpoint, image and noise: pixels within 1e-4."""
+    from export.runtime.image import load_image, to_uint8_frames
+    from export.runtime.pipeline import Noise, OneStepPipeline
+    from prodistill.diffusion.solvers import bind
+    from prodistill.models.student import load_trainable
+    from prodistill.sampling import load_image as torch_load_image
+    from prodistill.sampling import sample_student, to_uint8_frames as torch_to_uint8
+    from prodistill.training.checkpoint import load_weights
+    from prodistill.training.run import build_models
+
+    cfg, run, engines, _ = exported
+    pipeline = OneStepPipeline(engines, "ort", "cpu")
+    noise = Noise.draw(pipeline.manifest, seed=3)
+    got = pipeline.generate_pixels(load_image(image, 32, 32), noise, tts=tts)
+
+    models = build_models(cfg, torch.device("cpu"))
+    student = models.make_student(cfg, stage=1)
+    load_trainable(student, load_weights(run / "stage1" / "ckpt-0000001")["student"])
+    cond = models.condition(torch_load_image(image, 32, 32), cfg.frames, cfg.fps,
+                            noise=torch.from_numpy(noise.augmentation))
+    latents = sample_student(bind(models.denoiser(student.eval()), cond), (1, 4, 4, 4, 4), 1, tts, cfg.num_timesteps,
+                             None, torch.device("cpu"), noise=torch.from_numpy(noise.latents))
+    ref = models.decode(latents).numpy()
+    assert got.shape == ref.shape == (1, 4, 3, 32, 32)
+    assert np.abs(got - ref).max() < 1e-4 and ref.std() > 0.01
+    diff = to_uint8_frames(got[0]).astype(int) - torch_to_uint8(torch.from_numpy(ref[0])).astype(int)
+    assert np.abs(diff).max() <= 1
+
+
+def test_generate_runs_without_torch(exported, image, tmp_path):
+    """`prodistill generate` in a fresh interpreter: writes the video and never imports torch."""
+    from prodistill.data.video import probe_video
+
+    _, _, engines, _ = exported
+    out = tmp_path / "gen.mp4"
+    argv = ["prodistill", "generate", "--engines", str(engines), "--image", str(image), "--out", str(out), "--tts",
+            "--seed", "1"]
+    code = (f"import sys, runpy; sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('prodistill', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "import export.runtime.tensorrt\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "NO-TORCH" and f"wrote {out}" in result.stdout
+    info = probe_video(out)
+    assert (info.num_frames, info.width, info.height) == (4, 32, 32)
+
+
+def test_generate_errors_are_one_sentence(tmp_path, image, exported):
+    from click.testing import CliRunner
+
+    from export.runtime.cli import generate
+
+    result = CliRunner().invoke(generate, ["--engines", str(tmp_path), "--image", str(image)])
+    assert result.exit_code != 0 and "has no manifest.json" in result.output and "Traceback" not in result.output
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        result = CliRunner().invoke(generate, ["--engines", str(exported[2]), "--image", str(image), "--backend", "trt"])
+        assert result.exit_code != 0 and "Docker image" in result.output and "Traceback" not in result.output
+
+
+def test_tensorrt_engines_match_onnxruntime(exported, image, tmp_path):
+    """Where TensorRT is installed (the Docker image): engines built from the export agree with ORT."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (the Docker image has it)")
+    import shutil
+
+    from export.run import build_engines
+    from export.runtime.image import load_image
+    from export.runtime.manifest import Manifest
+    from export.runtime.pipeline import Noise, OneStepPipeline
+
+    engines = tmp_path / "engines"
+    shutil.copytree(exported[2], engines)
+    build_engines(Manifest.load(engines), engines, workspace_gib=1.0, echo=lambda s: None)
+    trt_pipe, ort_pipe = OneStepPipeline(engines, "trt"), OneStepPipeline(engines, "ort", "cpu")
+    noise, img = Noise.draw(ort_pipe.manifest, 0), load_image(image, 32, 32)
+    for tts in (False, True):
+        first = trt_pipe.generate_pixels(img, noise, tts)
+        assert np.abs(first - ort_pipe.generate_pixels(img, noise, tts)).max() < 1e-2  # TF32 tactics allowed
+        assert np.array_equal(trt_pipe.generate_pixels(img, noise, tts), first)  # the CUDA-graph replay
+    assert json.loads((engines / "manifest.json").read_text())["graphs"]["denoiser"]["engine"] == "denoiser.plan"
