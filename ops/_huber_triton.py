@@ -32,11 +32,11 @@ def _partial_sq_kernel(x_ptr, y_ptr, part_ptr, numel_per_sample, n_chunks, BLOCK
 
 
 @triton.jit
-def _finish_kernel(part_ptr, d_ptr, n_chunks, c, BLOCK: tl.constexpr):
+def _finish_kernel(part_ptr, d_ptr, n_chunks, c, BLOCK: tl.constexpr, N_ITERS: tl.constexpr):
     b = tl.program_id(0)
     acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_chunks, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for it in tl.static_range(N_ITERS):  # one iteration up to 2 M elements per sample
+        offs = it * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(part_ptr + b * n_chunks + offs, mask=offs < n_chunks, other=0.0)
     s = tl.sum(acc, axis=0)
     tl.store(d_ptr + b, s / (tl.sqrt_rn(s + c * c) + c))
@@ -56,22 +56,27 @@ def _grad_kernel(x_ptr, y_ptr, d_ptr, g_ptr, out_ptr, numel_per_sample, c, sign,
 
 
 def _chunks(x: torch.Tensor) -> tuple[int, int, int]:
+    """(B, elements per sample, chunks per sample); a grid's second axis holds at most 65535 chunks."""
+    common.check_int32(x)
     batch = x.shape[0]
     numel = x.numel() // batch if batch else 0
-    return batch, numel, triton.cdiv(numel, BLOCK)
+    n_chunks = triton.cdiv(numel, BLOCK)
+    if n_chunks > 65535:
+        raise ValueError(f"fused pseudo_huber: {numel} elements per sample exceed the kernel's {65535 * BLOCK}")
+    return batch, numel, n_chunks
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
     """d of shape (B,) fp32 for x, y of shape (B, ...)."""
     x, y = x.contiguous(), y.contiguous()
-    common.check_int32(x)
     batch, numel, n_chunks = _chunks(x)
     d = common.empty((batch,), torch.float32, x.device)
     if batch == 0:
         return d
     partials = common.empty((batch, n_chunks), torch.float32, x.device)
     _partial_sq_kernel[(batch, n_chunks)](x, y, partials, numel, n_chunks, BLOCK=BLOCK, num_warps=4)
-    _finish_kernel[(batch,)](partials, d, n_chunks, float(c), BLOCK=FINISH_BLOCK, num_warps=4)
+    _finish_kernel[(batch,)](partials, d, n_chunks, float(c), BLOCK=FINISH_BLOCK,
+                             N_ITERS=triton.cdiv(n_chunks, FINISH_BLOCK), num_warps=4)
     return d
 
 

@@ -245,6 +245,8 @@ def forward(x, conv_w, conv_b, gn_w, gn_b, r: int, eps: float):
 def backward(grad, x, conv_w, conv_b, gn_w, mean, rstd, r: int):
     """(∂x, ∂conv_w, ∂conv_b, ∂gn_w, ∂gn_b) as `ops.upsampler.latent_upsampler_backward_op` defines them."""
     grad, x, conv_w, conv_b, gn_w = (t.contiguous() for t in (grad, x, conv_w, conv_b, gn_w))
+    if grad.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in (x, conv_w, conv_b, gn_w, gn_w))
     geo = _geometry(x, conv_w, r)
     n, cin, c, h, w, n_rb = geo["n"], geo["cin"], geo["c"], geo["h"], geo["w"], geo["n_rb"]
     dev = x.device
@@ -256,15 +258,14 @@ def backward(grad, x, conv_w, conv_b, gn_w, mean, rstd, r: int):
     n_crb = triton.cdiv(h, CONV_ROWS)
     pdw = common.empty((n * n_crb, c * r * r, cin * 9), torch.float32, dev)
     pdb = common.empty((n * n_crb, c * r * r), torch.float32, dev)
-    if grad.numel():
-        tile = dict(CIN=cin, R=r, ROWS=ROWS, RP=geo["rp"], WP=geo["wp"], num_warps=4)
-        grid = (n, c, n_rb)
-        _grad_stats_kernel[grid](grad, x, conv_w, conv_b, mean, rstd, psg, psgx, h, w, n_rb, **tile)
-        _grad_pre_shuffle_kernel[grid](grad, x, conv_w, conv_b, gn_w, mean, rstd, psg, psgx, dy, h, w, n_rb,
-                                       PP=_pow2(c * n_rb), **tile)
-        _grad_conv_kernel[(n, n_crb)](dy, x, conv_w, dx, pdw, pdb, h, w, n_crb, C=c, CIN=cin, R=r, ROWS=CONV_ROWS,
-                                      WP=geo["wp"], SP=_pow2(r * r, 16), CIP=_pow2(cin, 16), KP=_pow2(cin * 9, 16),
-                                      num_warps=4)
+    tile = dict(CIN=cin, R=r, ROWS=ROWS, RP=geo["rp"], WP=geo["wp"], num_warps=4)
+    grid = (n, c, n_rb)
+    _grad_stats_kernel[grid](grad, x, conv_w, conv_b, mean, rstd, psg, psgx, h, w, n_rb, **tile)
+    _grad_pre_shuffle_kernel[grid](grad, x, conv_w, conv_b, gn_w, mean, rstd, psg, psgx, dy, h, w, n_rb,
+                                   PP=_pow2(c * n_rb), **tile)
+    _grad_conv_kernel[(n, n_crb)](dy, x, conv_w, dx, pdw, pdb, h, w, n_crb, C=c, CIN=cin, R=r, ROWS=CONV_ROWS,
+                                  WP=geo["wp"], SP=_pow2(r * r, 16), CIP=_pow2(cin, 16), KP=_pow2(cin * 9, 16),
+                                  num_warps=4)
     d_gn_b = psg.view(n, c, n_rb).sum((0, 2))
     d_gn_w = psgx.view(n, c, n_rb).sum((0, 2))
     return (dx, pdw.sum(0).view_as(conv_w).to(conv_w.dtype), pdb.sum(0).to(conv_b.dtype), d_gn_w.to(gn_w.dtype),

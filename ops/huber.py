@@ -4,7 +4,8 @@
 
 The second form is the same number without the cancellation of the first when s ≪ c² (early in training
 the two latents are close and c ≈ 0.26 for a 14×4×64×64 sample); both the reference and the kernel use it.
-Inputs may be bf16; the difference is taken after casting each input to fp32.
+Inputs may be bf16; the difference is taken after casting each input to fp32 (fp64 inputs, which only
+tests use, stay fp64 and take the reference also on CUDA).
 
 Backward: ∂d/∂x_i = (x_i − y_i)/√(s + c²) = (x_i − y_i)/(d + c), and ∂d/∂y_i = −∂d/∂x_i, each scaled by
 the incoming per-sample gradient. c > 0 keeps d + c ≥ c > 0, so the quotient is defined even where x = y.
@@ -25,31 +26,40 @@ from torch import Tensor
 from ops._switch import use_fused
 
 
+def _acc_dtype(x: Tensor, y: Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 inputs (tests) stay fp64."""
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+
+
 def pseudo_huber_reference(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """Plain-torch d(x, y) of shape (B,) in fp32; autograd gives its backward."""
-    s = (x.float() - y.float()).pow(2).flatten(1).sum(1)
+    """Plain-torch d(x, y) of shape (B,), fp32 (fp64 for fp64 inputs); autograd gives its backward."""
+    acc = _acc_dtype(x, y)
+    s = (x.to(acc) - y.to(acc)).pow(2).flatten(1).sum(1)
     return s / ((s + c * c).sqrt() + c)
 
 
 def _grad_reference(x: Tensor, y: Tensor, d: Tensor, grad: Tensor, c: float, wrt_x: bool) -> Tensor:
-    scale = (grad.float() / (d + c)).view(-1, *([1] * (x.dim() - 1)))
-    g = (x.float() - y.float()) * scale
+    acc = _acc_dtype(x, y)
+    scale = (grad.to(acc) / (d + c)).view(-1, *([1] * (x.dim() - 1)))
+    g = (x.to(acc) - y.to(acc)) * scale
     return g.to(x.dtype) if wrt_x else (-g).to(y.dtype)
 
 
 @torch.library.custom_op("prodistill::pseudo_huber", mutates_args=())
 def pseudo_huber_op(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """d(x, y) per sample, shape (B,) fp32. CPU kernel: the reference; CUDA kernel: Triton."""
+    """d(x, y) per sample, shape (B,). CPU kernel: the reference; CUDA kernel: Triton (fp64: the reference)."""
     return pseudo_huber_reference(x, y, c)
 
 
 @pseudo_huber_op.register_fake
 def _(x: Tensor, y: Tensor, c: float) -> Tensor:
-    return x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x, y))
 
 
 @pseudo_huber_op.register_kernel("cuda")
 def _(x: Tensor, y: Tensor, c: float) -> Tensor:
+    if _acc_dtype(x, y) == torch.float64:  # the kernels compute in fp32; fp64 exists for gradcheck
+        return pseudo_huber_reference(x, y, c)
     from ops import _huber_triton
 
     return _huber_triton.forward(x, y, c)
@@ -68,6 +78,8 @@ def _(x: Tensor, y: Tensor, d: Tensor, grad: Tensor, c: float, wrt_x: bool) -> T
 
 @pseudo_huber_grad_op.register_kernel("cuda")
 def _(x: Tensor, y: Tensor, d: Tensor, grad: Tensor, c: float, wrt_x: bool) -> Tensor:
+    if _acc_dtype(x, y) == torch.float64:
+        return _grad_reference(x, y, d, grad, c, wrt_x)
     from ops import _huber_triton
 
     return _huber_triton.grad(x, y, d, grad, c, wrt_x)
@@ -90,7 +102,7 @@ pseudo_huber_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def pseudo_huber(x: Tensor, y: Tensor, c: float, *, fused: bool | None = None) -> Tensor:
-    """Per-sample pseudo-Huber distance, shape (B,) fp32, for x and y of the same shape (B, ...).
+    """Per-sample pseudo-Huber distance, shape (B,) fp32 (fp64 for fp64 inputs), for x and y of the same shape (B, ...).
 
     `fused`: True/False forces the Triton kernel / the plain-torch reference; None follows
     ``PRODISTILL_FUSED_OPS`` (see `ops._switch`). CPU tensors always take the reference.

@@ -51,48 +51,67 @@ def latent_upsampler_reference(x: Tensor, conv_w: Tensor, conv_b: Tensor, gn_w: 
     return F.group_norm(_conv_shuffle(x, conv_w, conv_b, r), 1, gn_w, gn_b, eps)
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics and backward math in fp32 for bf16/fp16/fp32 inputs; fp64 inputs (tests) stay fp64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _forward_reference(x, conv_w, conv_b, gn_w, gn_b, r, eps):
+    acc = _stat_dtype(x)  # CPU group norm keeps bf16 statistics for bf16 input; the backward wants fp32 ones
+    y = _conv_shuffle(x, conv_w, conv_b, r)
+    n, c, hh, ww = y.shape
+    out, mean, rstd = torch.native_group_norm(y.to(acc), gn_w.to(acc), gn_b.to(acc), n, c, hh * ww, 1, eps)
+    return out.to(x.dtype), mean.view(n), rstd.view(n)
+
+
 @torch.library.custom_op("prodistill::latent_upsampler", mutates_args=())
 def latent_upsampler_op(x: Tensor, conv_w: Tensor, conv_b: Tensor, gn_w: Tensor, gn_b: Tensor, r: int,
                         eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (N, C, h·r, w·r), mean (N,) fp32, rstd (N,) fp32); the statistics are saved for the backward."""
-    y = _conv_shuffle(x, conv_w, conv_b, r)
-    n, c, hh, ww = y.shape
-    out, mean, rstd = torch.native_group_norm(y, gn_w, gn_b, n, c, hh * ww, 1, eps)
-    return out, mean.view(n).float(), rstd.view(n).float()
+    """(out (N, C, h·r, w·r), mean (N,), rstd (N,)); the fp32 statistics are saved for the backward.
+
+    CPU kernel: the plain-torch sequence; CUDA kernel: Triton (fp64, which only tests use: plain torch)."""
+    return _forward_reference(x, conv_w, conv_b, gn_w, gn_b, r, eps)
 
 
 @latent_upsampler_op.register_fake
 def _(x, conv_w, conv_b, gn_w, gn_b, r, eps):
     n, _, h, w = x.shape
     out = x.new_empty((n, conv_w.shape[0] // (r * r), h * r, w * r))
-    return out, x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+    return out, x.new_empty((n,), dtype=_stat_dtype(x)), x.new_empty((n,), dtype=_stat_dtype(x))
 
 
 @latent_upsampler_op.register_kernel("cuda")
 def _(x, conv_w, conv_b, gn_w, gn_b, r, eps):
+    if x.dtype == torch.float64:
+        return _forward_reference(x, conv_w, conv_b, gn_w, gn_b, r, eps)
     from ops import _upsampler_triton
 
     return _upsampler_triton.forward(x, conv_w, conv_b, gn_w, gn_b, r, eps)
 
 
-@torch.library.custom_op("prodistill::latent_upsampler_backward", mutates_args=())
-def latent_upsampler_backward_op(grad: Tensor, x: Tensor, conv_w: Tensor, conv_b: Tensor, gn_w: Tensor,
-                                 mean: Tensor, rstd: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(∂x, ∂conv_w, ∂conv_b, ∂gn_w, ∂gn_b) by the formulas of the module docstring, in plain torch (fp32)."""
-    y = _conv_shuffle(x, conv_w, conv_b, r).float()
+def _backward_reference(grad, x, conv_w, conv_b, gn_w, mean, rstd, r):
+    acc = _stat_dtype(x)
+    y = _conv_shuffle(x, conv_w, conv_b, r).to(acc)
     stat = (-1, 1, 1, 1)
     x_hat = (y - mean.view(stat)) * rstd.view(stat)
-    g = grad.float()
+    g = grad.to(acc)
     d_gn_b = g.sum((0, 2, 3))
     d_gn_w = (g * x_hat).sum((0, 2, 3))
-    g_hat = g * gn_w.float().view(1, -1, 1, 1)
+    g_hat = g * gn_w.to(acc).view(1, -1, 1, 1)
     dy = rstd.view(stat) * (g_hat - g_hat.mean((1, 2, 3), keepdim=True)
                             - x_hat * (g_hat * x_hat).mean((1, 2, 3), keepdim=True))
     dx, d_conv_w, d_conv_b = torch.ops.aten.convolution_backward(
-        F.pixel_unshuffle(dy, r), x.float(), conv_w.float(), [conv_w.shape[0]], [1, 1], [1, 1], [1, 1],
+        F.pixel_unshuffle(dy, r), x.to(acc), conv_w.to(acc), [conv_w.shape[0]], [1, 1], [1, 1], [1, 1],
         False, [0, 0], 1, [True, True, True])
     return (dx.to(x.dtype), d_conv_w.to(conv_w.dtype), d_conv_b.to(conv_b.dtype), d_gn_w.to(gn_w.dtype),
             d_gn_b.to(gn_w.dtype))
+
+
+@torch.library.custom_op("prodistill::latent_upsampler_backward", mutates_args=())
+def latent_upsampler_backward_op(grad: Tensor, x: Tensor, conv_w: Tensor, conv_b: Tensor, gn_w: Tensor,
+                                 mean: Tensor, rstd: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(∂x, ∂conv_w, ∂conv_b, ∂gn_w, ∂gn_b) by the formulas of the module docstring (CPU: in plain torch)."""
+    return _backward_reference(grad, x, conv_w, conv_b, gn_w, mean, rstd, r)
 
 
 @latent_upsampler_backward_op.register_fake
@@ -103,6 +122,8 @@ def _(grad, x, conv_w, conv_b, gn_w, mean, rstd, r):
 
 @latent_upsampler_backward_op.register_kernel("cuda")
 def _(grad, x, conv_w, conv_b, gn_w, mean, rstd, r):
+    if x.dtype == torch.float64:
+        return _backward_reference(grad, x, conv_w, conv_b, gn_w, mean, rstd, r)
     from ops import _upsampler_triton
 
     return _upsampler_triton.backward(grad, x, conv_w, conv_b, gn_w, mean, rstd, r)
