@@ -10,6 +10,7 @@ real shapes, in fp32 and bf16, gradcheck/opcheck on CUDA, NaN-poisoned output bu
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -288,3 +289,156 @@ def test_triton_kernels_in_interpreter():
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "interpreter ok" in done.stdout, done.stderr[-4000:]
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    """`python3 -m ops.bench` on CPU: tiny shapes, eager and compiled reference, a table and a JSON report."""
+    from ops import bench
+
+    path = tmp_path / "ops.json"
+    assert bench.main(["--device", "cpu", "--compile-backend", "aot_eager", "--reps", "2", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    assert {(r["op"], r["variant"]) for r in rows} == {(op, v) for op in ("upsampler", "pseudo_huber")
+                                                        for v in ("eager", "compiled")}
+    assert all(r["error"] is None and r["ms"] > 0 and r["rel_err"] < 1e-5 for r in rows)
+
+
+# --------------------------------------------------------------------------------------
+# GPU: the compiled Triton kernels
+# --------------------------------------------------------------------------------------
+def _max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got − ref| / max |ref|: catches a single wrong element that a norm ratio would average away."""
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# Per-dtype tolerance on _max_err against a float64 reference from the same (rounded) inputs: the kernels
+# compute in fp32, so fp32 results are off by accumulated rounding only, bf16 ones by the final rounding
+# of each value to bf16 (2^-8 relative at most).
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+HUBER_SHAPES = [(1, 14, 4, 64, 64), (1, 14, 4, 128, 72), (3, 5, 7)]
+UPSAMPLER_CASES = [((14, 4, 64, 64), 4), ((14, 4, 56, 56), 4), ((3, 4, 13, 20), 4), ((2, 4, 9, 11), 2)]
+
+
+def _huber_c(shape) -> float:
+    return 0.00054 * math.sqrt(math.prod(shape[1:]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", HUBER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pseudo_huber_fused_matches_reference_cuda(shape, dtype):
+    x, y = _huber_args(shape, dtype, "cuda")
+    c = _huber_c(shape)
+    grad = torch.rand(shape[0], device="cuda") + 0.5
+    d = ops.pseudo_huber(x, y, c, fused=True)
+    got = torch.autograd.grad(d, (x, y), grad)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    d64 = ops.pseudo_huber_reference(x64, y64, c)
+    expected = torch.autograd.grad(d64, (x64, y64), grad.double())
+    assert "ops._huber_triton" in sys.modules  # the fused path really ran
+    assert d.dtype == torch.float32 and d.shape == (shape[0],)
+    assert _max_err(d, d64) < 1e-5, "forward: partial sums in fp32, one per 2048 elements"
+    for name, g, e in zip(("dx", "dy"), got, expected):
+        assert g.dtype == dtype
+        assert _max_err(g, e) < TOL[dtype], name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,r", UPSAMPLER_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"r{v}")
+def test_upsampler_fused_matches_reference_cuda(shape, r, dtype):
+    """Forward and all five gradients against float64; in bf16 also no worse than the eager bf16 modules."""
+    n, cin, h, w = shape
+    args = _upsampler_args(n, cin, h, w, r, dtype=dtype, device="cuda")
+    grad = torch.randn(n, 3, h * r, w * r, device="cuda", dtype=dtype)
+    out = ops.fused_latent_upsampler(*args, r, EPS, fused=True)
+    got = (out, *torch.autograd.grad(out, args, grad))
+    assert "ops._upsampler_triton" in sys.modules
+    args64 = [a.detach().double().requires_grad_() for a in args]
+    out64 = ops.latent_upsampler_reference(*args64, r, EPS)
+    expected = (out64, *torch.autograd.grad(out64, args64, grad.double()))
+    out_eager = ops.latent_upsampler_reference(*args, r, EPS)
+    eager = (out_eager, *torch.autograd.grad(out_eager, args, grad))
+    names = ("out", "dx", "d_conv_w", "d_conv_b", "d_gn_w", "d_gn_b")
+    for name, g, e, ref_eager in zip(names, got, expected, eager):
+        assert g.dtype == dtype and g.shape == e.shape, name
+        err = _max_err(g, e)
+        assert err < TOL[dtype], f"{name}: {err:.2e}"
+        if dtype == torch.bfloat16:
+            assert err <= 2 * _max_err(ref_eager, e) + 4e-3, f"{name}: fused {err:.2e} vs eager bf16"  # 4e-3 ≈ 2^-8
+
+
+@pytest.mark.gpu
+def test_fused_gradcheck_cuda():
+    """gradcheck of the Triton kernels in fp32 (they compute in fp32; fp64 takes the reference), hence the
+    larger step and tolerances than the CPU float64 gradchecks."""
+    tol = dict(eps=5e-3, atol=2e-2, rtol=2e-2, fast_mode=True)
+    for r in (4, 2):
+        args = _upsampler_args(1, 4, 3, 5, r, dtype=torch.float32, device="cuda")
+        assert torch.autograd.gradcheck(lambda *a: upsampler.latent_upsampler_op(*a, r, EPS)[0], args, **tol)
+    x, y = _huber_args((2, 3, 5), torch.float32, "cuda")
+    assert torch.autograd.gradcheck(lambda a, b: huber.pseudo_huber_op(a, b, 0.5), (x, y), **tol)
+
+
+@pytest.mark.gpu
+def test_fused_opcheck_cuda():
+    args = _upsampler_args(2, 4, 5, 6, 4, dtype=torch.float32, device="cuda")
+    opcheck(torch.ops.prodistill.latent_upsampler.default, (*args, 4, EPS))
+    out, mean, rstd = (t.detach() for t in upsampler.latent_upsampler_op(*args, 4, EPS))
+    plain = [t.detach() for t in args]
+    opcheck(torch.ops.prodistill.latent_upsampler_backward.default,
+            (torch.randn_like(out), *plain[:4], mean, rstd, 4))
+    x, y = _huber_args((3, 4, 50), torch.bfloat16, "cuda")
+    opcheck(torch.ops.prodistill.pseudo_huber.default, (x, y, 0.5))
+    d = huber.pseudo_huber_op(x, y, 0.5).detach()
+    for wrt_x in (True, False):
+        opcheck(torch.ops.prodistill.pseudo_huber_grad.default,
+                (x.detach(), y.detach(), d, torch.rand(3, device="cuda"), 0.5, wrt_x))
+
+
+@pytest.mark.gpu
+def test_fused_kernels_write_every_output(monkeypatch):
+    """Every buffer the kernels write starts as NaN: any element they skip would show up."""
+    from ops import _triton_common
+
+    monkeypatch.setattr(_triton_common, "empty",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    for shape, r in UPSAMPLER_CASES[1:]:
+        args = _upsampler_args(*shape, r, dtype=torch.float32, device="cuda")
+        out = ops.fused_latent_upsampler(*args, r, EPS, fused=True)
+        grads = torch.autograd.grad(out, args, torch.randn_like(out))
+        ref = ops.latent_upsampler_reference(*args, r, EPS)
+        assert all(torch.isfinite(t).all() for t in (out, *grads)), shape
+        assert _max_err(out, ref) < TOL[torch.float32]
+    for shape in HUBER_SHAPES[1:]:
+        x, y = _huber_args(shape, torch.bfloat16, "cuda")
+        d = ops.pseudo_huber(x, y, 0.5, fused=True)
+        grads = torch.autograd.grad(d, (x, y), torch.rand_like(d))
+        assert all(torch.isfinite(t).all() for t in (d, *grads)), shape
+        assert _max_err(d, ops.pseudo_huber_reference(x, y, 0.5)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_fused_ops_compile_inductor_cuda():
+    """Inductor keeps both fused ops in one graph (one frame) and gives what eager gives."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    args = _upsampler_args(2, 4, 8, 8, 4, dtype=torch.bfloat16, device="cuda")
+    target = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+
+    def loss(*a):
+        out = ops.fused_latent_upsampler(*a, 4, EPS, fused=True)
+        return ops.pseudo_huber(target, out, 0.3, fused=True).mean()
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(loss, backend=counter, fullgraph=True)
+    got = compiled(*args)
+    got_grads = torch.autograd.grad(got, args)
+    expected = loss(*args)
+    expected_grads = torch.autograd.grad(expected, args)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
