@@ -11,11 +11,11 @@ Group statistics are reduced without atomics: each program stores its tile's sum
 squares, and every program of the next pass combines all of its image's partials (C·h/ROWS of them)
 with Chan's parallel-variance formula, which does not lose precision when |μ| ≫ σ as Σy² − (Σy)²/M does.
 
-Kernels: forward `_stats` → `_normalize`; backward `_grad_stats` → `_grad_pre_shuffle` → `_grad_conv`.
-The last works on 2-D [pixels, channels] tiles: ∂L/∂x is 9·C small matrix products
-[pixels, r²] × [r², Cin] of shifted pre-shuffle gradients by weight slices, ∂L/∂conv_w a [r², pixels] ×
-[pixels, Cin·9] product with the im2col patches; both in IEEE fp32 (no TF32), partial per program and
-summed in a fixed order afterwards.
+Kernels: forward `_stats` → `_normalize`; backward `_grad_stats` → `_grad_pre_shuffle` → `_grad_input`
+and `_grad_weight`. The last two work on [pixels, r²] tiles of the pre-shuffle gradient: ∂L/∂x sums
+shifted tiles times weight slices over the 9·C (c, tap) pairs; ∂L/∂conv_w is a [r², pixels] × [pixels,
+Cin·9] product with the im2col patches in IEEE fp32 (no TF32), one partial per program, summed in a fixed
+order afterwards. (One kernel doing both spilled registers to local memory in sm_90 builds.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import triton.language as tl
 from ops import _triton_common as common
 
 ROWS = 2  # latent rows per program in the conv/norm kernels: a 2×4×64×4 tile = 2048 fp32 values
-CONV_ROWS = 4  # latent rows per program in `_grad_conv`: 256 pixels = the M of its matrix products
+CONV_ROWS = 2  # latent rows per program in `_grad_input` / `_grad_weight`: 128 pixels
 
 
 @triton.jit
@@ -164,49 +164,65 @@ def _grad_pre_shuffle_kernel(g_ptr, x_ptr, w_ptr, b_ptr, gw_ptr, mean_ptr, rstd_
 
 
 @triton.jit
-def _grad_conv_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, pdw_ptr, pdb_ptr, h, w, n_rb, C: tl.constexpr,
-                      CIN: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, WP: tl.constexpr,
-                      SP: tl.constexpr, CIP: tl.constexpr, KP: tl.constexpr):
-    """∂L/∂x for ROWS latent rows of image n, and this tile's partial ∂L/∂conv_w, ∂L/∂conv_b."""
-    n = tl.program_id(0)
-    rb = tl.program_id(1)
-    q = tl.arange(0, ROWS * WP)  # pixel of the tile
+def _conv_grad_index(rb, h, w, R: tl.constexpr, ROWS: tl.constexpr, WP: tl.constexpr, SP: tl.constexpr):
+    """Pixels (ph, pw) of a [ROWS·WP]-pixel tile, and the r² sub-pixels s with their shuffled-layout offsets."""
+    q = tl.arange(0, ROWS * WP)
     ph = rb * ROWS + q // WP
     pw = q % WP
-    pix_ok = (ph < h) & (pw < w)
-    s = tl.arange(0, SP)  # sub-pixel (i, j) = conv channel within one output channel
-    s_ok = s < R * R
-    sub = (s // R) * (w * R) + s % R  # its offset in the shuffled layout
+    s = tl.arange(0, SP)
+    return ph, pw, (ph < h) & (pw < w), s, s < R * R, (s // R) * (w * R) + s % R
+
+
+@triton.jit
+def _grad_input_kernel(dy_ptr, w_ptr, dx_ptr, h, w, C: tl.constexpr, CIN: tl.constexpr, R: tl.constexpr,
+                       ROWS: tl.constexpr, WP: tl.constexpr, SP: tl.constexpr, CIP: tl.constexpr):
+    """∂L/∂x[ci, p] = Σ_{c, s, tap} dy[c·r² + s, p − tap] · conv_w[c·r² + s, ci, tap] for ROWS rows of image n.
+
+    Accumulates [pixels, r², Cin] products over the 9·C (c, tap) pairs and reduces over r² once at the end:
+    Cin = 4 is too narrow for a matrix product (its minimum width 16 would waste 4× the multiply-adds)."""
+    n = tl.program_id(0)
+    rb = tl.program_id(1)
+    ph, pw, pix_ok, s, s_ok, sub = _conv_grad_index(rb, h, w, R, ROWS, WP, SP)
     ci = tl.arange(0, CIP)
     ci_ok = ci < CIN
+    dx = tl.zeros([ROWS * WP, SP, CIP], tl.float32)
+    for c in range(C):
+        dy_img = dy_ptr + (n * C + c) * (h * R * w * R)
+        for tap in range(9):
+            a = ph - (tap // 3 - 1)
+            b = pw - (tap % 3 - 1)
+            src_ok = pix_ok & (a >= 0) & (a < h) & (b >= 0) & (b < w)
+            dy = tl.load(dy_img + (a * R * (w * R) + b * R)[:, None] + sub[None, :],
+                         mask=src_ok[:, None] & s_ok[None, :], other=0.0)  # [pixels, SP]
+            wt = tl.load(w_ptr + (c * R * R + s)[:, None] * (CIN * 9) + ci[None, :] * 9 + tap,
+                         mask=s_ok[:, None] & ci_ok[None, :], other=0.0).to(tl.float32)  # [SP, CIP]
+            dx += dy[:, :, None] * wt[None, :, :]
+    dst = dx_ptr + n * (CIN * h * w) + ci[None, :] * (h * w) + (ph * w + pw)[:, None]
+    tl.store(dst, tl.sum(dx, axis=1).to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _grad_weight_kernel(dy_ptr, x_ptr, pdw_ptr, pdb_ptr, h, w, n_rb, C: tl.constexpr, CIN: tl.constexpr,
+                        R: tl.constexpr, ROWS: tl.constexpr, WP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr):
+    """This tile's share of ∂L/∂conv_w = dyᵀ · im2col(x) ([r², pixels] × [pixels, Cin·9] per c) and ∂L/∂conv_b."""
+    n = tl.program_id(0)
+    rb = tl.program_id(1)
+    ph, pw, pix_ok, s, s_ok, sub = _conv_grad_index(rb, h, w, R, ROWS, WP, SP)
     k = tl.arange(0, KP)  # im2col column (ci, kh, kw)
     k_ok = k < CIN * 9
     yy = ph[:, None] + (k % 9 // 3)[None, :] - 1
     xx = pw[:, None] + (k % 3)[None, :] - 1
     inside = pix_ok[:, None] & k_ok[None, :] & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-    patch_ptrs = x_ptr + n * (CIN * h * w) + (k // 9)[None, :] * (h * w) + yy * w + xx
-    dx = tl.zeros([ROWS * WP, CIP], tl.float32)
+    patches = tl.load(x_ptr + n * (CIN * h * w) + (k // 9)[None, :] * (h * w) + yy * w + xx, mask=inside,
+                      other=0.0).to(tl.float32)  # [pixels, KP]
     part = n * n_rb + rb
-    for c in tl.static_range(C):
-        dy_img = dy_ptr + (n * C + c) * (h * R * w * R)
-        for kh in tl.static_range(3):
-            for kw in tl.static_range(3):
-                a = ph - (kh - 1)
-                b = pw - (kw - 1)
-                src_ok = pix_ok & (a >= 0) & (a < h) & (b >= 0) & (b < w)
-                dy = tl.load(dy_img + (a * R * (w * R) + b * R)[:, None] + sub[None, :],
-                             mask=src_ok[:, None] & s_ok[None, :], other=0.0)  # [pixels, SP]
-                wt = tl.load(w_ptr + (c * R * R + s)[:, None] * (CIN * 9) + ci[None, :] * 9 + (kh * 3 + kw),
-                             mask=s_ok[:, None] & ci_ok[None, :], other=0.0).to(tl.float32)  # [SP, CIP]
-                dx = tl.dot(dy, wt, dx, input_precision="ieee")
-                if kh == 1 and kw == 1:  # the unshifted tile: this tile's share of ∂conv_w and ∂conv_b
-                    patches = tl.load(patch_ptrs, mask=inside, other=0.0).to(tl.float32)  # [pixels, KP], from L1
-                    dw = tl.dot(tl.trans(dy), patches, input_precision="ieee")  # [SP, KP]
-                    row = part * (C * R * R) + c * R * R + s
-                    tl.store(pdw_ptr + row[:, None] * (CIN * 9) + k[None, :], dw, mask=s_ok[:, None] & k_ok[None, :])
-                    tl.store(pdb_ptr + row, tl.sum(dy, axis=0), mask=s_ok)
-    dst = dx_ptr + n * (CIN * h * w) + ci[None, :] * (h * w) + (ph * w + pw)[:, None]
-    tl.store(dst, dx.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & ci_ok[None, :])
+    for c in range(C):
+        dy = tl.load(dy_ptr + (n * C + c) * (h * R * w * R) + (ph * R * (w * R) + pw * R)[:, None] + sub[None, :],
+                     mask=pix_ok[:, None] & s_ok[None, :], other=0.0)  # [pixels, SP]
+        dw = tl.dot(tl.trans(dy), patches, input_precision="ieee")  # [SP, KP]
+        row = part * (C * R * R) + c * R * R + s
+        tl.store(pdw_ptr + row[:, None] * (CIN * 9) + k[None, :], dw, mask=s_ok[:, None] & k_ok[None, :])
+        tl.store(pdb_ptr + row, tl.sum(dy, axis=0), mask=s_ok)
 
 
 def _pow2(v: int, at_least: int = 1) -> int:
@@ -263,9 +279,9 @@ def backward(grad, x, conv_w, conv_b, gn_w, mean, rstd, r: int):
     _grad_stats_kernel[grid](grad, x, conv_w, conv_b, mean, rstd, psg, psgx, h, w, n_rb, **tile)
     _grad_pre_shuffle_kernel[grid](grad, x, conv_w, conv_b, gn_w, mean, rstd, psg, psgx, dy, h, w, n_rb,
                                    PP=_pow2(c * n_rb), **tile)
-    _grad_conv_kernel[(n, n_crb)](dy, x, conv_w, dx, pdw, pdb, h, w, n_crb, C=c, CIN=cin, R=r, ROWS=CONV_ROWS,
-                                  WP=geo["wp"], SP=_pow2(r * r, 16), CIP=_pow2(cin, 16), KP=_pow2(cin * 9, 16),
-                                  num_warps=8)  # the [256, 64] patch tile alone is 64 fp32 registers a thread at 8 warps
+    conv_tile = dict(C=c, CIN=cin, R=r, ROWS=CONV_ROWS, WP=geo["wp"], SP=_pow2(r * r, 16), num_warps=8)
+    _grad_input_kernel[(n, n_crb)](dy, conv_w, dx, h, w, CIP=_pow2(cin), **conv_tile)
+    _grad_weight_kernel[(n, n_crb)](dy, x, pdw, pdb, h, w, n_crb, KP=_pow2(cin * 9, 16), **conv_tile)
     d_gn_b = psg.view(n, c, n_rb).sum((0, 2))
     d_gn_w = psgx.view(n, c, n_rb).sum((0, 2))
     return (dx, pdw.sum(0).view_as(conv_w).to(conv_w.dtype), pdb.sum(0).to(conv_b.dtype), d_gn_w.to(gn_w.dtype),
