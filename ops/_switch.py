@@ -16,8 +16,11 @@ import torch
 ENV_VAR = "PRODISTILL_FUSED_OPS"
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up, not imported
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def fused_available() -> bool:

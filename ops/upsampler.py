@@ -11,9 +11,18 @@ What is fused (`_upsampler_triton`): the conv output is never written to memory.
 instead of reading a stored copy: forward = a statistics pass (conv + per-tile mean and centred sum of
 squares) and a write pass (conv + shuffle + normalise + affine, stored once in the shuffled layout).
 The backward recomputes the conv again, reduces the two per-image sums the norm's gradient needs, writes
-the pre-shuffle gradient once (fp32), and a last kernel turns it into the latents' and the conv weights'
-gradients with small matrix products. The eager sequence instead writes and re-reads the conv output and
-the shuffled copy in both directions.
+the pre-shuffle gradient once (fp32), and two last kernels turn it into the latents' and the conv weights'
+gradients. The eager sequence instead writes and re-reads the conv output and the shuffled copy in both
+directions.
+
+The trade, in numbers, at the real shape (14×4×64×64 latents, r = 4, bf16): the output and the conv
+output are 2.75 M values each (5.5 MB), the latents 0.46 MB. Eager forward moves ≈ 30 MB (conv write,
+shuffle read + write, norm's two reads + write), torch.compile's ≈ 22 MB (conv write, then one fused
+shuffle + norm kernel reading twice and writing), this op ≈ 6.5 MB (latents read twice, output written
+once). Each recompute of the conv is 2.75 M × 36 ≈ 0.1 G fp32 multiply-adds, ≈ 3 µs at an H100's
+≈ 30 T FMA/s, about what moving 5.5 MB costs at ≈ 3 TB/s: the op recomputes 4 times (2 forward,
+2 backward) to save ≈ 6 tensor passes, so it is not a certain win over torch.compile — `python3 -m
+ops.bench` decides, and `PRODISTILL_FUSED_OPS` picks the default accordingly.
 
 Backward of the norm (one group, M = C·H·W values per image, x̂ = (y − μ)·rstd, g = ∂L/∂out)::
 

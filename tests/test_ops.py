@@ -197,6 +197,19 @@ def test_ops_compile_fullgraph_cpu():
         torch.testing.assert_close(g, e)
 
 
+def test_public_functions_compile_fullgraph_cpu(monkeypatch):
+    """The switch (env var read included) traces without a graph break."""
+    torch._dynamo.reset()
+    monkeypatch.setenv(ops.ENV_VAR, "1")
+    args = _upsampler_args(dtype=torch.float32, grad=False)
+    target = torch.randn(2, 3, 20, 24)
+
+    def loss(*a):
+        return ops.pseudo_huber(target, ops.fused_latent_upsampler(*a, 4, EPS), 0.3).mean()
+
+    torch.testing.assert_close(torch.compile(loss, backend="aot_eager", fullgraph=True)(*args), loss(*args))
+
+
 # --------------------------------------------------------------------------------------
 # the switch and a light import
 # --------------------------------------------------------------------------------------
