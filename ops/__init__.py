@@ -4,7 +4,8 @@ Each op has a pure-torch reference (what CPU runs use and tests compare against)
 forward and backward for CUDA tensors, registered through `torch.library` so torch.compile keeps one
 graph. One switch picks the path: the `fused=` argument, else ``PRODISTILL_FUSED_OPS=0|1`` (unset: 1);
 see `ops._switch`. Importing `ops` registers the ops' schemas only: Triton is imported, and the kernels
-compiled (cached under ``$PRODISTILL_CACHE/triton``), on the first fused call.
+compiled, on the first fused call (Triton caches the builds in its folder, ``~/.triton/cache`` or
+``$TRITON_CACHE_DIR``, so later processes skip the build).
 
     ops.pseudo_huber(x, y, c)                                              # (B,) fp32
     ops.fused_latent_upsampler(x, conv_w, conv_b, gn_w, gn_b, r, eps)      # (N, C, h·r, w·r)

@@ -1,20 +1,8 @@
-"""What the Triton kernel modules share; importing this imports Triton, so only the CUDA kernels do it.
-
-Triton's compile cache goes under ``$PRODISTILL_CACHE/triton`` (default ``~/.cache/prodistill/triton``)
-unless ``TRITON_CACHE_DIR`` is already set, so a first use builds the kernels and later runs reuse them.
-"""
+"""What the Triton kernel modules share: buffer allocation and the 32-bit indexing limit."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault(
-    "TRITON_CACHE_DIR",
-    os.path.join(os.path.expanduser(os.environ.get("PRODISTILL_CACHE") or "~/.cache/prodistill"), "triton"),
-)
-
-import torch  # noqa: E402
-import triton  # noqa: E402,F401  (re-exported for the kernel modules)
+import torch
 
 INT32_LIMIT = 2**31 - 1
 

@@ -20,7 +20,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -60,7 +60,6 @@ class Row:
     speedup_vs_eager: float | None = None
     speedup_vs_compiled: float | None = None
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 GPU_CASES = [
