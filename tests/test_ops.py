@@ -175,8 +175,6 @@ def test_upsampler_rejects_bad_arguments():
 # --------------------------------------------------------------------------------------
 def test_ops_compile_fullgraph_cpu():
     """Both ops and their backward inside one compiled graph (one frame, no break), equal to eager."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     torch._dynamo.reset()
     args = _upsampler_args(dtype=torch.float32)
     target = torch.randn(2, 3, 20, 24)
@@ -185,16 +183,7 @@ def test_ops_compile_fullgraph_cpu():
         out = upsampler.latent_upsampler_op(*a, 4, EPS)[0]
         return huber.pseudo_huber_op(out, target, 0.3).mean()
 
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(loss, backend=counter, fullgraph=True)
-    got = compiled(*args)
-    got_grads = torch.autograd.grad(got, args)
-    expected = loss(*args)
-    expected_grads = torch.autograd.grad(expected, args)
-    assert counter.frame_count == 1
-    torch.testing.assert_close(got, expected)
-    for g, e in zip(got_grads, expected_grads):
-        torch.testing.assert_close(g, e)
+    _assert_one_graph_matching_eager(loss, args, "aot_eager")
 
 
 def test_public_functions_compile_fullgraph_cpu(monkeypatch):
@@ -439,8 +428,6 @@ def test_fused_kernels_write_every_output(monkeypatch):
 @pytest.mark.gpu
 def test_fused_ops_compile_inductor_cuda():
     """Inductor keeps both fused ops in one graph (one frame) and gives what eager gives."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     torch._dynamo.reset()
     args = _upsampler_args(2, 4, 6, 56, 4, dtype=torch.bfloat16, device="cuda")
     target = torch.randn(2, 3, 24, 224, device="cuda", dtype=torch.bfloat16)
@@ -449,9 +436,15 @@ def test_fused_ops_compile_inductor_cuda():
         out = ops.fused_latent_upsampler(*a, 4, EPS, fused=True)
         return ops.pseudo_huber(target, out, 0.3, fused=True).mean()
 
-    counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(loss, backend=counter, fullgraph=True)
-    got = compiled(*args)
+    _assert_one_graph_matching_eager(loss, args, "inductor")
+
+
+def _assert_one_graph_matching_eager(loss, args, backend: str) -> None:
+    """`loss` compiles to one graph (fullgraph) whose value and gradients equal the eager ones."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend)
+    got = torch.compile(loss, backend=counter, fullgraph=True)(*args)
     got_grads = torch.autograd.grad(got, args)
     expected = loss(*args)
     expected_grads = torch.autograd.grad(expected, args)
