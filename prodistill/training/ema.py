@@ -4,9 +4,8 @@ Only the trainable tensors are averaged (LoRA and any trained modules); the froz
 student, so the EMA network is evaluated as the student itself with the averaged values copied into its
 parameters for the call (`swapped`). Copying values in place keeps the parameter objects *and their storage*
 that compiled regions, CUDA graphs and optimisers hold, so the EMA forward runs the student's own compiled
-code with none of `functional_call`'s per-call re-parametrisation; the price is three copies of the
-trainable tensors (LoRA: ~0.1 GB at SVD-XT size, well under a millisecond on a GPU). (Swapping `.data`
-pointers instead was measured to give wrong results with compiled regions reused by a second student.)
+code with none of `functional_call`'s per-call re-parametrisation; the price is one spare copy of the
+trainable tensors and three in-place copies of them per call (for LoRA, a small fraction of the network).
 """
 
 from __future__ import annotations
