@@ -171,3 +171,16 @@ def test_student_built_after_compiling_the_teacher_gets_its_own_regions(tmp_path
     accelerate(second, models, Speedups(compile=True, backend="eager"))
     for region in find_regions([second.student]):
         assert region.forward._prodistill_owner is region
+
+
+def test_svd_attention_shapes_at_512():
+    """The SDPA table is measured at the shapes the step runs: SVD's spatial and temporal attention at the first
+    three latent resolutions (64-dim heads, 5/10/20 heads), and DINOv2-S's 257 tokens."""
+    from prodistill.accel.attention import svd_attention_shapes
+
+    shapes = {s["name"]: s for s in svd_attention_shapes(batch=1, frames=14, width=512, height=512)}
+    assert shapes["spatial 64x64"] == dict(name="spatial 64x64", batch=14, heads=5, seq=4096, head_dim=64)
+    assert shapes["temporal 64x64"] == dict(name="temporal 64x64", batch=4096, heads=5, seq=14, head_dim=64)
+    assert shapes["spatial 16x16"]["heads"] == 20 and shapes["spatial 16x16"]["seq"] == 256
+    assert shapes["dinov2"] == dict(name="dinov2", batch=14, heads=6, seq=257, head_dim=64)
+    assert len(shapes) == 7
