@@ -50,9 +50,9 @@ def build_app(worker: GenerationWorker, settings: ServeSettings, metrics: ServeM
     async def generate(request: Request) -> Response:
         try:
             body = await parse_generate(request, settings.max_body_bytes)
-            m = worker.pipeline.manifest if worker.ready else None
-            if m is None:
+            if not worker.ready:
                 raise NotReady(worker.state)
+            m = worker.pipeline.manifest
             image = await asyncio.to_thread(load_image, BytesIO(body.image), m.width, m.height, settings.max_pixels)
         except RequestError as e:
             return error(e.status, e.message)

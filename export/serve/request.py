@@ -87,9 +87,9 @@ def _json_fields(body: bytes) -> dict:
     try:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RequestError(400, "the body is not valid JSON: send an object such as {\"image\": \"<base64>\"}") from None
+        raise RequestError(400, 'the body is not valid JSON: send an object such as {"image": "<base64>"}') from None
     if not isinstance(fields, dict):
-        raise RequestError(400, "the JSON body must be an object such as {\"image\": \"<base64>\"}")
+        raise RequestError(400, 'the JSON body must be an object such as {"image": "<base64>"}')
     if "image" in fields:
         if not isinstance(fields["image"], str):
             raise RequestError(422, "'image' must be a base64 string of the image file")
