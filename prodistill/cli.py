@@ -176,8 +176,10 @@ def export_command(ckpt, out, onnx_flag, trt, diffusers, opset, **kw) -> None:
 
 
 from export.runtime.cli import generate  # noqa: E402  (torch-free; `prodistill.entry` runs it without this module)
+from export.serve.cli import serve  # noqa: E402  (likewise)
 
 main.add_command(generate)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

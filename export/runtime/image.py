@@ -14,6 +14,7 @@ the same window bounds and normalised weights, so the runtime conditions the stu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -69,14 +70,26 @@ def cover_crop(x_nchw: np.ndarray, width: int, height: int) -> np.ndarray:
     return x[..., top : top + height, left : left + width]
 
 
-def load_image(path: str | Path, width: int, height: int) -> np.ndarray:
-    """An image file → (1, 3, H, W) float32 in [−1, 1]."""
+class ImageTooLarge(ValueError):
+    """The image's header declares more pixels than allowed; raised before its pixels are decoded."""
+
+
+def load_image(source: str | Path | BinaryIO, width: int, height: int, max_pixels: int | None = None) -> np.ndarray:
+    """An image file (a path, or an open binary file such as the body of a request) → (1, 3, H, W) float32 in
+    [−1, 1]. With `max_pixels`, a larger image is refused from its header, before decoding (decompression bombs)."""
     from PIL import Image
 
+    name = source if isinstance(source, (str, Path)) else "the upload"
     try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not read image {path}: pass a PNG or JPEG file ({e})") from e
+        img = Image.open(source)
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageTooLarge(f"the image is {img.width}x{img.height}, more than the {max_pixels} pixels allowed: "
+                                "send a smaller image")
+        img = img.convert("RGB")
+    except ImageTooLarge:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"could not read image {name}: pass a PNG or JPEG file ({e})") from e
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)[None]
     return cover_crop(x, width, height) / np.float32(127.5) - np.float32(1.0)
 

@@ -50,9 +50,13 @@ class OneStepPipeline:
         self.backend = backend if not isinstance(backend, str) else open_backend(backend, self.folder,
                                                                                  self.manifest, device)
 
-    def encode(self, image_nchw: np.ndarray, aug_noise: np.ndarray) -> dict[str, np.ndarray]:
-        """First frame (1, 3, H, W) in [−1, 1] → the denoiser's condition inputs (as `SVDModels.condition`)."""
+    def encode(self, image_nchw: np.ndarray, aug_noise: np.ndarray, fps: float | None = None,
+               motion_bucket_id: int | None = None) -> dict[str, np.ndarray]:
+        """First frame (1, 3, H, W) in [−1, 1] → the denoiser's condition inputs (as `SVDModels.condition`);
+        fps and motion bucket default to the manifest's (the values the student was trained with)."""
         m = self.manifest
+        fps = m.fps if fps is None else fps
+        motion_bucket_id = m.motion_bucket_id if motion_bucket_id is None else motion_bucket_id
         embeds = self.backend.run("image_encoder", {
             "pixel_values": clip_pixels(image_nchw, m.clip_size, m.clip_mean, m.clip_std)})["image_embeds"]
         augmented = image_nchw + np.float32(m.noise_aug_strength) * aug_noise
@@ -61,7 +65,7 @@ class OneStepPipeline:
         return {
             "image_embeds": embeds,
             "image_latents": np.ascontiguousarray(np.broadcast_to(latent[:, None], (1, frames, *latent.shape[1:]))),
-            "added_time_ids": np.array([[m.fps - 1, m.motion_bucket_id, m.noise_aug_strength]], np.float32),
+            "added_time_ids": np.array([[fps - 1, motion_bucket_id, m.noise_aug_strength]], np.float32),
         }
 
     def sample(self, cond: dict[str, np.ndarray], noise_latents: np.ndarray, tts: bool) -> np.ndarray:
@@ -80,8 +84,10 @@ class OneStepPipeline:
         """Scaled latents → pixels (1, F, 3, H, W) in [−1, 1]."""
         return self.backend.run("decoder", {"latents": latents})["pixels"]
 
-    def generate_pixels(self, image_nchw: np.ndarray, noise: Noise, tts: bool = False) -> np.ndarray:
-        return self.decode(self.sample(self.encode(image_nchw, noise.augmentation), noise.latents, tts))
+    def generate_pixels(self, image_nchw: np.ndarray, noise: Noise, tts: bool = False, fps: float | None = None,
+                        motion_bucket_id: int | None = None) -> np.ndarray:
+        cond = self.encode(image_nchw, noise.augmentation, fps, motion_bucket_id)
+        return self.decode(self.sample(cond, noise.latents, tts))
 
     def generate(self, image: str | Path, out: str | Path, tts: bool = False, seed: int = 0,
                  noise: Noise | None = None) -> Path:

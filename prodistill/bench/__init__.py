@@ -15,7 +15,8 @@ import click
 @click.group()
 def bench() -> None:
     """Benchmarks (train: the step's speed-ups side by side; sample: teacher vs 1-step student generation;
-    quality: the analytic distillation benchmark, CPU; data: decode throughput vs training)."""
+    quality: the analytic distillation benchmark, CPU; data: decode throughput vs training; serve: the HTTP
+    service under load)."""
 
 
 @bench.command("quality")
@@ -149,6 +150,35 @@ def sample_command(preset, teacher, resolution, frames, teacher_steps, device, j
         raise click.ClickException(str(e)) from e
     click.echo(format_sample_table(result))
     click.echo(f"results: {write_sample_json(result, Path(json_path))}")
+
+
+@bench.command("serve")
+@click.option("--engines", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder written by `prodistill export`.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime's device.")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated client thread counts.")
+@click.option("--requests", type=click.IntRange(1), default=32, show_default=True, help="Requests per level.")
+@click.option("--tts/--no-tts", default=False, show_default=True, help="Time Travel Sampler requests.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-serve.json", show_default=True)
+def serve_command(engines, backend, device, concurrency, requests, tts, json_path) -> None:
+    """`prodistill serve` under load: requests/s and p50/p95/p99 latency per client concurrency, one local server."""
+    from prodistill.bench.serve import format_serve_table, run_serve_bench, write_serve_json
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+        if not levels or min(levels) < 1:
+            raise ValueError
+    except ValueError:
+        raise click.ClickException(f"--concurrency must be positive integers such as 1,4,16, got {concurrency!r}"
+                                   ) from None
+    try:
+        result = run_serve_bench(engines, backend, device, levels, requests, tts, echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_serve_table(result))
+    click.echo(f"results: {write_serve_json(result, Path(json_path))}")
 
 
 __all__ = ["bench"]

@@ -1,0 +1,132 @@
+"""The Starlette application: routes, the bearer token, status counting, and the mapping from failures to
+HTTP answers. Every error is JSON `{"error": "<one sentence>"}` with the status that tells the client what to
+do: 4xx fix the request, 401 send the token, 503 come back later (`Retry-After`), 504 the generation took
+longer than `timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from io import BytesIO
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from export.runtime.image import ImageTooLarge, load_image
+from export.serve.metrics import ServeMetrics
+from export.serve.request import RequestError, parse_generate
+from export.serve.worker import GenerationWorker, NotReady, QueueFull
+
+OPEN_ROUTES = ("/health", "/ready")
+"""Probes stay open with a token set: Docker's HEALTHCHECK and orchestrators do not send one."""
+
+
+@dataclass(kw_only=True)
+class ServeSettings:
+    timeout_s: float = 60.0
+    """A request waiting longer than this (queue and generation) is answered 504."""
+    max_body_bytes: int = 10 * 2**20
+    """Largest request body; checked before it is read in full."""
+    max_pixels: int = 4096 * 4096
+    """Largest image (width × height), checked from the image header before decoding."""
+    retry_after_s: int = 1
+    """`Retry-After` of a 503 (queue full, not ready)."""
+    token: str | None = None
+    """Bearer token that every route except the probes requires; None: no authentication."""
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def build_app(worker: GenerationWorker, settings: ServeSettings, metrics: ServeMetrics) -> Starlette:
+    retry = {"Retry-After": str(settings.retry_after_s)}
+
+    async def generate(request: Request) -> Response:
+        try:
+            body = await parse_generate(request, settings.max_body_bytes)
+            if not worker.ready:
+                raise NotReady(worker.state)
+            m = worker.pipeline.manifest
+            image = await asyncio.to_thread(load_image, BytesIO(body.image), m.width, m.height, settings.max_pixels)
+        except RequestError as e:
+            return error(e.status, e.message)
+        except ImageTooLarge as e:
+            return error(413, str(e))
+        except ValueError:
+            return error(400, "the image could not be decoded: send a PNG or JPEG file")
+        except NotReady as e:
+            return error(503, f"the service is not ready: {e}", retry)
+        try:
+            future = worker.submit(body, image)
+        except QueueFull as e:
+            return error(503, f"the generation queue is full ({e}): retry later", retry)
+        try:
+            mp4 = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()  # dropped if still waiting; a running generation finishes and its video is discarded
+            return error(504, f"the generation did not finish within {settings.timeout_s:g} s: retry later")
+        except Exception as e:  # a backend failure fails this request, not the service
+            return error(500, f"the generation failed: {e}")
+        return Response(mp4, media_type="video/mp4")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "live"})
+
+    async def ready(request: Request) -> Response:
+        if worker.ready:
+            return JSONResponse({"status": "ready", "backend": worker.backend})
+        return error(503, f"not ready: {worker.state}", retry)
+
+    async def metrics_route(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        worker.start()  # not awaited: uvicorn accepts connections once the lifespan has started
+        yield
+        await asyncio.to_thread(worker.close)
+
+    routes = [Route("/v1/generate", generate, methods=["POST"]), Route("/health", health),
+              Route("/ready", ready), Route("/metrics", metrics_route)]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(Guard, metrics=metrics, token=settings.token)
+    return app
+
+
+class Guard:
+    """ASGI middleware: checks the bearer token and counts every answer by route and status (401s included)."""
+
+    def __init__(self, app, metrics: ServeMetrics, token: str | None):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.expected and scope["path"] not in OPEN_ROUTES and not self._authorized(scope):
+                await error(401, "a bearer token is required: send 'Authorization: Bearer <token>'",
+                            {"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.count(scope["path"], status)
+
+    def _authorized(self, scope) -> bool:
+        sent = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(sent, self.expected)
