@@ -145,6 +145,26 @@ def test_generate_equals_prodistill_generate(server, exported, tmp_path):
     assert status == 200 and not np.array_equal(decode_mp4(other), expected)
 
 
+def test_frames_answer_is_the_pipelines_exact_uint8_frames(server, exported):
+    """`format: frames` answers JSON with the raw frames: exactly what the runtime computes for that seed
+    (the mp4 path is lossy, so this is the bit-exact way to get a generation out)."""
+    from export.runtime.image import load_image, to_uint8_frames
+    from export.runtime.manifest import Manifest
+    from export.runtime.pipeline import Noise, OneStepPipeline
+
+    image = png_bytes()
+    status, headers, body = server.generate_json({"image": base64.b64encode(image).decode(), "seed": 5,
+                                                  "format": "frames"})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    answer = json.loads(body)
+    frames = np.frombuffer(base64.b64decode(answer["frames"]), np.uint8).reshape(answer["shape"])
+    m = Manifest.load(exported[2])
+    assert answer["shape"] == [m.frames, m.height, m.width, 3] and answer["fps"] == m.fps
+    pipeline = OneStepPipeline(exported[2], "ort", "cpu")
+    pixels = pipeline.generate_pixels(load_image(io.BytesIO(image), m.width, m.height), Noise.draw(m, 5))
+    assert np.array_equal(frames, to_uint8_frames(pixels[0]))
+
+
 @pytest.mark.parametrize("name, make, status", [
     ("wrong content type", lambda: (b"hello", {"Content-Type": "text/plain", **AUTH}), 415),
     ("invalid JSON", lambda: (b"{not json", {"Content-Type": "application/json", **AUTH}), 400),
@@ -158,6 +178,7 @@ def test_generate_equals_prodistill_generate(server, exported, tmp_path):
     ("seed out of range", lambda: _json({"image": "", "seed": -1}), 422),
     ("fps out of range", lambda: multipart({"fps": "0"}, png_bytes()), 422),
     ("motion out of range", lambda: _json({"image": "", "motion_bucket_id": 999}), 422),
+    ("unknown format", lambda: _json({"image": "", "format": "gif"}), 422),
     ("tts not a boolean", lambda: multipart({"tts": "maybe"}, png_bytes()), 422),
     ("image as a text field", lambda: multipart({"image": "abc"}, None), 422),
 ])
@@ -188,6 +209,38 @@ def test_token_probes_and_metrics(server):
     assert "prodistill_queue_depth 0.0" in text
     count = float(text.split("prodistill_generation_seconds_count ")[1].split()[0])
     assert count >= 1 and "prodistill_queue_wait_seconds_bucket" in text
+    assert "prodistill_gpu_memory_used_bytes" not in text  # ort cannot tell: no made-up zero
+
+
+def test_gpu_memory_gauge_follows_the_backend(exported):
+    """A backend that reports GPU memory (trt does, through cudaMemGetInfo) sets the gauge after each
+    generation; here the ort backend is wrapped to report a known value, in-process."""
+    from export.serve.metrics import ServeMetrics
+    from export.serve.request import GenerateRequest
+    from export.serve.worker import GenerationWorker
+
+    metrics = ServeMetrics()
+    worker = GenerationWorker(exported[2], "ort", "cpu", max_queue=2, metrics=metrics)
+    worker.start().result(timeout=120)
+    assert worker.ready
+
+    class Reporting:
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+
+        def run(self, graph, inputs):
+            return self.inner.run(graph, inputs)
+
+        def gpu_memory_used(self):
+            return 3 * 2**30
+
+    worker.pipeline.backend = Reporting(worker.pipeline.backend)
+    m = worker.pipeline.manifest
+    image = np.zeros((1, 3, m.height, m.width), np.float32)
+    frames = worker.submit(GenerateRequest(image=b"", format="frames"), image).result(timeout=120)
+    assert frames.shape == (m.frames, m.height, m.width, 3)
+    assert "prodistill_gpu_memory_used_bytes 3.221225472e+09" in metrics.render()[0].decode()
+    worker.close()
 
 
 def test_concurrent_burst_all_complete(server):

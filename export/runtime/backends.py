@@ -27,6 +27,9 @@ class Backend(Protocol):
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of `graph` (a key of the manifest's graphs) for float32 inputs of the exported shapes."""
 
+    def gpu_memory_used(self) -> int | None:
+        """Bytes in use on the backend's GPU (all processes), or None where it runs on no GPU it can query."""
+
 
 def import_onnxruntime():
     try:
@@ -52,6 +55,10 @@ class OrtBackend:
         options.log_severity_level = 3  # constant-folding notices about fp16 nodes are not actionable
         self.sessions = {name: ort.InferenceSession(str(folder / info.file), options, providers=self.providers)
                          for name, info in manifest.graphs.items()}
+
+    def gpu_memory_used(self) -> None:
+        """onnxruntime has no provider-neutral memory query (and no torch here to ask)."""
+        return None
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.sessions[graph]

@@ -151,6 +151,7 @@ class TrtBackend:
         if missing:
             raise BackendError(f"{folder} has no TensorRT engine for {', '.join(missing)}: "
                                "export with --trt on the serving GPU, or use --backend ort")
+        self.cudart = cudart
         self.stream = _check(cudart.cudaStreamCreate())
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {g: _Engine(trt, cudart, runtime, folder / info.engine, self.stream)
@@ -158,3 +159,7 @@ class TrtBackend:
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.engines[graph](inputs)
+
+    def gpu_memory_used(self) -> int:
+        free, total = _check(self.cudart.cudaMemGetInfo())
+        return int(total) - int(free)

@@ -7,6 +7,7 @@ longer than `timeout`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -67,13 +68,16 @@ def build_app(worker: GenerationWorker, settings: ServeSettings, metrics: ServeM
         except QueueFull as e:
             return error(503, f"the generation queue is full ({e}): retry later", retry)
         try:
-            mp4 = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
         except asyncio.TimeoutError:
             future.cancel()  # dropped if still waiting; a running generation finishes and its video is discarded
             return error(504, f"the generation did not finish within {settings.timeout_s:g} s: retry later")
         except Exception as e:  # a backend failure fails this request, not the service
             return error(500, f"the generation failed: {e}")
-        return Response(mp4, media_type="video/mp4")
+        if body.format == "frames":  # (F, H, W, 3) uint8, row-major, base64
+            return JSONResponse({"frames": base64.b64encode(result.tobytes()).decode(), "shape": list(result.shape),
+                                 "dtype": "uint8", "fps": body.fps or worker.pipeline.manifest.fps})
+        return Response(result, media_type="video/mp4")
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "live"})

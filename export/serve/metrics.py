@@ -20,8 +20,17 @@ class ServeMetrics:
                                  "(not counting the one running).", registry=self.registry)
         self.queue_wait = Histogram("prodistill_queue_wait_seconds", "Time from admission to the start of the "
                                     "generation.", buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.gpu_memory: Gauge | None = None
+        """Created on the first reading, so a backend that cannot tell (ort) exports no made-up zero."""
         self.generation = Histogram("prodistill_generation_seconds", "Time of one generation, mp4 encoding "
                                     "included.", buckets=SECONDS_BUCKETS, registry=self.registry)
+
+    def set_gpu_memory(self, used_bytes: int) -> None:
+        if self.gpu_memory is None:
+            self.gpu_memory = Gauge("prodistill_gpu_memory_used_bytes", "GPU memory in use after the last "
+                                    "generation (whole device), where the backend can tell (trt).",
+                                    registry=self.registry)
+        self.gpu_memory.set(used_bytes)
 
     def count(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

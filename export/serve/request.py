@@ -20,7 +20,10 @@ from starlette.requests import Request
 SEED_MAX = 2**32 - 1
 FPS_RANGE = (1.0, 60.0)
 MOTION_RANGE = (0, 255)
-FIELDS = ("image", "seed", "tts", "fps", "motion_bucket_id")
+FIELDS = ("image", "seed", "tts", "fps", "motion_bucket_id", "format")
+FORMATS = ("mp4", "frames")
+"""What /v1/generate answers: the H.264 video, or JSON with the raw uint8 frames (lossless, for clients that
+re-encode or post-process)."""
 
 
 class RequestError(Exception):
@@ -43,6 +46,8 @@ class GenerateRequest:
     """SVD's fps conditioning and the mp4's frame rate; None: the manifest's."""
     motion_bucket_id: int | None = None
     """SVD's motion conditioning; None: the manifest's."""
+    format: str = "mp4"
+    """One of FORMATS."""
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -80,6 +85,7 @@ async def parse_generate(request: Request, max_bytes: int) -> GenerateRequest:
         tts=_boolean(fields, "tts"),
         fps=_number(fields, "fps", *FPS_RANGE),
         motion_bucket_id=_integer(fields, "motion_bucket_id", *MOTION_RANGE, None),
+        format=_choice(fields, "format", FORMATS),
     )
 
 
@@ -144,6 +150,13 @@ def _number(fields: dict, name: str, lo: float, hi: float) -> float | None:
     if value is None or not lo <= value <= hi:
         raise RequestError(422, f"{name} must be a number in [{lo:g}, {hi:g}], got {raw!r}")
     return value
+
+
+def _choice(fields: dict, name: str, choices: tuple[str, ...]) -> str:
+    raw = fields.get(name, choices[0])
+    if raw not in choices:
+        raise RequestError(422, f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
 
 
 def _boolean(fields: dict, name: str) -> bool:

@@ -63,7 +63,8 @@ class GenerationWorker:
             self.state = f"the engines failed to load: {e}"
 
     def submit(self, request: GenerateRequest, image_nchw: np.ndarray) -> Future:
-        """Queue one generation; the future's result is the mp4's bytes."""
+        """Queue one generation; the future's result is the mp4's bytes, or the uint8 frames (F, H, W, 3) for
+        `format="frames"`."""
         if not self.ready:
             raise NotReady(self.state)
         with self._lock:
@@ -86,16 +87,22 @@ class GenerationWorker:
             self._waiting -= 1
             self.metrics.queue_depth.set(self._waiting)
 
-    def _generate(self, request: GenerateRequest, image_nchw: np.ndarray, admitted: float) -> bytes:
+    def _generate(self, request: GenerateRequest, image_nchw: np.ndarray, admitted: float) -> bytes | np.ndarray:
         self._leave_queue()
         start = time.perf_counter()
         self.metrics.queue_wait.observe(start - admitted)
         m = self.pipeline.manifest
         pixels = self.pipeline.generate_pixels(image_nchw, Noise.draw(m, request.seed), request.tts, request.fps,
                                                request.motion_bucket_id)
+        frames = to_uint8_frames(pixels[0])
+        used = self.pipeline.backend.gpu_memory_used()
+        if used is not None:
+            self.metrics.set_gpu_memory(used)
+        if request.format == "frames":
+            self.metrics.generation.observe(time.perf_counter() - start)
+            return frames
         with tempfile.TemporaryDirectory(prefix="prodistill-serve-") as tmp:
-            path = write_mp4(Path(tmp) / "out.mp4", to_uint8_frames(pixels[0]), request.fps or m.fps)
-            data = path.read_bytes()
+            data = write_mp4(Path(tmp) / "out.mp4", frames, request.fps or m.fps).read_bytes()
         self.metrics.generation.observe(time.perf_counter() - start)
         return data
 
