@@ -40,7 +40,7 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(tmp_path, stage):
     eager, _, models = make_trainer(cfg, tmp_path / "eager", stage=stage)
     eager.fit()
     compiled, method, _ = make_trainer(cfg, tmp_path / "compiled", stage=stage, models=models)
-    accelerate(method, models, Speedups(compile=True, backend="eager"))
+    accelerate(method, models, Speedups(compile="all", backend="eager"))
     compiled.fit()
     got, want = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
     assert len(got) == 2 and got == want
@@ -59,7 +59,7 @@ def test_ema_target_swap_is_honoured_by_compiled_regions(tmp_path):
     x, sigma = x0 + 2.0 * torch.randn_like(x0), torch.tensor([2.0])
     with torch.no_grad():
         eager_ema, eager_student = osv.ema_d(x, sigma, cond), osv.student_d(x, sigma, cond)
-        accelerate(osv, models, Speedups(compile=True, backend="aot_eager"))
+        accelerate(osv, models, Speedups(compile="all", backend="aot_eager"))
         compiled_student = osv.student_d(x, sigma, cond)  # compiled first with θ ...
         compiled_ema = osv.ema_d(x, sigma, cond)  # ... then called with θ⁻ swapped in
     assert not torch.allclose(eager_ema, eager_student, atol=1e-4)
@@ -73,7 +73,7 @@ def test_resume_with_compile_reproduces_the_uninterrupted_run(tmp_path):
     """Resume logic under compiled regions (dynamo's eager backend: the traced bytecode, eager kernels), so
     the losses must be equal to the last bit, as without compile."""
     cfg = tiny_config(tmp_path, max_steps=3)
-    compiled = Speedups(compile=True, backend="eager")
+    compiled = Speedups(compile="all", backend="eager")
     straight, method, models = make_trainer(cfg, tmp_path / "straight", stage=2)
     accelerate(method, models, compiled)
     straight.fit()
@@ -91,15 +91,15 @@ def test_resume_with_compile_reproduces_the_uninterrupted_run(tmp_path):
 def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = tiny_config(tmp_path)
-    assert not Speedups.from_config(auto, cpu).compile and not Speedups.from_config(auto, cpu).cuda_graphs
+    assert Speedups.from_config(auto, cpu).compile == "off" and not Speedups.from_config(auto, cpu).cuda_graphs
     on_gpu = Speedups.from_config(auto, cuda)
-    assert on_gpu.compile and on_gpu.compile_teacher_only and on_gpu.cuda_graphs
-    assert not Speedups.from_config(tiny_config(tmp_path, compile="on"), cuda).compile_teacher_only
+    assert on_gpu.compile == "teacher" and on_gpu.cuda_graphs
+    assert Speedups.from_config(tiny_config(tmp_path, compile="on"), cuda).compile == "all"
     forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
-    assert forced.compile and forced.cache_dir == tmp_path / "c"
+    assert forced.compile == "all" and forced.cache_dir == tmp_path / "c"
     assert Speedups.from_config(auto, cuda).describe() == "compile (teacher, inductor), CUDA graph teacher solve"
     off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
-    assert not off.compile and not off.cuda_graphs and off.describe() == "none (eager)"
+    assert off.compile == "off" and not off.cuda_graphs and off.describe() == "none (eager)"
     with pytest.raises(SpeedupError, match="--cuda-graphs on needs --device cuda"):
         Speedups.from_config(tiny_config(tmp_path, cuda_graphs="on"), cpu)
 
@@ -146,7 +146,7 @@ def _one_clip(tmp_path):
 def test_teacher_only_compile_leaves_student_and_discriminator_eager(tmp_path):
     cfg = tiny_config(tmp_path)
     _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
-    accelerate(osv, models, Speedups(compile=True, compile_teacher_only=True, backend="eager"))
+    accelerate(osv, models, Speedups(compile="teacher", backend="eager"))
     assert all("forward" in vars(m) for m in find_regions([models.teacher]))
     assert not any("forward" in vars(m) for m in find_regions([osv.student, osv.disc]))
 
@@ -165,10 +165,10 @@ def test_student_built_after_compiling_the_teacher_gets_its_own_regions(tmp_path
     run the teacher's modules, without LoRA, and get no gradient)."""
     cfg = tiny_config(tmp_path)
     _, first, models = make_trainer(cfg, tmp_path / "a", stage=2)
-    accelerate(first, models, Speedups(compile=True, backend="eager"))
+    accelerate(first, models, Speedups(compile="all", backend="eager"))
     _, second, _ = make_trainer(cfg, tmp_path / "b", stage=2, models=models)
     assert not any("forward" in vars(m) for m in second.student.modules())
-    accelerate(second, models, Speedups(compile=True, backend="eager"))
+    accelerate(second, models, Speedups(compile="all", backend="eager"))
     for region in find_regions([second.student]):
         assert region.forward._prodistill_owner is region
 

@@ -66,7 +66,7 @@ def test_graphed_teacher_solve_equals_eager(tmp_path):
     models = build_models(cfg, dev)
     method = build_method(cfg, models, 2, torch.Generator(dev).manual_seed(0))
     eager = method.teacher_solve
-    accelerate(method, models, Speedups(compile=True, compile_teacher_only=True, cuda_graphs=True,
+    accelerate(method, models, Speedups(compile="teacher", cuda_graphs=True,
                                         cache_dir=tmp_path / "cache"))
     assert isinstance(method.teacher_solve, GraphedSolve)
     gen = torch.Generator(dev).manual_seed(1)
@@ -91,7 +91,7 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path):
     torch._dynamo.reset()
     losses = {}
     for name, speedups in (("eager", Speedups()),
-                           ("fast", Speedups(compile=True, cuda_graphs=True, cache_dir=tmp_path / "cache"))):
+                           ("fast", Speedups(compile="all", cuda_graphs=True, cache_dir=tmp_path / "cache"))):
         cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=2, out=str(tmp_path / name))
         dev = torch.device("cuda")
         models = build_models(cfg, dev)

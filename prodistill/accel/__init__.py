@@ -36,9 +36,9 @@ class SpeedupError(ValueError):
 class Speedups:
     """What `accelerate` applies (resolved from the config's auto/on/off switches and the device)."""
 
-    compile: bool = False
-    compile_teacher_only: bool = False
-    """Compile only the frozen teacher's regions (one forward-only variant: minutes less to compile)."""
+    compile: str = "off"
+    """off, teacher (only the frozen teacher's regions: one forward-only variant, minutes less to compile) or
+    all (every network's regions)."""
     cuda_graphs: bool = False
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
@@ -56,14 +56,14 @@ class Speedups:
         if cfg.cuda_graphs == "on" and not cuda:
             raise SpeedupError("--cuda-graphs on needs --device cuda (CUDA graphs exist only on NVIDIA GPUs); "
                                "use --cuda-graphs off or auto on the CPU")
-        mode = ("teacher" if cuda else "off") if cfg.compile == "auto" else cfg.compile
-        return cls(compile=mode != "off", compile_teacher_only=mode == "teacher", cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
+        mode = {"auto": "teacher" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
+        return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
                    grad_checkpointing=cfg.grad_checkpointing,
                    cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None)
 
     def describe(self) -> str:
-        scope = "teacher" if self.compile_teacher_only else "all networks"
-        parts = [f"compile ({scope}, {self.backend})" if self.compile else None,
+        scope = "teacher" if self.compile == "teacher" else "all networks"
+        parts = [f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  "CUDA graph teacher solve" if self.cuda_graphs else None,
                  "grad checkpointing" if self.grad_checkpointing else None]
         return ", ".join(p for p in parts if p) or "none (eager)"
@@ -83,11 +83,11 @@ def accelerate(method, models, speedups: Speedups) -> Speedups:
         if not hasattr(student, "enable_gradient_checkpointing"):
             raise SpeedupError("--grad-checkpointing needs a diffusers UNet student")
         student.enable_gradient_checkpointing()
-    if speedups.compile:
+    if speedups.compile != "off":
         from prodistill.accel.compile import compile_regions, use_cache_dir
 
         cache = use_cache_dir(speedups.cache_dir)
-        nets = [models.teacher] if speedups.compile_teacher_only else method_networks(method, models)
+        nets = [models.teacher] if speedups.compile == "teacher" else method_networks(method, models)
         regions = compile_regions(nets, backend=speedups.backend)
         log.info("compiling %d regions with %s (cache: %s); the first steps include compile time",
                  len(regions), speedups.backend, cache)

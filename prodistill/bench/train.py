@@ -85,8 +85,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
         return lambda: step(cached)
     stage = cfg.stages()[0]
     method = build_method(cfg, models, stage, generator)
-    accelerate(method, models, Speedups(compile=name.startswith("compile"), compile_teacher_only="teacher" in name,
-                                        cuda_graphs=name.endswith("graphs"),
+    scope = "teacher" if "teacher" in name else "all" if name.startswith("compile") else "off"
+    accelerate(method, models, Speedups(compile=scope, cuda_graphs=name.endswith("graphs"),
                                         grad_checkpointing=cfg.grad_checkpointing,
                                         cache_dir=Path(cfg.compile_cache) if cfg.compile_cache else None))
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)))

@@ -161,7 +161,7 @@ def _run_stage(cfg, models, source, stage, run_dir, device, logger, speedups) ->
     log.info("stage %d speed-ups: %s", stage, speedups.describe())
     trainer = Trainer(cfg, method, make_loader(cfg, source, device), stage, stage_dir, steps, generator, logger,
                       preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed),
-                      announce_first_step=speedups.compile or speedups.cuda_graphs)
+                      announce_first_step=speedups.compile != "off" or speedups.cuda_graphs)
     if ckpt is not None:
         trainer.resume(ckpt)
     elif stage == 2 and (stage1 := latest_checkpoint(run_dir / "stage1")) is not None:
