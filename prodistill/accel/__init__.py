@@ -76,8 +76,8 @@ def method_networks(method, models) -> list[nn.Module]:
     return nets
 
 
-def accelerate(method, models, speedups: Speedups) -> Speedups:
-    """Apply `speedups` to a built method in the order of this module's docstring; returns them."""
+def accelerate(method, models, speedups: Speedups) -> None:
+    """Apply `speedups` to a built method in the order of this module's docstring."""
     student = getattr(method, "student", None)
     if speedups.grad_checkpointing:
         if not hasattr(student, "enable_gradient_checkpointing"):
@@ -95,5 +95,4 @@ def accelerate(method, models, speedups: Speedups) -> Speedups:
         from prodistill.accel.graphs import GraphedSolve
 
         method.teacher_solve = GraphedSolve(method.teacher_solve)
-    return speedups
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,9 +87,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
     stage = cfg.stages()[0]
     method = build_method(cfg, models, stage, generator)
     scope = "teacher" if "teacher" in name else "all" if name.startswith("compile") else "off"
-    accelerate(method, models, Speedups(compile=scope, cuda_graphs=name.endswith("graphs"),
-                                        grad_checkpointing=cfg.grad_checkpointing,
-                                        cache_dir=Path(cfg.compile_cache) if cfg.compile_cache else None))
+    speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs=name.endswith("graphs"))
+    accelerate(method, models, speedups)
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)))
     batch = pixels if name == "eager-pixels" else cached
     return lambda: trainer.train_step([batch])
