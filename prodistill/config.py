@@ -65,6 +65,7 @@ class TrainConfig:
     disc_lr: float = _f(5e-6, "Discriminator learning rate.")
     warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold (0 disables).")
+    weight_decay: float = _f(0.0, "AdamW weight decay of every optimiser (AVDM2's paper: 0.01).")
     # -- method -----------------------------------------------------------------------------------------
     lora_rank: int = _f(64, "LoRA rank of the student.")
     lora_alpha: float | None = _f(None, "LoRA alpha (default: the rank).")

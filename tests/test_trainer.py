@@ -76,3 +76,56 @@ def test_warmup_schedule():
     f = warmup_schedule(4)
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_schedule(0)(0) == 1.0
+
+
+class TwoTimescale(Toy):
+    """The toy with the discriminator updated three times per generator update; each update records the
+    phase, the round it ran in and the learning rate it used."""
+
+    def __init__(self):
+        super().__init__()
+        self.rounds, self.round = [], None
+
+    def updates_per_step(self, phase):
+        return 3 if phase == "discriminator" else 1
+
+    def begin_round(self, index):
+        self.round = index
+
+    def parameters(self, phase):
+        return [{"params": super().parameters(phase), "lr": 1.0 if phase == "generator" else 0.5}]
+
+    def after_optimizer_step(self, phase):
+        self.seen.append((phase, super().parameters(phase)[0].grad.item()))
+
+    def compute(self, phase, batch, cache):
+        self.rounds.append((phase, self.round))
+        return super().compute(phase, batch, cache)
+
+
+def test_updates_per_step_runs_rounds_and_steps_the_schedule_once_per_step(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2, grad_clip=0.0, warmup_steps=4)
+    toy = TwoTimescale()
+    trainer = Trainer(cfg, toy, Numbers(), 2, tmp_path / "s", 2, toy.generator, MetricsLogger(tmp_path))
+    trainer.fit()
+    step = [("generator", 0), ("discriminator", 0), ("discriminator", 1), ("discriminator", 2)]
+    assert toy.rounds == step + step
+    assert [p for p, _ in toy.seen] == [p for p, _ in step] * 2  # optimiser steps: 1 + 3 per training step
+    assert trainer.optimizers["discriminator"].state[toy.v]["step"] == 6
+    assert trainer.optimizers["generator"].state[toy.w]["step"] == 2
+    rows = read_metrics(tmp_path)
+    # warm-up counts training steps (2 of 4), not updates, and the parameter groups' own lr is what it scales
+    assert [r["lr/discriminator"] for r in rows] == [0.125, 0.25]
+    assert [r["lr/generator"] for r in rows] == [0.25, 0.5]
+    # the logged discriminator terms are means over its three updates: loss (v − 1)² = (g/2)², norm |g|
+    grads = [g for _, g in toy.seen[1:4]]
+    assert rows[0]["loss/discriminator"] == pytest.approx(sum((g / 2) ** 2 for g in grads) / 3, rel=1e-6)
+    assert rows[0]["grad_norm/discriminator"] == pytest.approx(sum(abs(g) for g in grads) / 3, rel=1e-6)
+    assert len(set(grads)) == 3  # each update saw the parameter its predecessor moved
+
+
+def test_a_phase_without_updates_is_refused(tmp_path):
+    toy = TwoTimescale()
+    toy.updates_per_step = lambda phase: 0
+    with pytest.raises(ValueError, match="at least one update"):
+        Trainer(tiny_config(tmp_path), toy, Numbers(), 2, tmp_path / "s", 1, toy.generator, MetricsLogger(tmp_path))

@@ -61,11 +61,24 @@ class Method:
     name: str = "method"
     phases: tuple[str, ...] = ("generator",)
 
-    def parameters(self, phase: str) -> list[nn.Parameter]:
+    def parameters(self, phase: str) -> list[nn.Parameter] | list[dict]:
+        """What `phase`'s optimiser updates: parameters, or torch parameter groups (dicts with "params") whose
+        own "lr" or "weight_decay" override the trainer's for that group."""
         raise NotImplementedError
 
+    def updates_per_step(self, phase: str) -> int:
+        """Optimiser steps of `phase` per training step (a two-timescale GAN updates its critics more often).
+
+        A step runs in rounds: round r updates, in `phases` order, every phase with more than r updates, so
+        updates 2 and 1 for (generator, critic) run generator, critic, critic."""
+        return 1
+
+    def begin_round(self, index: int) -> None:
+        """Called before round `index` of every step (see `updates_per_step`)."""
+
     def compute(self, phase: str, batch: dict, cache: dict[str, Tensor]) -> StepOutput:
-        """Loss of `phase` on one micro-batch; `cache` holds what earlier phases stored for it."""
+        """Loss of `phase` on one micro-batch; `cache` holds what earlier phases and rounds of this step
+        stored for it."""
         raise NotImplementedError
 
     def after_optimizer_step(self, phase: str) -> None:

@@ -3,7 +3,9 @@ resume — and no method math: a `Method` supplies phases, parameters and losses
 
 One step = for each phase of the method (e.g. generator, then discriminator): accumulate gradients over
 `grad_accum` micro-batches, clip, step the optimiser and the LR schedule, then call the method's hook (the
-EMA update). The micro-batches are drawn once per step and shared by all phases.
+EMA update). A phase may update several times per step (`Method.updates_per_step`, e.g. AVDM2's critics
+twice per generator update): the step then runs in rounds, round r updating every phase with more than r
+updates, in phase order. The micro-batches are drawn once per step and shared by all phases and rounds.
 """
 
 from __future__ import annotations
@@ -68,10 +70,14 @@ class Trainer:
         self.step = 0
         fused = generator.device.type == "cuda"
         self.optimizers, self.schedulers = {}, {}
+        self.updates = {phase: method.updates_per_step(phase) for phase in method.phases}
+        bad = {phase: n for phase, n in self.updates.items() if n < 1}
+        if bad:
+            raise ValueError(f"every phase needs at least one update per step, got {bad}")
         for phase in method.phases:
             lr = cfg.disc_lr if phase == "discriminator" else cfg.lr
-            opt = torch.optim.AdamW(method.parameters(phase), lr=lr, betas=(0.9, 0.999), weight_decay=0.0,
-                                    fused=fused or None)
+            opt = torch.optim.AdamW(method.parameters(phase), lr=lr, betas=(0.9, 0.999),
+                                    weight_decay=cfg.weight_decay, fused=fused or None)
             self.optimizers[phase] = opt
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(cfg.warmup_steps))
 
@@ -135,28 +141,39 @@ class Trainer:
             self._fit(stop)
 
     def train_step(self, micro: list[dict]) -> dict[str, torch.Tensor | float]:
-        """One optimiser step of every phase over the micro-batches `micro`; returns the (unsynchronised) logs.
-        `prodistill bench train` times exactly this."""
-        cfg, method = self.cfg, self.method
+        """Every phase's optimiser steps (`updates_per_step` each, in rounds) over the micro-batches `micro`;
+        returns the (unsynchronised) logs, each phase's averaged over its updates. `prodistill bench train`
+        times exactly this."""
+        method = self.method
         caches: list[dict] = [{} for _ in micro]
         logs: dict[str, torch.Tensor | float] = {}
-        for phase in method.phases:
-            opt = self.optimizers[phase]
-            opt.zero_grad(set_to_none=True)
-            for batch, cache in zip(micro, caches):
-                out = method.compute(phase, batch, cache)
-                (out.loss / len(micro)).backward()
-                cache.update(out.cache)
-                for k, v in out.logs.items():
-                    logs[k] = logs.get(k, 0) + v / len(micro)
-            params = [p for g in opt.param_groups for p in g["params"]]
-            limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            logs[f"grad_norm/{phase}"] = torch.nn.utils.clip_grad_norm_(params, limit)
-            logs[f"lr/{phase}"] = self.schedulers[phase].get_last_lr()[0]
-            opt.step()
-            self.schedulers[phase].step()
-            method.after_optimizer_step(phase)
+        for r in range(max(self.updates.values())):
+            method.begin_round(r)
+            for phase in method.phases:
+                if self.updates[phase] > r:
+                    self._update(phase, micro, caches, logs, last=r == self.updates[phase] - 1)
         return logs
+
+    def _update(self, phase: str, micro: list[dict], caches: list[dict], logs: dict, last: bool) -> None:
+        """One optimiser step of `phase`: accumulate over the micro-batches, clip, step, hook; after the
+        phase's `last` update of the step, its LR schedule (warm-up counts training steps, not updates)."""
+        opt, updates = self.optimizers[phase], self.updates[phase]
+        opt.zero_grad(set_to_none=True)
+        for batch, cache in zip(micro, caches):
+            out = self.method.compute(phase, batch, cache)
+            (out.loss / len(micro)).backward()
+            cache.update(out.cache)
+            for k, v in out.logs.items():
+                logs[k] = logs.get(k, 0) + v / (len(micro) * updates)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        logs[f"grad_norm/{phase}"] = logs.get(f"grad_norm/{phase}", 0) + norm / updates
+        logs[f"lr/{phase}"] = self.schedulers[phase].get_last_lr()[0]
+        opt.step()
+        if last:
+            self.schedulers[phase].step()
+        self.method.after_optimizer_step(phase)
 
     def _fit(self, stop: dict) -> None:
         cfg, method = self.cfg, self.method
