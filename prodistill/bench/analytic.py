@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,20 @@ class VideoGaussianMixture(nn.Module):
         x0 = torch.einsum("bk,bkfm->bfm", post, self.means[None] + shrunk)
         return x0.view(x.shape).to(x.dtype)
 
+    def frame_marginal(self) -> "VideoGaussianMixture":
+        """The distribution of one frame taken at a uniformly random position of a clip of the same class: a
+        mixture of K·F components N(μ_k[f], s_k²·I) (A_ff = 1), component k·F + f, so classes stay
+        contiguous. Its exact denoiser is AVDM2's 2D teacher on this benchmark (frames = 1)."""
+        k, f = self.spec.components, self.spec.frames
+        marginal = VideoGaussianMixture(replace(self.spec, frames=1, modes_per_class=self.spec.modes_per_class * f))
+        marginal.means = self.means.reshape(k * f, 1, -1).clone()
+        marginal.variances = self.variances.repeat_interleave(f)
+        marginal.log_weights = torch.full((k * f,), -math.log(k * f), dtype=torch.float64)
+        marginal.component_class = self.component_class.repeat_interleave(f)
+        marginal.frame_eigvals = torch.ones(1, dtype=torch.float64)
+        marginal.frame_basis = torch.ones(1, 1, dtype=torch.float64)
+        return marginal.requires_grad_(False).eval()
+
     # -- what the metrics need ------------------------------------------------------------------------------
     def assign(self, x: Tensor) -> Tensor:
         """Component of highest posterior under the clean mixture (B,)."""
@@ -241,6 +255,36 @@ class AnalyticModels:
     def denoiser(self, net: nn.Module):
         return lambda x, sigma, cond: net(x, sigma, cond)
 
+    def latent_shape(self, batch: int, frames: int, width: int, height: int) -> tuple[int, ...]:
+        """The mixture's clip shape (its frames and size are fixed by the spec; the arguments are SVD's)."""
+        return (batch, *self.mixture.spec.shape)
+
+    # -- AVDM2's teacher encoder and 2D teacher ------------------------------------------------------------
+    def encoder_features(self, x: Tensor, sigma: Tensor, cond: ClassCondition) -> list[Tensor]:
+        """A frozen, parameter-free stand-in for the teacher UNet's encoder (this teacher has none): the
+        preconditioned input c_in·x and the exact teacher's D(x, σ) stacked on channels, at full, half and
+        quarter size (average pooling), each (B, F, 2C, h_s, w_s), finest first. Differentiable in x."""
+        c_in = append_dims(1 / (sigma.float() ** 2 + 1).sqrt(), x.ndim)
+        h = torch.cat([c_in * x, self.mixture(x, sigma, cond)], dim=2)
+        features = [h]
+        while len(features) < 3 and min(h.shape[-2:]) > 1:
+            h = F.avg_pool2d(h.flatten(0, 1), 2).unflatten(0, h.shape[:2])
+            features.append(h)
+        return features
+
+    def encoder_channels(self, height: int, width: int) -> list[int]:
+        """Channels of `encoder_features`' outputs (the latent size is the spec's; the arguments are SVD's)."""
+        _, _, c, h, w = self.latent_shape(1, 1, width, height)
+        scales, size = 1, min(h, w)
+        while scales < 3 and size > 1:
+            scales, size = scales + 1, size // 2
+        return [2 * c] * scales
+
+    def image_teacher(self, path: str | None = None) -> "AnalyticFrameTeacher":
+        if path is not None:
+            raise ValueError("--image-teacher does not apply to the analytic benchmark (its 2D teacher is exact)")
+        return AnalyticFrameTeacher(self)
+
     def autocast(self):
         return contextlib.nullcontext()
 
@@ -253,3 +297,24 @@ class AnalyticModels:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         return self.decode_with_grad(latents)
+
+
+class AnalyticFrameTeacher:
+    """AVDM2's 2D teacher on the analytic benchmark: the exact denoiser of the frame marginal
+    (`VideoGaussianMixture.frame_marginal`); the fake is a zero-correction `CorrectedDenoiser` of it."""
+
+    def __init__(self, models: AnalyticModels):
+        self.models = models
+        self.net = models.mixture.frame_marginal()
+
+    def make_fake(self, cfg) -> nn.Module:
+        return CorrectedDenoiser(self.net, self.models.hidden, self.models.depth)
+
+    def denoiser(self, net: nn.Module):
+        def d(x: Tensor, sigma: Tensor, cond: ClassCondition) -> Tensor:
+            k = x.shape[1]
+            frames = x.flatten(0, 1).unsqueeze(1)
+            folded = ClassCondition(cond.label.repeat_interleave(k))
+            return net(frames, sigma.repeat_interleave(k), folded).view(x.shape)
+
+        return d

@@ -70,6 +70,32 @@ def edm_denoise(unet: nn.Module, x: Tensor, sigma: Tensor, cond: SVDCondition) -
     return append_dims(c_skip, x.ndim) * x.float() + append_dims(c_out, x.ndim) * out.float()
 
 
+def unet_encoder_features(unet: nn.Module, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                          added_time_ids: Tensor) -> list[Tensor]:
+    """The encoder half of diffusers' `UNetSpatioTemporalConditionModel.forward` — embeddings, conv_in, down
+    blocks, mid block — with the same arguments (`sample` (B, F, C_in, h, w)), stopping before the decoder.
+
+    Returns the last hidden state at each resolution the encoder visits, finest first, the mid block's output
+    standing for the coarsest; each (B, F, C_s, h_s, w_s). SVD at 512²: 320@64², 640@32², 1280@16², 1280@8²."""
+    b, f = sample.shape[:2]
+    emb = unet.time_embedding(unet.time_proj(timestep.expand(b)).to(sample.dtype))
+    time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape(b, -1).to(emb.dtype)
+    emb = (emb + unet.add_embedding(time_embeds)).repeat_interleave(f, dim=0)
+    context = encoder_hidden_states.repeat_interleave(f, dim=0)
+    indicator = torch.zeros(b, f, dtype=sample.dtype, device=sample.device)
+    hidden = unet.conv_in(sample.flatten(0, 1))
+    by_size: dict[tuple[int, int], Tensor] = {tuple(hidden.shape[-2:]): hidden}
+    for block in unet.down_blocks:
+        kw = {"encoder_hidden_states": context} if getattr(block, "has_cross_attention", False) else {}
+        hidden, states = block(hidden_states=hidden, temb=emb, image_only_indicator=indicator, **kw)
+        for state in states:
+            by_size[tuple(state.shape[-2:])] = state
+    hidden = unet.mid_block(hidden_states=hidden, temb=emb, encoder_hidden_states=context,
+                            image_only_indicator=indicator)
+    by_size[tuple(hidden.shape[-2:])] = hidden
+    return [t.unflatten(0, (b, f)) for t in by_size.values()]
+
+
 def check_teacher_folder(path: Path) -> None:
     """Raise WeightsError unless `path` holds the diffusers SVD sub-folders prodistill loads."""
     missing = [p for p in TEACHER_PARTS if not (path / p / "config.json").is_file()]
@@ -174,6 +200,32 @@ class SVDModels:
                 return edm_denoise(net, x, sigma, cond)
 
         return d
+
+    def encoder_features(self, x: Tensor, sigma: Tensor, cond: SVDCondition) -> list[Tensor]:
+        """The frozen teacher's encoder features of noisy latents x (B, F, 4, h, w) at σ (B,), preconditioned as
+        `edm_denoise` does (AVDM2's discriminator backbone): `unet_encoder_features`, finest first."""
+        _, _, c_in, c_noise = preconditioning(sigma.float())
+        model_in = torch.cat([append_dims(c_in, x.ndim).to(x.dtype) * x, cond.image_latents.to(x.dtype)], dim=2)
+        with self.autocast():
+            return unet_encoder_features(self.unet, model_in, c_noise.to(x.dtype), cond.image_embeds.to(x.dtype),
+                                         cond.added_time_ids.to(x.dtype))
+
+    @torch.no_grad()
+    def encoder_channels(self, height: int, width: int) -> list[int]:
+        """Channels of `encoder_features`' outputs for latents of h×w (one probe forward of a single frame)."""
+        c, dev = self.latent_channels, self.device
+        cond = SVDCondition(torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=dev),
+                            torch.zeros(1, 1, c, height, width, device=dev), torch.zeros(1, 3, device=dev))
+        features = self.encoder_features(torch.zeros(1, 1, c, height, width, device=dev), torch.ones(1, device=dev), cond)
+        return [f.shape[2] for f in features]
+
+    def image_teacher(self, path: str | None = None):
+        """AVDM2's 2D teacher: the diffusers image UNet at `path`, or this video teacher on single frames."""
+        from prodistill.models.image_teacher import DiffusersImageTeacher, SVDFrameTeacher
+
+        if path is None:
+            return SVDFrameTeacher(self)
+        return DiffusersImageTeacher.load(path, self.device, self.dtype, self.scaling_factor)
 
     @property
     def device(self) -> torch.device:
