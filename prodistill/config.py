@@ -26,7 +26,7 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass(kw_only=True)
 class TrainConfig:
     # -- what to run ---------------------------------------------------------------------------------
-    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation baseline).", choices=tuple(METHODS))
+    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation baseline), avdm2 (few-step generator: video adversarial + 2D score distribution matching).", choices=tuple(METHODS))
     stage: str = _f("both", "OSV stage to train: 1 (latent GAN pretraining), 2 (adversarial consistency "
                     "distillation) or both in sequence. Single-stage methods ignore it.",
                     choices=("1", "2", "both"))
@@ -62,7 +62,7 @@ class TrainConfig:
     stage1_steps: int = _f(2000, "Stage-1 (LGP) optimiser steps (paper: 2K).")
     stage2_steps: int = _f(20000, "Stage-2 (ACD) optimiser steps (paper: 20K).")
     lr: float = _f(5e-6, "Student learning rate (paper: 5e-6, Adam).")
-    disc_lr: float = _f(5e-6, "Discriminator learning rate.")
+    disc_lr: float = _f(5e-6, "Discriminator learning rate (AVDM2: also the 2D fake score's).")
     warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold (0 disables).")
     weight_decay: float = _f(0.0, "AdamW weight decay of every optimiser (AVDM2's paper: 0.01).")
@@ -87,6 +87,26 @@ class TrainConfig:
     disc_head_channels: int = _f(64, "Width of the discriminator's spatial and temporal heads.")
     motion_bucket_id: int = _f(127, "SVD motion bucket conditioning.")
     noise_aug_strength: float = _f(0.02, "Noise added to the conditioning frame (SVD).")
+    # -- AVDM2 (its paper's values unless noted; see README "AVDM2") -----------------------------------
+    student_steps: int = _f(4, "AVDM2: steps k of the few-step generator (1-4), trained by backward simulation; "
+                            "`prodistill sample` uses it by default (paper: 4).")
+    critic_steps: int = _f(2, "AVDM2: discriminator and 2D fake-score updates per generator update (paper: 2).")
+    sdm_frames: int = _f(4, "AVDM2: K random frames per video for 2D score distribution matching (paper: K "
+                         "unstated).")
+    image_teacher: str | None = _f(None, "AVDM2: 2D teacher, a diffusers Stable Diffusion folder (unet/, "
+                                   "scheduler/, text_encoder/, tokenizer/; SD latent space) used with the empty "
+                                   "prompt. Default: the video teacher on single frames.")
+    lambda_adm: float = _f(1.0, "AVDM2: λ_ADM, weight of the video adversarial term (eq. 9; paper: unstated).")
+    lambda_sdm: float = _f(1.0, "AVDM2: λ_SDM, weight of the 2D score distribution matching term (eq. 9; paper: "
+                           "unstated).")
+    adm_t_min: float = _f(0.0, "AVDM2: lower end of the adversarial noise range, as a fraction of the training "
+                          "grid (paper: t ~ U[0, 0.5T]).")
+    adm_t_max: float = _f(0.5, "AVDM2: upper end of the adversarial noise range (fraction of the grid).")
+    sdm_t_min: float = _f(0.2, "AVDM2: lower end of the 2D score matching and fake-score noise range, as a "
+                          "fraction of the training grid (paper: t ~ U[0.2T, 0.98T]).")
+    sdm_t_max: float = _f(0.98, "AVDM2: upper end of the 2D score matching noise range (fraction of the grid).")
+    motion_lr_scale: float = _f(5.0, "AVDM2: learning rate of the generator's temporal (motion) parameters as a "
+                                "multiple of --lr (paper: 2e-5 motion vs 4e-6 spatial).")
     # -- speed (prodistill.accel applies these in one written order) -----------------------------------
     compile: str = _f("auto", "torch.compile by region (UNet stages, DINOv2 layers, discriminator heads): teacher "
                       "(only the frozen teacher's forward; ~30 s to compile at full size), on (every network; "
@@ -107,7 +127,10 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------------
     def resolve(self, explicit: set[str]) -> "TrainConfig":
-        """Apply the preset's defaults to every field the user did not set, then validate."""
+        """Apply the method's paper defaults, then the preset's, to every field the user did not set; validate."""
+        for key, value in METHOD_DEFAULTS.get(self.method, {}).items():
+            if key not in explicit:
+                setattr(self, key, value)
         for key, value in get_preset(self.preset).train_defaults.items():
             if key not in explicit:
                 setattr(self, key, value)
@@ -137,8 +160,22 @@ class TrainConfig:
                              f"({self.num_timesteps})")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("teacher", "dino"):
+        if self.method == "avdm2":
+            self._validate_avdm2()
+        for name in ("teacher", "dino", "image_teacher"):
             _check_weights_arg(name, getattr(self, name))
+
+    def _validate_avdm2(self) -> None:
+        if not 1 <= self.student_steps <= min(4, self.num_timesteps):
+            raise ValueError(f"--student-steps must be in [1, 4] (and at most --num-timesteps), got {self.student_steps}")
+        if self.critic_steps < 1:
+            raise ValueError(f"--critic-steps must be at least 1, got {self.critic_steps}")
+        if not 1 <= self.sdm_frames <= self.frames:
+            raise ValueError(f"--sdm-frames must be in [1, --frames = {self.frames}], got {self.sdm_frames}")
+        for lo, hi in (("adm_t_min", "adm_t_max"), ("sdm_t_min", "sdm_t_max")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if not 0 <= a <= b <= 1:
+                raise ValueError(f"--{_flag(lo)} and --{_flag(hi)} must satisfy 0 <= min <= max <= 1, got {a} and {b}")
 
     def size(self) -> tuple[int, int]:
         """(W, H) from the `WxH` resolution string, checked to be a multiple of 16 pixels."""
@@ -165,6 +202,15 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "avdm2": dict(lr=4e-6, disc_lr=2e-5, warmup_steps=500, weight_decay=0.01, stage2_steps=10000),
+}
+"""Paper hyper-parameters that differ between methods, applied where the user set none (the preset's own
+defaults still come after them). AVDM2 §5.1: AdamW, 4e-6 for the generator's spatial weights (×
+`motion_lr_scale` for its temporal ones), 2e-5 for the discriminator and the fake score, weight decay 0.01,
+500 warm-up steps, evaluated at 10K iterations."""
+
+
 def _check_weights_arg(name: str, value: str | None) -> None:
     """A weights argument is a folder with the expected config files or a hub id (org/name); anything else
     is a typo, reported before any model is built."""
@@ -176,12 +222,16 @@ def _check_weights_arg(name: str, value: str | None) -> None:
             from prodistill.models.svd import check_teacher_folder
 
             check_teacher_folder(path)
+        elif name == "image_teacher":
+            from prodistill.models.image_teacher import check_image_teacher_folder
+
+            check_image_teacher_folder(path)
         elif not (path / "config.json").is_file():
-            raise ValueError(f"--{name} {value} is not a transformers model folder (no config.json); pass the "
+            raise ValueError(f"--{_flag(name)} {value} is not a transformers model folder (no config.json); pass the "
                              "folder that save_pretrained wrote, or a hub id")
         return
     if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
-        raise ValueError(f"--{name} {value}: no such folder, and not a hub id of the form org/name; "
+        raise ValueError(f"--{_flag(name)} {value}: no such folder, and not a hub id of the form org/name; "
                          "pass a local weights folder or a hub id")
 
 

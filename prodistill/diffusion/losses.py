@@ -29,9 +29,22 @@ def hinge_g_loss(fake_logits: Tensor) -> Tensor:
     return F.relu(1.0 - fake_logits.float()).mean()
 
 
+def logistic_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator logistic loss −log σ(D(real)) − log(1 − σ(D(fake))) = softplus(−D(real)) + softplus(D(fake)),
+    averaged: the GAN objective maximised over D, negated (AVDM2 eq. 5-6)."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def logistic_g_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss −log σ(D(fake)) = softplus(−D(fake)), averaged (AVDM2 eq. 7, whose
+    "E[log D]" is the quantity the generator raises)."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
 def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     """Mean of per-sample values, optionally weighted per sample (λ(t_n) of OSV eq. 10)."""
     return values.mean() if weights is None else (values * weights.to(values)).mean()
 
 
-__all__ = ["pseudo_huber", "default_huber_c", "hinge_d_loss", "hinge_g_loss", "weighted_mean"]
+__all__ = ["pseudo_huber", "default_huber_c", "hinge_d_loss", "hinge_g_loss", "logistic_d_loss", "logistic_g_loss",
+           "weighted_mean"]

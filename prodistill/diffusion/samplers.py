@@ -20,12 +20,18 @@ def _full(x: Tensor, value: Tensor) -> Tensor:
 
 
 def consistency_sample(
-    denoise: Denoiser, noise: Tensor, sigmas: Tensor, generator: torch.Generator | None = None
+    denoise: Denoiser, noise: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
+    stop: int | None = None,
 ) -> Tensor:
-    """k-step consistency sampling over `sigmas` (descending, length k), starting at x = σ_0·noise."""
+    """k-step consistency sampling over `sigmas` (descending, length k), starting at x = σ_0·noise.
+
+    With `stop` = j < k, returns instead the noisy state at sigmas[j] that step j would denoise: the
+    generator's own input at that step (backward simulation, as AVDM2 and DMD2 train few-step generators)."""
     x = noise * float(sigmas[0])
     x0 = x
     for j, s in enumerate(sigmas):
+        if j == stop:
+            return x
         sigma = _full(x, s)
         x0 = consistency_from_denoised(x, sigma, denoise(x, sigma))
         if j + 1 < len(sigmas):

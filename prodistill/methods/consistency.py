@@ -59,9 +59,10 @@ def huber_c(cfg, x0: Tensor) -> float:
 
 
 @torch.no_grad()
-def preview_student(cfg, models, student_d: ConditionalDenoiser, batch: dict, generator: torch.Generator) -> Tensor:
-    """A 1-step student generation (pixels) conditioned on `batch`, drawing only from `generator`."""
+def preview_student(cfg, models, student_d: ConditionalDenoiser, batch: dict, generator: torch.Generator,
+                    steps: int = 1) -> Tensor:
+    """A `steps`-step student generation (pixels) conditioned on `batch`, drawing only from `generator`."""
     x0, cond = models.prepare_batch(batch, cfg.fps, generator)
-    latents = sample_student(bind(student_d, cond), tuple(x0.shape), 1, False, cfg.num_timesteps, generator,
+    latents = sample_student(bind(student_d, cond), tuple(x0.shape), steps, False, cfg.num_timesteps, generator,
                              models.device)
     return models.decode(latents)
