@@ -94,10 +94,11 @@ def merged_student(cfg, models, ckpt_dir: Path, weights: str) -> torch.nn.Module
     """The checkpoint's student (LoRA + trained modules) merged into a standalone UNet copy."""
     from export.graphs import merge_student
     from prodistill.models.student import load_trainable
+    from prodistill.sampling import checkpoint_stage
     from prodistill.training.checkpoint import load_weights
 
     tensors = load_weights(ckpt_dir, models.device)
-    student = models.make_student(cfg, stage=2 if "ema" in tensors else 1)
+    student = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
     load_trainable(student, tensors[weights])
     return merge_student(student)
 

@@ -113,7 +113,8 @@ def data_cache(data_arg, video_root, out, shard_size, batch_size, **model_flags)
               help="Run folder of `prodistill train` (its last stage's latest checkpoint is used) or a checkpoint folder.")
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="Conditioning image.")
 @click.option("--out", "out_path", default="sample.mp4", show_default=True, help="Output mp4 (H.264).")
-@click.option("--steps", type=click.IntRange(1, 4), default=1, show_default=True, help="Student steps.")
+@click.option("--steps", type=click.IntRange(1, 4), default=None,
+              help="Student steps [default: the run's --student-steps for AVDM2, else 1].")
 @click.option("--tts/--no-tts", default=False, show_default=True, help="Time Travel Sampler (OSV eq. 13; NFE 2 per step).")
 @click.option("--teacher-steps", type=click.IntRange(1, 1000), default=None,
               help="Sample the teacher instead (EDM Euler with per-frame CFG), with this many steps.")

@@ -83,10 +83,18 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ValueError(f"{path} holds no checkpoint: pass the --out folder of a `prodistill train` run")
 
 
-def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool = False,
+def checkpoint_stage(ckpt_dir: Path, tensors: dict) -> int:
+    """The stage whose student a checkpoint holds (its meta; older checkpoints: stage 2 where EMA exists)."""
+    from prodistill.training.checkpoint import read_meta
+
+    return int(read_meta(ckpt_dir).get("stage", 2 if "ema" in tensors else 1))
+
+
+def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None, tts: bool = False,
                    teacher_steps: int | None = None, cfg_scale: float = 3.0, weights: str = "student",
                    seed: int = 0, device: str = "auto") -> Path:
-    """`prodistill sample`: one video from one image, with the run's student (or its teacher)."""
+    """`prodistill sample`: one video from one image, with the run's student (or its teacher). `steps`
+    defaults to the run's `--student-steps` for AVDM2 (its generator is trained for them), else 1."""
     from prodistill.config import build_config
     from prodistill.data.video import write_mp4
     from prodistill.models.student import load_trainable
@@ -97,6 +105,8 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
     cfg = build_config({"device": device}, run_dir / "config.yaml")
+    if steps is None:
+        steps = cfg.student_steps if cfg.method == "avdm2" else 1
     dev = resolve_device(cfg.device)
     width, height = cfg.size()
     cond_image = load_image(image, width, height)
@@ -111,7 +121,7 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int = 1, tts: bool
         group = "ema" if weights == "ema" else "student"
         if group not in tensors:
             raise ValueError(f"{ckpt_dir} has no {group} weights (EMA exists in stage 2 only): use --weights student")
-        student = models.make_student(cfg, stage=2 if "ema" in tensors else 1)
+        student = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
         load_trainable(student, tensors[group])
         denoise = bind(models.denoiser(student.eval()), cond)
         latents = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, generator, dev)
