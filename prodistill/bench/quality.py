@@ -3,8 +3,8 @@ each sampler lands to the true distribution.
 
 The data are `analytic.VideoGaussianMixture` latents; the teacher is their exact denoiser; the students are
 trained by the package's own methods (`LCM`, `OSV` with its latent DINOv2 discriminator — tiny random
-backbone, trainable upsampler and heads) on the package's `Trainer`, with its checkpoints, and sampled by
-the package's samplers. Every row is scored against fresh exact samples with the same class labels:
+backbone, trainable upsampler and heads — and `AVDM2` with the exact frame-marginal denoiser as its 2D
+teacher) on the package's `Trainer`, with its checkpoints, and sampled by the package's samplers. Every row is scored against fresh exact samples with the same class labels:
 
 - energy distance (E-statistic 2E‖X−Y‖ − E‖X−X'‖ − E‖Y−Y'‖, unbiased, 0 in expectation for exact samples),
 - sliced Wasserstein-2 over random unit directions (fixed per run),
@@ -89,6 +89,8 @@ class Student:
     from_stage1: bool
     samplers: tuple[tuple[int, bool], ...]
     """(steps, TTS) pairs the student is sampled with."""
+    student_steps: int = 1
+    """AVDM2's k: the steps its generator is trained for (backward simulation)."""
 
 
 STUDENTS = (
@@ -96,6 +98,7 @@ STUDENTS = (
     Student("osv", "OSV (m=5)", "osv", 5, True, ((1, False), (1, True), (2, False))),
     Student("osv-m1", "OSV m=1", "osv", 1, True, ((1, False), (1, True))),
     Student("osv-no-stage1", "OSV w/o stage 1", "osv", 5, False, ((1, False), (1, True))),
+    Student("avdm2", "AVDM2 (k=4)", "avdm2", 1, False, ((4, False),), student_steps=4),
 )
 
 CLAIMS = (
@@ -107,6 +110,7 @@ CLAIMS = (
     ("OSV: stage 1 helps (1 step + TTS, the paper's setting; equal total iterations)", "osv/1+tts",
      "osv-no-stage1/1+tts"),
     ("OSV: stage 1 helps (plain 1 step; equal total iterations)", "osv/1", "osv-no-stage1/1"),
+    ("4-step AVDM2 beats 4-step LCM", "avdm2/4", "lcm/4"),
 )
 """(claim, row that should be better, row it is compared with), judged by energy distance. The ablations
 are judged with the paper's sampler (1 step + TTS) and, separately, with the plain 1-step sampler."""
@@ -171,7 +175,7 @@ class Evaluator:
 
 # -- training -----------------------------------------------------------------------------------------------
 def _config(settings: BenchSettings, spec: MixtureSpec, seed: int, out: Path, method: str, solver_steps: int,
-            stage2_steps: int):
+            stage2_steps: int, student_steps: int = 1):
     from prodistill.config import build_config
 
     return build_config(dict(
@@ -179,7 +183,7 @@ def _config(settings: BenchSettings, spec: MixtureSpec, seed: int, out: Path, me
         batch_size=settings.batch_size, stage1_steps=settings.stage1_steps, stage2_steps=stage2_steps,
         solver_steps=solver_steps, lr=settings.lr, disc_lr=settings.lr, warmup_steps=0,
         guidance_min=1.0, guidance_max=1.0, disc_head_channels=settings.disc_head_channels,
-        log_every=50, ckpt_every=10**9, keep_ckpts=1, sample_every=0,
+        log_every=50, ckpt_every=10**9, keep_ckpts=1, sample_every=0, student_steps=student_steps,
     ))
 
 
@@ -279,7 +283,8 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
             stage2 = s2 if student.from_stage1 else s1 + s2
             echo(f"training {student.label} ({stage2} iterations{' after stage 1' if student.from_stage1 else ''})")
             t0 = time.perf_counter()
-            cfg = _config(settings, spec, seed, tmp / student.key, student.method, student.solver_steps, stage2)
+            cfg = _config(settings, spec, seed, tmp / student.key, student.method, student.solver_steps, stage2,
+                          student.student_steps)
             method = _train_stage(cfg, models, 2, tmp / student.key, stage1_ckpt if student.from_stage1 else None)
             timings[student.key] = time.perf_counter() - t0
             denoise = bind(method.student_d, cond)
@@ -337,7 +342,7 @@ def format_table(result: dict) -> str:
 
 
 GROUP_COLOURS = {"reference": "#777777", "teacher": "#4c72b0", "lcm": "#dd8452", "osv": "#55a868",
-                 "osv-m1": "#8172b3", "osv-no-stage1": "#c44e52"}
+                 "osv-m1": "#8172b3", "osv-no-stage1": "#c44e52", "avdm2": "#937860"}
 
 
 def save_plot(result: dict, path: Path) -> Path | None:
