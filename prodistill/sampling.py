@@ -29,15 +29,20 @@ def student_sigmas(steps: int, num_timesteps: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def sample_student(denoise: Denoiser, shape: tuple[int, ...], steps: int, tts: bool, num_timesteps: int,
-                   generator: torch.Generator | None, device: torch.device, noise: Tensor | None = None) -> Tensor:
+                   generator: torch.Generator | None, device: torch.device, noise: Tensor | None = None,
+                   consistency: bool = True) -> Tensor:
     """Latents from a consistency student in `steps` steps (TTS: 2·steps network calls). `noise` (shape
-    `shape`) replaces the initial draw, so a runtime without torch's RNG can be compared on the same ε."""
+    `shape`) replaces the initial draw, so a runtime without torch's RNG can be compared on the same ε.
+    consistency=False: a few-step generator whose denoiser output is its clean estimate (`Method.consistency`)."""
+    if tts and not consistency:
+        raise ValueError("--tts is the Time Travel Sampler of consistency students (OSV eq. 13); this student is a "
+                         "few-step generator: sample it without --tts")
     sigmas, sigmas_next = (s.to(device) for s in student_sigmas(steps, num_timesteps))
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=device)
     if tts:
         return time_travel_sample(denoise, noise.to(device), sigmas, sigmas_next)
-    return consistency_sample(denoise, noise.to(device), sigmas, generator)
+    return consistency_sample(denoise, noise.to(device), sigmas, generator, consistency=consistency)
 
 
 @torch.no_grad()
@@ -94,9 +99,11 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None,
                    teacher_steps: int | None = None, cfg_scale: float = 3.0, weights: str = "student",
                    seed: int = 0, device: str = "auto") -> Path:
     """`prodistill sample`: one video from one image, with the run's student (or its teacher). `steps`
-    defaults to the run's `--student-steps` for AVDM2 (its generator is trained for them), else 1."""
+    defaults to the method's choice (AVDM2: the run's `--student-steps`, which its generator is trained for; 1
+    otherwise)."""
     from prodistill.config import build_config
     from prodistill.data.video import write_mp4
+    from prodistill.methods import method_class
     from prodistill.models.student import load_trainable
     from prodistill.training.checkpoint import load_weights
     from prodistill.training.run import build_models, resolve_device
@@ -105,8 +112,9 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None,
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
     cfg = build_config({"device": device}, run_dir / "config.yaml")
+    method = method_class(cfg.method)
     if steps is None:
-        steps = cfg.student_steps if cfg.method == "avdm2" else 1
+        steps = method.default_sample_steps(cfg)
     dev = resolve_device(cfg.device)
     width, height = cfg.size()
     cond_image = load_image(image, width, height)
@@ -124,6 +132,7 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None,
         student = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
         load_trainable(student, tensors[group])
         denoise = bind(models.denoiser(student.eval()), cond)
-        latents = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, generator, dev)
+        latents = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, generator, dev,
+                                 consistency=method.consistency)
     pixels = models.decode(latents)
     return write_mp4(out, to_uint8_frames(pixels[0]), cfg.fps)

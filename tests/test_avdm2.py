@@ -99,7 +99,8 @@ def test_noise_ranges_are_the_papers_fractions_of_the_training_grid():
         grid_index_range(0.3, 0.31, 10)
 
 
-def test_backward_simulation_input_is_the_samplers_own_state():
+@pytest.mark.parametrize("consistency", [True, False])
+def test_backward_simulation_input_is_the_samplers_own_state(consistency):
     """consistency_sample(stop=j) returns exactly the input the k-step sampler hands the generator at step j."""
     k, seen = 4, []
 
@@ -109,15 +110,17 @@ def test_backward_simulation_input_is_the_samplers_own_state():
 
     sigmas = training_grid(10).flip(0)[[0, 3, 6, 8]].float()
     noise = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
-    final = consistency_sample(denoise, noise, sigmas, torch.Generator().manual_seed(1))
+    final = consistency_sample(denoise, noise, sigmas, torch.Generator().manual_seed(1), consistency=consistency)
     inputs = list(seen)
     assert len(inputs) == k
     for j in range(k):
         seen.clear()
-        state = consistency_sample(denoise, noise, sigmas, torch.Generator().manual_seed(1), stop=j)
+        state = consistency_sample(denoise, noise, sigmas, torch.Generator().manual_seed(1), stop=j,
+                                   consistency=consistency)
         torch.testing.assert_close(state, inputs[j], rtol=0, atol=0)
         assert len(seen) == j  # only the j steps before it ran
-    assert not torch.equal(final, inputs[-1])
+    if not consistency:  # a plain generator's last step returns the denoiser's output itself
+        torch.testing.assert_close(final, 0.5 * inputs[-1] + 0.1, rtol=0, atol=0)
 
 
 def test_generator_at_its_last_step_is_its_own_k_step_sample(tmp_path, models):
@@ -132,9 +135,25 @@ def test_generator_at_its_last_step_is_its_own_k_step_sample(tmp_path, models):
     with torch.no_grad():
         trained_on = method.generate(cond, shape, step=cfg.student_steps - 1)
         sampled = sample_student(lambda x, s: method.student_d(x, s, cond), shape, cfg.student_steps, False,
-                                 cfg.num_timesteps, torch.Generator().manual_seed(3), models.device)
+                                 cfg.num_timesteps, torch.Generator().manual_seed(3), models.device,
+                                 consistency=False)
     torch.testing.assert_close(trained_on, sampled, rtol=0, atol=0)
     assert torch.equal(method.sigmas, training_grid(10).float()[[9, 5]])  # k = 2 on the 10-step grid
+
+
+def test_generator_starts_as_the_teachers_denoiser(tmp_path, models):
+    """Algorithm 1, line 2: at initialisation (LoRA B = 0) G_θ(x_σ) is the teacher's D(x_σ, σ), not a
+    consistency function of it."""
+    cfg = tiny_config(tmp_path, **SMALL)
+    method = AVDM2(cfg, models, 2, torch.Generator().manual_seed(5))
+    _, cond = models.prepare_batch(next(RandomClips(1, cfg.frames, 32)), cfg.fps, torch.Generator())
+    shape = models.latent_shape(1, cfg.frames, 32, 32)
+    with torch.no_grad():
+        generated = method.generate(cond, shape, step=0)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+        sigma = method.sigmas[:1]
+        expect = models.denoiser(models.unet)(noise * sigma, sigma, cond)
+    torch.testing.assert_close(generated, expect)
 
 
 def test_noise_levels_are_drawn_from_their_ranges(tmp_path, models):
@@ -297,6 +316,9 @@ def test_cli_train_then_sample_at_the_runs_student_steps(tmp_path, monkeypatch):
                                        str(tmp_path / "s.mp4"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert steps == [3]  # the run's --student-steps; its --train-modules weights load (stage from the checkpoint)
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(run), "--image", str(image), "--out",
+                                       str(tmp_path / "t.mp4"), "--device", "cpu", "--tts"])
+    assert result.exit_code != 0 and "sample it without --tts" in result.output
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -290,7 +290,7 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
             denoise = bind(method.student_d, cond)
             for steps, tts in student.samplers:
                 samples = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, noise_seed(),
-                                         models.device)
+                                         models.device, consistency=method.consistency)
                 suffix = "+tts" if tts else ""
                 add(f"{student.key}/{steps}{suffix}", f"{student.label}, {steps} step{'s' * (steps > 1)}"
                     f"{' + TTS' if tts else ''}", student.key, steps, steps * (2 if tts else 1), samples,

@@ -21,19 +21,23 @@ def _full(x: Tensor, value: Tensor) -> Tensor:
 
 def consistency_sample(
     denoise: Denoiser, noise: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-    stop: int | None = None,
+    stop: int | None = None, consistency: bool = True,
 ) -> Tensor:
     """k-step consistency sampling over `sigmas` (descending, length k), starting at x = σ_0·noise.
 
-    With `stop` = j < k, returns instead the noisy state at sigmas[j] that step j would denoise: the
-    generator's own input at that step (backward simulation, as AVDM2 and DMD2 train few-step generators)."""
+    consistency=False: each step's clean estimate is the denoiser's output itself, not f_θ (a few-step
+    generator such as AVDM2's, initialised as the teacher's denoiser). With `stop` = j < k, returns instead the
+    noisy state at sigmas[j] that step j would denoise: the generator's own input at that step (backward
+    simulation, as AVDM2 and DMD2 train few-step generators)."""
     x = noise * float(sigmas[0])
     x0 = x
     for j, s in enumerate(sigmas):
         if j == stop:
             return x
         sigma = _full(x, s)
-        x0 = consistency_from_denoised(x, sigma, denoise(x, sigma))
+        x0 = denoise(x, sigma)
+        if consistency:
+            x0 = consistency_from_denoised(x, sigma, x0)
         if j + 1 < len(sigmas):
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x0 + float(sigmas[j + 1]) * fresh

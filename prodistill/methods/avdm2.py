@@ -1,7 +1,8 @@
 """AVDM2 (Zhu et al. 2024, "Accelerating Video Diffusion Models via Distribution Matching") on the shared trainer.
 
-A few-step generator G_θ (teacher + LoRA, k = `--student-steps`) is trained from noise, never from a teacher
-trajectory, by two distribution-matching losses (eq. 9: λ_SDM·L_SDM + λ_ADM·L_ADM):
+A few-step generator G_θ (teacher + LoRA, k = `--student-steps`; its clean estimate is the denoiser's output
+D_θ, so it starts as the teacher's denoiser — no consistency wrapper) is trained from noise, never from a
+teacher trajectory, by two distribution-matching losses (eq. 9: λ_SDM·L_SDM + λ_ADM·L_ADM):
 
 - **Backward simulation** (§4, after Imagine Flash and DMD2): each generated video is the generator's own
   k-step sample stopped at a random step j — the noisy state the sampler would hand it at σ_j — denoised by
@@ -30,7 +31,6 @@ import re
 import torch
 from torch import Tensor, nn
 
-from prodistill.diffusion.consistency import consistency_from_denoised
 from prodistill.diffusion.edm import append_dims, training_grid
 from prodistill.diffusion.losses import logistic_d_loss, logistic_g_loss
 from prodistill.diffusion.samplers import consistency_sample
@@ -78,6 +78,12 @@ def denoising_loss(denoised: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
 class AVDM2(Method):
     name = "avdm2"
     phases = ("generator", "discriminator", "fake_score")
+    consistency = False
+    """G_θ(x_σ) = D_θ(x_σ, σ): the generator starts as the teacher's denoiser (Algorithm 1, line 2)."""
+
+    @classmethod
+    def default_sample_steps(cls, cfg) -> int:
+        return cfg.student_steps
 
     def __init__(self, cfg, models, stage: int, generator: torch.Generator):
         if stage != 2:
@@ -157,9 +163,9 @@ class AVDM2(Method):
         j = int(torch.randint(0, k, (1,), generator=self.generator, device=self.grid.device)) if step is None else step
         noise = torch.randn(shape, generator=self.generator, device=self.grid.device)
         with torch.no_grad():
-            x = consistency_sample(bind(self.student_d, cond), noise, self.sigmas, self.generator, stop=j)
-        sigma = self.sigmas[j].expand(shape[0])
-        return consistency_from_denoised(x, sigma, self.student_d(x, sigma, cond))
+            x = consistency_sample(bind(self.student_d, cond), noise, self.sigmas, self.generator, stop=j,
+                                   consistency=False)
+        return self.student_d(x, self.sigmas[j].expand(shape[0]), cond)
 
     def _round_sample(self, cache: dict) -> tuple[Tensor, dict]:
         """(this round's generated sample, what to add to the cache): round 0 reuses the generator's; a later
@@ -220,7 +226,8 @@ class AVDM2(Method):
         load_trainable(self.fake, weights["fake_score"])
 
     def preview(self, batch: dict, generator: torch.Generator) -> Tensor:
-        return preview_student(self.cfg, self.models, self.student_d, batch, generator, self.cfg.student_steps)
+        return preview_student(self.cfg, self.models, self.student_d, batch, generator, self.cfg.student_steps,
+                               consistency=False)
 
 
 __all__ = ["AVDM2", "distribution_matching_loss", "denoising_loss", "grid_index_range"]

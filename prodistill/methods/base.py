@@ -60,6 +60,14 @@ class Method:
 
     name: str = "method"
     phases: tuple[str, ...] = ("generator",)
+    consistency: bool = True
+    """The student's clean estimate is the consistency function f_θ = c_skip·x + c_out·D_θ (OSV eq. 4); False:
+    D_θ itself, a few-step generator (AVDM2). The samplers take it from here."""
+
+    @classmethod
+    def default_sample_steps(cls, cfg) -> int:
+        """Steps `prodistill sample` uses when none are given."""
+        return 1
 
     def parameters(self, phase: str) -> list[nn.Parameter] | list[dict]:
         """What `phase`'s optimiser updates: parameters, or torch parameter groups (dicts with "params") whose

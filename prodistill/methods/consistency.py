@@ -60,9 +60,9 @@ def huber_c(cfg, x0: Tensor) -> float:
 
 @torch.no_grad()
 def preview_student(cfg, models, student_d: ConditionalDenoiser, batch: dict, generator: torch.Generator,
-                    steps: int = 1) -> Tensor:
+                    steps: int = 1, consistency: bool = True) -> Tensor:
     """A `steps`-step student generation (pixels) conditioned on `batch`, drawing only from `generator`."""
     x0, cond = models.prepare_batch(batch, cfg.fps, generator)
     latents = sample_student(bind(student_d, cond), tuple(x0.shape), steps, False, cfg.num_timesteps, generator,
-                             models.device)
+                             models.device, consistency=consistency)
     return models.decode(latents)
