@@ -99,12 +99,12 @@ class TrainConfig:
     lambda_adm: float = _f(1.0, "AVDM2: λ_ADM, weight of the video adversarial term (eq. 9; paper: unstated).")
     lambda_sdm: float = _f(1.0, "AVDM2: λ_SDM, weight of the 2D score distribution matching term (eq. 9; paper: "
                            "unstated).")
-    adm_t_min: float = _f(0.0, "AVDM2: lower end of the adversarial noise range, as a fraction of the training "
-                          "grid (paper: t ~ U[0, 0.5T]).")
-    adm_t_max: float = _f(0.5, "AVDM2: upper end of the adversarial noise range (fraction of the grid).")
+    adm_t_min: float = _f(0.0, "AVDM2: lower end of the adversarial noise range as a fraction of T, the paper's "
+                          "1000-step SD DDPM schedule (paper: t ~ U[0, 0.5T], σ 0.029-1.62).")
+    adm_t_max: float = _f(0.5, "AVDM2: upper end of the adversarial noise range (fraction of T).")
     sdm_t_min: float = _f(0.2, "AVDM2: lower end of the 2D score matching and fake-score noise range, as a "
-                          "fraction of the training grid (paper: t ~ U[0.2T, 0.98T]).")
-    sdm_t_max: float = _f(0.98, "AVDM2: upper end of the 2D score matching noise range (fraction of the grid).")
+                          "fraction of T (paper: t ~ U[0.2T, 0.98T], σ 0.57-13.0).")
+    sdm_t_max: float = _f(0.98, "AVDM2: upper end of the 2D score matching noise range (fraction of T).")
     motion_lr_scale: float = _f(5.0, "AVDM2: learning rate of the generator's temporal (motion) parameters as a "
                                 "multiple of --lr (paper: 2e-5 motion vs 4e-6 spatial).")
     # -- speed (prodistill.accel applies these in one written order) -----------------------------------

@@ -13,10 +13,10 @@ from PIL import Image
 
 from conftest import RandomClips, make_trainer, tiny_config
 from prodistill.bench.analytic import ClassCondition, MixtureSpec, VideoGaussianMixture
-from prodistill.diffusion.edm import training_grid
+from prodistill.diffusion.edm import ddpm_sigmas, training_grid
 from prodistill.diffusion.losses import logistic_d_loss, logistic_g_loss
 from prodistill.diffusion.samplers import consistency_sample
-from prodistill.methods.avdm2 import AVDM2, denoising_loss, distribution_matching_loss, grid_index_range
+from prodistill.methods.avdm2 import AVDM2, denoising_loss, distribution_matching_loss, timestep_range
 from prodistill.sampling import sample_student
 from prodistill.training.checkpoint import latest_checkpoint
 from prodistill.training.logger import read_metrics
@@ -90,13 +90,19 @@ def test_denoising_loss_is_eq2_in_epsilon_form():
 
 
 # -- noise ranges and backward simulation -------------------------------------------------------------------
-def test_noise_ranges_are_the_papers_fractions_of_the_training_grid():
-    assert grid_index_range(0.0, 0.5, 100) == (0, 49)  # t ~ U[0, 0.5T]
-    assert grid_index_range(0.2, 0.98, 100) == (20, 97)  # t ~ U[0.2T, 0.98T]
-    assert grid_index_range(0.2, 0.98, 10) == (2, 8)
-    assert grid_index_range(0.0, 1.0, 11) == (0, 10)  # 0.1·10 style products are not rounded past an index
-    with pytest.raises(ValueError, match="holds no index"):
-        grid_index_range(0.3, 0.31, 10)
+def test_noise_ranges_are_the_papers_timesteps():
+    """T is the 1000-step DDPM schedule of SD (scaled-linear β 0.00085-0.012); σ_t = √((1 − ᾱ_t)/ᾱ_t)."""
+    betas = [(math.sqrt(0.00085) + i * (math.sqrt(0.012) - math.sqrt(0.00085)) / 999) ** 2 for i in range(1000)]
+    alpha_bar = np.cumprod([1 - b for b in betas])
+    expect = np.sqrt((1 - alpha_bar) / alpha_bar)
+    np.testing.assert_allclose(ddpm_sigmas().numpy(), expect, rtol=1e-10)
+    assert timestep_range(0.0, 0.5) == (0, 500)  # t ~ U[0, 0.5T]: σ 0.029 … 1.62
+    assert timestep_range(0.2, 0.98) == (200, 980)  # t ~ U[0.2T, 0.98T]: σ 0.57 … 13.0
+    assert timestep_range(0.0, 1.0) == (0, 999)
+    assert timestep_range(0.29, 0.29) == (290, 290)  # 0.29·1000 is not rounded past its integer
+    assert (round(float(expect[500]), 2), round(float(expect[200]), 2), round(float(expect[980]), 1)) == (1.62, 0.57, 13.0)
+    with pytest.raises(ValueError, match="holds no timestep"):
+        timestep_range(0.3001, 0.3009)
 
 
 @pytest.mark.parametrize("consistency", [True, False])
@@ -159,11 +165,12 @@ def test_generator_starts_as_the_teachers_denoiser(tmp_path, models):
 def test_noise_levels_are_drawn_from_their_ranges(tmp_path, models):
     cfg = tiny_config(tmp_path, **SMALL)
     method = AVDM2(cfg, models, 2, torch.Generator().manual_seed(0))
-    grid = training_grid(10).float()
-    for index_range, (lo, hi) in ((method.adm_range, (0, 4)), (method.sdm_range, (2, 8))):
-        assert index_range == (lo, hi)
-        drawn = set(method._grid_sigma(index_range, 400).tolist())
-        assert drawn == set(grid[lo : hi + 1].tolist())  # every level of the range, nothing outside it
+    table = ddpm_sigmas().float()
+    for t_range, (lo, hi) in ((method.adm_range, (0, 500)), (method.sdm_range, (200, 980))):
+        assert t_range == (lo, hi)
+        drawn = method._noise_level(t_range, 20000)
+        assert drawn.min() == table[lo] and drawn.max() == table[hi]  # both ends reached, nothing outside
+        assert set(drawn.tolist()) <= set(table[lo : hi + 1].tolist())
 
 
 # -- the models' parts AVDM2 uses ---------------------------------------------------------------------------
@@ -319,6 +326,13 @@ def test_cli_train_then_sample_at_the_runs_student_steps(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["sample", "--ckpt", str(run), "--image", str(image), "--out",
                                        str(tmp_path / "t.mp4"), "--device", "cpu", "--tts"])
     assert result.exit_code != 0 and "sample it without --tts" in result.output
+
+    from export.run import merged_student
+    from prodistill.config import build_config
+
+    cfg = build_config({}, run / "config.yaml")
+    merged = merged_student(cfg, build_models(cfg, torch.device("cpu")), ckpt, "student")  # what export writes
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -146,6 +146,15 @@ class VideoGaussianMixture(nn.Module):
         x0 = torch.einsum("bk,bkfm->bfm", post, self.means[None] + shrunk)
         return x0.view(x.shape).to(x.dtype)
 
+    def whitened_residual(self, x: Tensor, sigma: Tensor, cond: ClassCondition) -> Tensor:
+        """Σ_k p(k | x, σ, class)·U·(z_kj/√v_kj): x's deviation from each component in that component's noisy
+        whitened frame basis, posterior-weighted, back in frames — an internal quantity of the exact denoiser,
+        ~N(0, I) per element for x drawn from the noisy marginal; (B, F, C, h, w) float32."""
+        z, v, log_lik = self._noisy_terms(x, sigma)
+        post = torch.softmax(log_lik + self._log_prior(cond.label, x.shape[0]), dim=1)
+        white = torch.einsum("fj,bkjm->bkfm", self.frame_basis, z / v.sqrt()[..., None])
+        return torch.einsum("bk,bkfm->bfm", post, white).view(x.shape).to(x.dtype)
+
     def frame_marginal(self) -> "VideoGaussianMixture":
         """The distribution of one frame taken at a uniformly random position of a clip of the same class: a
         mixture of K·F components N(μ_k[f], s_k²·I) (A_ff = 1), component k·F + f, so classes stay
@@ -262,10 +271,12 @@ class AnalyticModels:
     # -- AVDM2's teacher encoder and 2D teacher ------------------------------------------------------------
     def encoder_features(self, x: Tensor, sigma: Tensor, cond: ClassCondition) -> list[Tensor]:
         """A frozen, parameter-free stand-in for the teacher UNet's encoder (this teacher has none): the
-        preconditioned input c_in·x and the exact teacher's D(x, σ) stacked on channels, at full, half and
-        quarter size (average pooling), each (B, F, 2C, h_s, w_s), finest first. Differentiable in x."""
+        preconditioned input c_in·x, the exact teacher's D(x, σ) and its whitened residual (which, like the
+        video UNet's temporal layers, mixes frames) stacked on channels, at full, half and quarter size
+        (average pooling), each (B, F, 3C, h_s, w_s), finest first. Differentiable in x."""
         c_in = append_dims(1 / (sigma.float() ** 2 + 1).sqrt(), x.ndim)
-        h = torch.cat([c_in * x, self.mixture(x, sigma, cond)], dim=2)
+        h = torch.cat([c_in * x, self.mixture(x, sigma, cond), self.mixture.whitened_residual(x, sigma, cond)],
+                      dim=2)
         features = [h]
         while len(features) < 3 and min(h.shape[-2:]) > 1:
             h = F.avg_pool2d(h.flatten(0, 1), 2).unflatten(0, h.shape[:2])
@@ -278,7 +289,7 @@ class AnalyticModels:
         scales, size = 1, min(h, w)
         while scales < 3 and size > 1:
             scales, size = scales + 1, size // 2
-        return [2 * c] * scales
+        return [3 * c] * scales
 
     def image_teacher(self, path: str | None = None) -> "AnalyticFrameTeacher":
         if path is not None:

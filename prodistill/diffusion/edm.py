@@ -42,6 +42,15 @@ def training_grid(num_timesteps: int = 100, **kw) -> Tensor:
     return karras_sigmas(num_timesteps, **kw).flip(0)
 
 
+def ddpm_sigmas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """σ = √((1 − ᾱ_t)/ᾱ_t) of Stable Diffusion's DDPM schedule (scaled-linear β), t = 0 … T−1, ascending
+    (float64): the noise levels of a VP model's timestep t in EDM's x0 + σ·ε form. SVD's latents share SD's
+    latent space and scaling, so a paper's "t ∈ [a·T, b·T]" for an SD-based teacher means these σ here."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
 def sampler_indices(num_steps: int, num_timesteps: int) -> list[int]:
     """Grid indices (descending, first = N−1) that a `num_steps` consistency sampler visits."""
     if not 1 <= num_steps <= num_timesteps:

@@ -18,9 +18,11 @@ teacher trajectory, by two distribution-matching losses (eq. 9: λ_SDM·L_SDM + 
 - Two-timescale updates: discriminator and fake score `--critic-steps` (2) times per generator update, each
   round on a fresh generated sample, as DMD2's alternating schedule; AdamW, no EMA (§5.1).
 
-Where the paper is silent (choices written here, README "AVDM2"): the time axis T is our training grid (t is
-uniform over its indices, as OSV samples timesteps), λ_SDM = λ_ADM = 1, K = 4, one σ per video for its K
-frames, the head's layer sizes, the fake score trained on K random frames with LoRA (not a full copy).
+The noise ranges are the paper's own: T is the 1000-step DDPM schedule of its SD-based teacher, whose latent
+space SVD shares, so t ~ U[0.2T, 0.98T] is σ = √((1 − ᾱ_t)/ᾱ_t) ∈ [0.57, 13.0] and t ~ U[0, 0.5T] is
+σ ∈ [0.029, 1.62] (`ddpm_sigmas`), whatever our training grid. Where the paper is silent (README "AVDM2"):
+λ_SDM = λ_ADM = 1, K = 4, one σ per video for its K frames, the head's layer sizes, the fake score trained on K
+random frames with LoRA (not a full copy).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from prodistill.diffusion.edm import append_dims, training_grid
+from prodistill.diffusion.edm import append_dims, ddpm_sigmas
 from prodistill.diffusion.losses import logistic_d_loss, logistic_g_loss
 from prodistill.diffusion.samplers import consistency_sample
 from prodistill.diffusion.solvers import bind
@@ -45,13 +47,17 @@ MOTION = re.compile(r"temporal_|time_mixer|time_pos_embed")
 """Names of the SVD UNet's temporal ("motion module") parameters, trained at `--motion-lr-scale`× the lr."""
 
 
-def grid_index_range(t_min: float, t_max: float, num_timesteps: int) -> tuple[int, int]:
-    """Inclusive training-grid indices [⌈t_min·(N−1)⌉, ⌊t_max·(N−1)⌋] of the paper's t ∈ [t_min·T, t_max·T]."""
-    top = num_timesteps - 1
-    lo, hi = math.ceil(round(t_min * top, 9)), math.floor(round(t_max * top, 9))
+DDPM_STEPS = 1000
+"""T of the paper's noise ranges: the DDPM schedule of its SD-based teacher (`ddpm_sigmas`)."""
+
+
+def timestep_range(t_min: float, t_max: float, num_train_timesteps: int = DDPM_STEPS) -> tuple[int, int]:
+    """Inclusive integer timesteps [⌈t_min·T⌉, min(⌊t_max·T⌋, T − 1)] of the paper's t ~ U[t_min·T, t_max·T]."""
+    lo = math.ceil(round(t_min * num_train_timesteps, 9))
+    hi = min(math.floor(round(t_max * num_train_timesteps, 9)), num_train_timesteps - 1)
     if lo > hi:
-        raise ValueError(f"the noise range [{t_min}, {t_max}] holds no index of a {num_timesteps}-step training "
-                         "grid; widen it or raise --num-timesteps")
+        raise ValueError(f"the noise range [{t_min}, {t_max}] holds no timestep of the {num_train_timesteps}-step "
+                         "schedule; widen it")
     return lo, hi
 
 
@@ -101,11 +107,12 @@ class AVDM2(Method):
         width, height = cfg.size()
         latent_hw = models.latent_shape(1, 1, width, height)[-2:]
         self.head = MultiScaleHead(models.encoder_channels(*latent_hw), cfg.disc_head_channels).to(device)
-        self.grid = training_grid(cfg.num_timesteps).to(device, torch.float32)
         self.sigmas = student_sigmas(cfg.student_steps, cfg.num_timesteps)[0].to(device)
         """The k-step sampler's σ (descending): backward simulation stops at one of them."""
-        self.adm_range = grid_index_range(cfg.adm_t_min, cfg.adm_t_max, cfg.num_timesteps)
-        self.sdm_range = grid_index_range(cfg.sdm_t_min, cfg.sdm_t_max, cfg.num_timesteps)
+        self.ddpm = ddpm_sigmas(DDPM_STEPS).to(device, torch.float32)
+        """σ of the paper's timesteps t = 0 … T−1, which its noise ranges are fractions of."""
+        self.adm_range = timestep_range(cfg.adm_t_min, cfg.adm_t_max)
+        self.sdm_range = timestep_range(cfg.sdm_t_min, cfg.sdm_t_max)
         self.round = 0
 
     # -- the trainer's contract -----------------------------------------------------------------------------
@@ -139,11 +146,10 @@ class AVDM2(Method):
     def _randn(self, like: Tensor) -> Tensor:
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
-    def _grid_sigma(self, index_range: tuple[int, int], batch: int) -> Tensor:
-        """σ (B,) at grid indices uniform in `index_range` (inclusive)."""
-        n = torch.randint(index_range[0], index_range[1] + 1, (batch,), generator=self.generator,
-                          device=self.grid.device)
-        return self.grid[n]
+    def _noise_level(self, t_range: tuple[int, int], batch: int) -> Tensor:
+        """σ (B,) of timesteps t uniform in `t_range` (inclusive)."""
+        t = torch.randint(t_range[0], t_range[1] + 1, (batch,), generator=self.generator, device=self.ddpm.device)
+        return self.ddpm[t]
 
     def _noised(self, x0: Tensor, sigma: Tensor) -> Tensor:
         return x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * self._randn(x0)
@@ -160,8 +166,8 @@ class AVDM2(Method):
         in [0, k) unless `step` is given; read on the host, since the loop length depends on it), then one
         generator call at σ_j — with gradient where grad mode is on. At j = k−1 this is the k-step sample."""
         k = len(self.sigmas)
-        j = int(torch.randint(0, k, (1,), generator=self.generator, device=self.grid.device)) if step is None else step
-        noise = torch.randn(shape, generator=self.generator, device=self.grid.device)
+        j = int(torch.randint(0, k, (1,), generator=self.generator, device=self.ddpm.device)) if step is None else step
+        noise = torch.randn(shape, generator=self.generator, device=self.ddpm.device)
         with torch.no_grad():
             x = consistency_sample(bind(self.student_d, cond), noise, self.sigmas, self.generator, stop=j,
                                    consistency=False)
@@ -179,7 +185,7 @@ class AVDM2(Method):
 
     def _disc_logits(self, x0: Tensor, cond) -> Tensor:
         """D_η(x_t, t) (B,): x0 noised at t ~ U[adm_t_min·T, adm_t_max·T] through encoder and head (eq. 6)."""
-        sigma = self._grid_sigma(self.adm_range, x0.shape[0])
+        sigma = self._noise_level(self.adm_range, x0.shape[0])
         return self.head(self.models.encoder_features(self._noised(x0, sigma), sigma, cond))
 
     def _generator(self, batch: dict) -> StepOutput:
@@ -188,7 +194,7 @@ class AVDM2(Method):
         fake = self.generate(cond, tuple(x0.shape))
         adm = logistic_g_loss(self._disc_logits(fake, cond))  # eq. 7, non-saturating
         frames = self._random_frames(fake)  # G^K_θ(ε)
-        sigma = self._grid_sigma(self.sdm_range, frames.shape[0])
+        sigma = self._noise_level(self.sdm_range, frames.shape[0])
         noisy = self._noised(frames.detach(), sigma)
         with torch.no_grad():
             real_2d, fake_2d = self.real_2d(noisy, sigma, cond), self.fake_2d(noisy, sigma, cond)
@@ -207,7 +213,7 @@ class AVDM2(Method):
 
     def _fake_score(self, cache: dict, fake: Tensor) -> StepOutput:
         frames = self._random_frames(fake)
-        sigma = self._grid_sigma(self.sdm_range, frames.shape[0])  # Algorithm 1, line 13: t ~ (t_min, t_max)
+        sigma = self._noise_level(self.sdm_range, frames.shape[0])  # Algorithm 1, line 13: t ~ (t_min, t_max)
         loss = denoising_loss(self.fake_2d(self._noised(frames, sigma), sigma, cache["cond"]), frames, sigma)
         return StepOutput(loss, {"loss/fake_score": loss.detach()})
 
@@ -230,4 +236,4 @@ class AVDM2(Method):
                                consistency=False)
 
 
-__all__ = ["AVDM2", "distribution_matching_loss", "denoising_loss", "grid_index_range"]
+__all__ = ["AVDM2", "DDPM_STEPS", "distribution_matching_loss", "denoising_loss", "timestep_range"]

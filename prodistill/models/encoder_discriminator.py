@@ -4,16 +4,16 @@ AVDM2 §4.1 (after SDXL-Lightning): the discriminator is the video teacher's UNe
 noisy video x_t at its noise level, plus a trainable head that "extracts features from three spatial scales,
 processes each through independent convolutional layers, and then concatenates these features; a final
 convolutional layer transforms the aggregated features into the discriminator's logit". The paper gives no
-layer sizes; here each branch is conv3×3 → GroupNorm → SiLU → conv3×3 → SiLU at `width` channels, average-
-pooled to the coarsest scale, and the final layer is a 1×1 conv to one channel whose map is averaged over
-positions and frames: one logit per video. The encoder is whatever `encoder_features` of the models gives
+layer sizes; here each branch is conv3×3 → SiLU → conv3×3 → SiLU at `width` channels, average-pooled to the
+coarsest scale, and the final layer is a 1×1 conv to one channel whose map is averaged over positions and
+frames: one logit per video. No normalisation layer: a per-group norm over the few positions of a coarse
+scale (1×1 at the bottom of a small latent) would erase exactly the magnitudes a fake must be judged by. The encoder is whatever `encoder_features` of the models gives
 (the SVD UNet's down blocks and mid block; a parameter-free stand-in on the analytic benchmark), so this
 module holds only the trainable part.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -25,10 +25,9 @@ class MultiScaleHead(nn.Module):
     def __init__(self, channels: Sequence[int], width: int):
         """`channels`: channels of each encoder scale, finest first; `width`: channels of every branch."""
         super().__init__()
-        groups = math.gcd(32, width)
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
-                          nn.Conv2d(width, width, 3, padding=1), nn.SiLU())
+            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+                          nn.SiLU())
             for c in channels
         )
         self.out = nn.Conv2d(width * len(channels), 1, 1)
