@@ -110,7 +110,7 @@ def _run_cli(tmp_path, monkeypatch, extra=()):
 def test_tiny_bench_run_writes_every_row_and_claim(tmp_path, monkeypatch):
     data, output = _run_cli(tmp_path, monkeypatch)
     ids = [r["id"] for r in data["rows"]]
-    expected = (["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS]
+    expected = (["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS] + ["avdm2-init/4"]
                 + ["lcm/1", "lcm/2", "lcm/4", "osv/1", "osv/1+tts", "osv/2", "osv-m1/1", "osv-m1/1+tts",
                    "osv-no-stage1/1", "osv-no-stage1/1+tts", "avdm2/4"])
     assert ids == expected

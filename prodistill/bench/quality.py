@@ -232,6 +232,7 @@ def run_quality_bench(settings: BenchSettings, seed: int = 0, spec: MixtureSpec 
 
 
 def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[str], None]) -> dict:
+    from prodistill.config import TrainConfig
     from prodistill.sampling import sample_student
     from prodistill.training.checkpoint import latest_checkpoint
 
@@ -266,6 +267,12 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
         with torch.no_grad():
             samples = edm_euler_sample(teacher_d, noise_x, karras_sigmas(steps))
         add(f"teacher/{steps}", f"teacher ODE, {steps} Euler steps", "teacher", steps, steps, samples)
+    grid = TrainConfig().num_timesteps  # the students' σ grid: the bench leaves --num-timesteps at its default
+    for student in STUDENTS:
+        if student.method == "avdm2":  # its generator before training: the teacher's D in the k-step sampler
+            k = student.student_steps
+            samples = sample_student(teacher_d, shape, k, False, grid, noise_seed(), models.device, consistency=False)
+            add(f"{student.key}-init/{k}", f"{student.label} at 0 iterations", "teacher", k, k, samples)
 
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="prodistill-quality-") as tmp:
