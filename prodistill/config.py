@@ -1,7 +1,8 @@
 """The training configuration: one typed dataclass whose field docstrings are the CLI's `--help`.
 
-Precedence, lowest first: the paper's defaults written here < the preset's own defaults (the tiny preset
-trains for seconds, not days) < a YAML file (`--config`) < command-line flags. Every run writes the
+Precedence, lowest first: the paper's defaults written here (`METHOD_DEFAULTS` where a method's paper differs)
+< the preset's own defaults (the tiny preset trains for seconds, not days) < a YAML file (`--config`) <
+command-line flags. Every run writes the
 resolved result to `RUN/config.yaml`; `--resume` and `prodistill sample` read it back from there.
 """
 

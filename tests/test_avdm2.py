@@ -196,6 +196,13 @@ def test_encoder_features_are_the_unet_forwards_own_hidden_states(models):
     assert models.encoder_channels(4, 4) == [32, 64]
 
 
+def test_discriminator_head_reads_the_coarsest_three_scales(tmp_path, models, monkeypatch):
+    """SVD at 512² has four encoder resolutions (320@64², 640@32², 1280@16², 1280@8²); the head takes three."""
+    monkeypatch.setattr(models, "encoder_channels", lambda h, w: [320, 640, 1280, 1280])
+    method = AVDM2(tiny_config(tmp_path, **SMALL), models, 2, torch.Generator())
+    assert [branch[0].in_channels for branch in method.head.branches] == [640, 1280, 1280]
+
+
 def test_svd_frame_teacher_runs_each_frame_as_a_one_frame_video(models):
     teacher = models.image_teacher()
     assert teacher.net is models.unet

@@ -43,6 +43,9 @@ from prodistill.models.encoder_discriminator import MultiScaleHead
 from prodistill.models.student import load_trainable, trainable_parameters
 from prodistill.sampling import student_sigmas
 
+DISC_SCALES = 3
+"""The head reads the encoder's coarsest three resolutions (§4.1: "features from three spatial scales")."""
+
 MOTION = re.compile(r"temporal_|time_mixer|time_pos_embed")
 """Names of the SVD UNet's temporal ("motion module") parameters, trained at `--motion-lr-scale`× the lr."""
 
@@ -106,7 +109,8 @@ class AVDM2(Method):
         self.fake_2d = self.teacher_2d.denoiser(self.fake)
         width, height = cfg.size()
         latent_hw = models.latent_shape(1, 1, width, height)[-2:]
-        self.head = MultiScaleHead(models.encoder_channels(*latent_hw), cfg.disc_head_channels).to(device)
+        self.head = MultiScaleHead(models.encoder_channels(*latent_hw)[-DISC_SCALES:],
+                                   cfg.disc_head_channels).to(device)
         self.sigmas = student_sigmas(cfg.student_steps, cfg.num_timesteps)[0].to(device)
         """The k-step sampler's σ (descending): backward simulation stops at one of them."""
         self.ddpm = ddpm_sigmas(DDPM_STEPS).to(device, torch.float32)
@@ -186,7 +190,7 @@ class AVDM2(Method):
     def _disc_logits(self, x0: Tensor, cond) -> Tensor:
         """D_η(x_t, t) (B,): x0 noised at t ~ U[adm_t_min·T, adm_t_max·T] through encoder and head (eq. 6)."""
         sigma = self._noise_level(self.adm_range, x0.shape[0])
-        return self.head(self.models.encoder_features(self._noised(x0, sigma), sigma, cond))
+        return self.head(self.models.encoder_features(self._noised(x0, sigma), sigma, cond)[-DISC_SCALES:])
 
     def _generator(self, batch: dict) -> StepOutput:
         cfg = self.cfg
