@@ -31,7 +31,7 @@ import math
 import re
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from prodistill.diffusion.edm import append_dims, ddpm_sigmas
 from prodistill.diffusion.losses import logistic_d_loss, logistic_g_loss

@@ -44,6 +44,19 @@ class DistillationModels(Protocol):
 
     def decode_with_grad(self, latents: Tensor) -> Tensor: ...
 
+    # -- AVDM2's needs ----------------------------------------------------------------------------------
+    def latent_shape(self, batch: int, frames: int, width: int, height: int) -> tuple[int, ...]: ...
+
+    def encoder_features(self, x: Tensor, sigma: Tensor, cond) -> list[Tensor]:
+        """The frozen teacher encoder's features of noisy latents at σ (B,), one (B, F, C_s, h_s, w_s) per
+        resolution, finest first (the discriminator's backbone)."""
+
+    def encoder_channels(self, height: int, width: int) -> list[int]:
+        """C_s of `encoder_features` for latents of h×w."""
+
+    def image_teacher(self, path: str | None = None) -> Any:
+        """The 2D teacher (`prodistill.models.image_teacher`): `net`, `make_fake(cfg)`, `denoiser(net)`."""
+
 
 @dataclass
 class StepOutput:
