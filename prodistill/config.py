@@ -87,10 +87,11 @@ class TrainConfig:
     motion_bucket_id: int = _f(127, "SVD motion bucket conditioning.")
     noise_aug_strength: float = _f(0.02, "Noise added to the conditioning frame (SVD).")
     # -- speed (prodistill.accel applies these in one written order) -----------------------------------
-    compile: str = _f("auto", "torch.compile by region (UNet stages, DINOv2 layers, discriminator heads): teacher "
-                      "(only the frozen teacher's forward; ~30 s to compile at full size), on (every network; "
-                      "far longer to compile), off, or auto (teacher on cuda, off on cpu). Compiled kernels are "
-                      "cached in --compile-cache.", choices=("auto", "teacher", "on", "off"))
+    compile: str = _f("auto", "torch.compile by region (UNet res-blocks and attention models, DINOv2 layers, "
+                      "discriminator heads): on (every network: fastest step and least memory; minutes to compile "
+                      "the first time a configuration runs, about a minute from the cache after), teacher (only "
+                      "the frozen teacher's forward: ~30 s to compile), off, or auto (on for cuda, off for cpu). "
+                      "Compiled kernels are cached in --compile-cache.", choices=("auto", "teacher", "on", "off"))
     cuda_graphs: str = _f("auto", "Replay the frozen teacher's m-step guided solve as one CUDA graph: on, off, or "
                           "auto (on for cuda).", choices=("auto", "on", "off"))
     compile_cache: str | None = _f(None, "Folder of torch.compile's on-disk caches (default: "

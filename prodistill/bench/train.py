@@ -157,7 +157,8 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
 
 def _derive(result: dict) -> None:
     rows = {r["config"]: r for r in result["rows"]}
-    eager_flops = rows.get("eager", rows.get("eager-pixels", {})).get("tflop_per_it")
+    # every configuration but eager-pixels does the same math: take the count of eager (or plain) for all
+    eager_flops = (rows.get("eager") or rows.get("plain") or {}).get("tflop_per_it")
     plain = rows.get("plain")
     for r in result["rows"]:
         flops = r.get("tflop_per_it", eager_flops)
