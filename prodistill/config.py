@@ -96,6 +96,9 @@ class TrainConfig:
                           "auto (on for cuda).", choices=("auto", "on", "off"))
     compile_cache: str | None = _f(None, "Folder of torch.compile's on-disk caches (default: "
                                    "~/.cache/prodistill/compile, or under $XDG_CACHE_HOME).")
+    fused_ops: bool = _f(False, "Run the discriminator's latent upsampler and the pseudo-Huber loss as the fused "
+                         "Triton kernels of ops/ (cuda only; off by default: measured slower or no faster than "
+                         "torch on an H100).")
     grad_checkpointing: bool = _f(False, "Recompute the student's UNet activations in the backward pass: less "
                                   "memory, about one more student forward of time.")
     # -- bookkeeping ------------------------------------------------------------------------------------

@@ -222,3 +222,30 @@ def test_svd_attention_shapes_at_512():
     assert shapes["spatial 16x16"]["heads"] == 20 and shapes["spatial 16x16"]["seq"] == 256
     assert shapes["dinov2"] == dict(name="dinov2", batch=14, heads=6, seq=257, head_dim=64)
     assert len(shapes) == 7
+
+
+def test_fused_ops_switch_reaches_the_upsampler_and_the_loss_and_is_refused_on_cpu(tmp_path):
+    """accelerate flips every LatentUpsampler to the fused op and ops' process default (which the pseudo-Huber
+    distance follows); a later run without --fused-ops flips both back. On CPU tensors the fused op takes its
+    reference path, so the upsampler's output must stay the eager sequence's. (The Triton kernels themselves:
+    tests/test_ops.py, `gpu`.)"""
+    import ops._switch
+    from prodistill.models.discriminator import LatentUpsampler
+
+    cfg = tiny_config(tmp_path)
+    _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    ups = [m for n in method_networks(osv, models) for m in n.modules() if isinstance(m, LatentUpsampler)]
+    assert ups and not any(m.fused for m in ups)
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        want = ups[0](x)
+        try:
+            accelerate(osv, models, Speedups(fused_ops=True))
+            assert all(m.fused for m in ups) and ops._switch._default is True
+            torch.testing.assert_close(ups[0](x), want, rtol=1e-5, atol=1e-5)
+            accelerate(osv, models, Speedups())
+            assert not any(m.fused for m in ups) and ops._switch._default is None
+        finally:
+            ops._switch.set_default(None)
+    with pytest.raises(SpeedupError, match="--fused-ops needs --device cuda"):
+        Speedups.from_config(tiny_config(tmp_path, fused_ops=True), torch.device("cpu"))

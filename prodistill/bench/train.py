@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
+CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
+           "compile+graphs+fused")
+"""`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of the configuration before it."""
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
 """Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
 
@@ -43,9 +45,9 @@ def parse_configs(text: str, device: torch.device) -> list[str]:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise ValueError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    if any(c.endswith("graphs") for c in names) and device.type != "cuda":
-        raise ValueError("--configs graphs and compile+graphs need --device cuda (CUDA graphs); leave them out "
-                         "on the CPU")
+    if any("graphs" in c or "fused" in c for c in names) and device.type != "cuda":
+        raise ValueError("--configs with graphs or fused need --device cuda (CUDA graphs, Triton kernels); leave "
+                         "them out on the CPU")
     return [c for c in CONFIGS if c in names]
 
 
@@ -87,7 +89,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
     stage = cfg.stages()[0]
     method = build_method(cfg, models, stage, generator)
     scope = "teacher" if "teacher" in name else "all" if name.startswith("compile") else "off"
-    speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs=name.endswith("graphs"))
+    speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs="graphs" in name,
+                       fused_ops="fused" in name)
     accelerate(method, models, speedups)
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)))
     batch = pixels if name == "eager-pixels" else cached

@@ -9,7 +9,13 @@ from torch import Tensor
 
 
 def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """Per-sample pseudo-Huber distance d(x, y) = √(‖x − y‖₂² + c²) − c (OSV eq. 7/10, after iCT); shape (B,)."""
+    """Per-sample pseudo-Huber distance d(x, y) = √(‖x − y‖₂² + c²) − c (OSV eq. 7/10, after iCT); shape (B,).
+    With the fused ops switched on (`--fused-ops`, see `ops`), CUDA tensors take the fused kernel."""
+    if x.is_cuda:
+        import ops
+
+        if ops.use_fused(x, None):
+            return ops.pseudo_huber(x, y, c)
     sq = (x - y).float().pow(2).flatten(1).sum(1)
     return (sq + c * c).sqrt() - c
 

@@ -78,9 +78,18 @@ class LatentUpsampler(nn.Module):
         self.conv = nn.Conv2d(latent_channels, out_channels * upscale * upscale, kernel_size=3, padding=1)
         self.shuffle = nn.PixelShuffle(upscale)
         self.norm = nn.GroupNorm(1, out_channels, eps=eps, affine=True)
+        self.fused = False
+        """Run the sequence as `ops.fused_latent_upsampler` (set by prodistill.accel for `--fused-ops`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.shuffle(self.conv(x)))
+        if not self.fused:
+            return self.norm(self.shuffle(self.conv(x)))
+        import ops
+
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        params = (self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias)
+        return ops.fused_latent_upsampler(x.to(dtype), *(p.to(dtype) for p in params), self.upscale,
+                                          self.norm.eps, fused=True)
 
 
 # --------------------------------------------------------------------------------------
