@@ -20,10 +20,11 @@ from prodistill.accel import fp8
 from prodistill.accel.fp8 import Fp8Linear, Row, Table, plan_layer
 from prodistill.training.logger import read_metrics
 
-FP8_REL_TOL = 0.05
-"""‖y_fp8 − y‖/‖y‖ of one FP8 Linear (E4M3 operands, 3 mantissa bits: ≈2-3 % measured) must stay below this."""
-GRAD_REL_TOL = 0.12
-"""Same for the input gradient (E5M2 gradient, 2 mantissa bits)."""
+FP8_REL_TOL = 0.06
+"""‖y_fp8 − y‖/‖y‖ of one FP8 Linear on Gaussian data must stay below this: E4M3 operands (3 mantissa bits)
+give 3.7 % here, for the emulator and for torchao's tensorwise recipe alike (they agreed to 4 digits on the CPU)."""
+GRAD_REL_TOL = 0.10
+"""Same for the input gradient: E5M2 gradient (2 mantissa bits), 5.8 % measured."""
 
 
 def _frozen(k: int, n: int, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -111,7 +112,8 @@ def test_emulated_fp8_linear_tracks_fp32_within_tolerance():
 
 def test_emulated_layer_under_autocast_returns_the_autocast_dtype():
     lin = _frozen(64, 64)
-    layer = Fp8Linear(lin, plan_layer("l", lin, "infer", False, ("emulate",), Table([_row("infer", 64, 64, 64, te=0.5)])))
+    table = Table([_row("infer", 64, 64, 64, te=0.5)])
+    layer = Fp8Linear(lin, plan_layer("l", lin, "infer", False, ("emulate",), table))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(64, 64)).dtype == torch.bfloat16
 
@@ -178,24 +180,35 @@ def test_accelerate_converts_exactly_the_chosen_layers_and_the_step_tracks_fp32(
     assert not any(isinstance(m, Fp8Linear) for net in nets.values() for m in net.modules())
 
 
-def test_compiled_step_with_fp8_layers_has_no_graph_break_and_matches_eager(tmp_path, tiny_shapes, monkeypatch):
-    """Fp8Linear inside fullgraph regions (dynamo's eager backend: the traced ops must give the eager FP8 step's
-    losses to the last bit)."""
-    shapes, _ = tiny_shapes
-    path = _table(shapes, lambda s: True).save(tmp_path / "all.json")
+def test_compiled_fp8_layers_have_no_graph_break_and_match_eager_with_gradients():
+    """Fp8Linear (its per-call row choice, the emulated FP8 GEMM and its backward) traces into one graph
+    (fullgraph) whose forward and input gradient equal eager's to the last bit (aot_eager: traced ops, eager
+    kernels)."""
+    net = nn.Sequential(_frozen(64, 128), nn.GELU(), _frozen(128, 64, seed=1))
+    fp8.convert(net, "net", "train", True, "emulate", Table([_row("train", 96, 64, 128, te=0.5),
+                                                               _row("train", 96, 128, 64, te=0.5)]))
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    xc = x.detach().clone().requires_grad_(True)
+    y, yc = net(x), torch.compile(net, fullgraph=True, backend="aot_eager")(xc)
+    y.sum().backward()
+    yc.sum().backward()
+    assert torch.equal(y, yc) and torch.equal(x.grad, xc.grad)
+
+
+def test_compiled_teacher_with_fp8_layers_gives_the_eager_fp8_losses(tmp_path, tiny_shapes):
+    """The teacher's compiled regions (fullgraph, dynamo's eager backend) with FP8 layers give the eager FP8
+    step's losses to the last bit."""
+    path = _table(tiny_shapes[0], lambda s: True).save(tmp_path / "all.json")
     cfg = tiny_config(tmp_path, max_steps=1)
     eager, osv, models = make_trainer(cfg, tmp_path / "eager", stage=2)
     accelerate(osv, models, Speedups(fp8=True, fp8_backend="emulate", fp8_table=path))
     eager.fit()
     compiled, osv, _ = make_trainer(cfg, tmp_path / "compiled", stage=2, models=models)
-    plans = accelerate(osv, models, Speedups(compile="all", backend="eager", fp8=True, fp8_backend="emulate",
+    plans = accelerate(osv, models, Speedups(compile="teacher", backend="eager", fp8=True, fp8_backend="emulate",
                                              fp8_table=path))
-    assert sum(p.backend is not None for p in plans) > 100
+    assert sum(p.backend is not None for p in plans if p.name.startswith("teacher.")) > 100
     compiled.fit()
     assert _losses(tmp_path / "compiled") == _losses(tmp_path / "eager")
-    from torch._dynamo.utils import counters
-
-    assert sum(counters["graph_break"].values()) == 0
 
 
 # -- errors before any model is built -------------------------------------------------------------------------
@@ -222,10 +235,13 @@ def test_fp8_without_hopper_or_without_the_package_says_what_is_missing(tmp_path
     with pytest.raises(SpeedupError, match=r"Hopper-class GPU .* NVIDIA A100 is 8\.0"):
         Speedups.from_config(tiny_config(tmp_path, fp8=True), cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
-    monkeypatch.setattr(fp8, "installed", lambda b: b == "emulate")
-    with pytest.raises(SpeedupError, match=r"needs Transformer Engine, which is not installed: pip install '\.\[fp8\]'"):
+    real_find_spec = fp8.importlib.util.find_spec
+    absent = ("transformer_engine", "torchao")
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda n, *a: None if n in absent else real_find_spec(n, *a))
+    fp8.import_backend.cache_clear()
+    with pytest.raises(SpeedupError, match=r"needs Transformer Engine, which is not installed: pip install '\.\[fp8"):
         Speedups.from_config(tiny_config(tmp_path, fp8=True, fp8_backend="te"), cuda)
-    with pytest.raises(SpeedupError, match="needs Transformer Engine or torchao, neither is installed"):
+    with pytest.raises(SpeedupError, match="needs Transformer Engine or torchao, and neither imports here"):
         Speedups.from_config(tiny_config(tmp_path, fp8=True), cuda)
     monkeypatch.setattr(fp8, "installed", lambda b: b in ("torchao", "emulate"))
     speedups = Speedups.from_config(tiny_config(tmp_path, fp8=True), cuda)
@@ -242,9 +258,10 @@ def test_explain_lists_each_layer_its_shape_role_decision_and_rows():
     text = fp8.explain(fp8.convert(net, "teacher", "infer", False, "emulate", table))
     lines = text.splitlines()
     assert lines[0] == "FP8 Linear layers: teacher 2/4 (emulate)"
-    assert lines[1] == "teacher.0 (+1 more of this shape)  320→320  infer  FP8 (emulate): te ≥5% faster at M=4096 " \
-                       "(saves 0.300 ms per forward)"
-    assert "M=1024 ×1: bf16 1.000, te 1.200 ms → bf16" in text and "M=4096 ×1: bf16 1.000, te 0.700 ms → FP8" in text
+    assert lines[1] == ("teacher.0 (+1 more of this shape)  320→320  infer  FP8 (emulate): te ≥5% faster at "
+                        "M=4096 (saves 0.300 ms per forward)")
+    assert "M=1024 ×1: bf16 1.000, te 1.200 ms → bf16" in text
+    assert "M=4096 ×1: bf16 1.000, te 0.700 ms → FP8" in text
     assert "teacher.2  320→1280  infer  bf16: no measured row for (infer, K=320, N=1280) in t.json" in text
     assert "teacher.3  320→320  infer  bf16: trained weight" in text
     assert "FP8" not in fp8.explain(fp8.convert(net, "teacher", "infer", False, "emulate", Table()), only_fp8=True
@@ -263,7 +280,7 @@ def test_measurement_harness_writes_the_table_the_rule_reads(tmp_path, tiny_shap
     assert len(table.rows) == len(shapes) and {(r.role, r.m, r.k, r.n) for r in table.rows} == {
         (s.role, s.m, s.k, s.n) for s in shapes}
     if not fp8.installed("te"):
-        assert echoed == ["te: not installed, not measured (pip install '.[fp8]'); measuring the others"]
+        assert len(echoed) == 1 and echoed[0].startswith("te: not measured (--fp8-backend te needs Transformer Engine")
     timed = [r for r in table.rows if not fp8.eligible(r.m, r.k, r.n)]
     assert timed and all({"bf16", "emulate"} <= set(r.ms) for r in timed)
     assert all(r.note and not r.ms for r in table.rows if fp8.eligible(r.m, r.k, r.n))

@@ -115,6 +115,10 @@ def accelerate(method, models, speedups: Speedups) -> list:
         else:
             plans += fp8.convert(net, name, role, compiled, speedups.fp8_backend, table)
     if table is not None:
+        if speedups.fp8_backend == "te" and speedups.compile != "off":
+            log.warning("--fp8-backend te leaves the compiled networks (--compile %s) in bf16: te.Linear is a graph "
+                        "break under torch.compile; use --fp8-backend torchao or auto there, or --compile off",
+                        speedups.compile)
         converted = sum(p.backend is not None for p in plans)
         log.log(logging.INFO if converted else logging.WARNING, "%s (table: %s%s)", fp8.summary(plans),
                 table.source, "" if table.rows else ", which holds no measured row: run `prodistill bench fp8`")

@@ -44,6 +44,8 @@ fp32. It is slower than bf16 and exists so tests check the conversion, the rule 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import importlib.util
 import json
 import math
@@ -130,7 +132,8 @@ def nearest_m(measured: tuple[int, ...], m: int) -> int | None:
     """The measured M nearest to `m` on a log scale, if within a factor √2 (pure: dynamo folds it)."""
     best = None
     for r in measured:
-        if r * r <= 2 * m * m and m * m <= 2 * r * r and (best is None or abs(math.log2(r / m)) < abs(math.log2(best / m))):
+        within = r * r <= 2 * m * m and m * m <= 2 * r * r
+        if within and (best is None or abs(math.log2(r / m)) < abs(math.log2(best / m))):
             best = r
     return best
 
@@ -199,7 +202,8 @@ def plan_layer(name: str, linear: nn.Linear, role: str, compiled: bool, backends
     for r in rows:
         cols = ", ".join(f"{c} {r.ms[c]:.3f}" for c in COLUMNS if c in r.ms)
         verdict = "FP8" if best and r.m in best[2] else "bf16"
-        plan.rows.append(f"M={r.m} ×{r.count}: {cols or 'not measured'} ms → {verdict}" + (f" ({r.note})" if r.note else ""))
+        note = f" ({r.note})" if r.note else ""
+        plan.rows.append(f"M={r.m} ×{r.count}: {cols or 'not measured'} ms → {verdict}{note}")
     if best is None:
         plan.reason = "; ".join(notes + [f"FP8 not ≥{margin:.0%} faster than bf16 at any measured M"])
         return plan
@@ -253,12 +257,22 @@ class EmulatedKernel:
         return y.to(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _import(backend: str):
+@functools.cache
+def import_backend(backend: str):
+    """The backend's module (transformer_engine.pytorch, torchao), or Fp8Unavailable saying what to install."""
     module, pretty = _PACKAGES[backend]
+    if importlib.util.find_spec(module) is None:
+        raise Fp8Unavailable(f"--fp8-backend {backend} needs {pretty}, which is not installed: {INSTALL_HINT}")
     try:
-        return importlib.import_module(module + (".pytorch" if backend == "te" else ""))
-    except ImportError as e:
-        raise Fp8Unavailable(f"--fp8-backend {backend} could not import {pretty} ({e}): {INSTALL_HINT}") from None
+        mod = importlib.import_module(module + (".pytorch" if backend == "te" else ""))
+    except Exception as e:  # a partial install (TE's metapackage without its core wheel) fails in many ways
+        raise Fp8Unavailable(f"--fp8-backend {backend}: {pretty} is installed but does not import "
+                             f"({type(e).__name__}: {str(e)[:200]}): {INSTALL_HINT}") from None
+    if backend == "te" and not hasattr(mod, "quantized_model_init"):
+        raise Fp8Unavailable(f"--fp8-backend te needs Transformer Engine 2.9 or newer (te.autocast, "
+                             f"quantized_model_init), found {getattr(mod, '__version__', 'an older one')}: "
+                             f"{INSTALL_HINT}")
+    return mod
 
 
 class TEKernel:
@@ -268,7 +282,7 @@ class TEKernel:
     share the bf16 Parameter (frozen, so TE computes no weight gradient) and quantize it per call."""
 
     def __init__(self, linear: nn.Linear, role: str):
-        te = _import("te")
+        te = import_backend("te")
         from transformer_engine.common.recipe import Float8CurrentScaling, Format
 
         self.te, self.recipe = te, Float8CurrentScaling(fp8_format=Format.HYBRID)
@@ -299,7 +313,7 @@ class TorchaoKernel:
     scale) by torchao's inference path, activations quantized per call. Fused by inductor under torch.compile."""
 
     def __init__(self, linear: nn.Linear, role: str):
-        _import("torchao")
+        import_backend("torchao")
         plain = _plain_linear(linear.weight, linear.bias)
         if role == "infer":
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
@@ -364,7 +378,14 @@ class Fp8Linear(nn.Linear):
 
 # -- networks -------------------------------------------------------------------------------------------------
 def installed(backend: str) -> bool:
-    return backend == "emulate" or importlib.util.find_spec(_PACKAGES[backend][0]) is not None
+    """Whether `backend` imports (and is recent enough) here; imports it, once."""
+    if backend == "emulate":
+        return True
+    try:
+        import_backend(backend)
+    except Fp8Unavailable:
+        return False
+    return True
 
 
 def backends_for(choice: str) -> tuple[str, ...]:
@@ -374,7 +395,8 @@ def backends_for(choice: str) -> tuple[str, ...]:
 
 def check_available(choice: str, device: torch.device) -> None:
     """Raise Fp8Unavailable (one sentence: what is missing and how to get it) unless `--fp8-backend choice`
-    can run on `device`. Cheap: imports nothing heavy, so it runs before any model is built."""
+    can run on `device`. Runs before any model is built; imports the backend (seconds for TE), so a partial
+    install is caught here too."""
     if choice == "emulate":
         return
     if device.type != "cuda":
@@ -386,11 +408,11 @@ def check_available(choice: str, device: torch.device) -> None:
         raise Fp8Unavailable(f"--fp8 needs a Hopper-class GPU (compute capability 9.0+, e.g. H100/H200), but "
                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: run on an H100/H200 or "
                              "drop --fp8")
-    wanted = ("te", "torchao") if choice == "auto" else (choice,)
-    if not any(installed(b) for b in wanted):
-        names = " or ".join(_PACKAGES[b][1] for b in wanted)
-        missing = "neither is installed" if len(wanted) > 1 else "which is not installed"
-        raise Fp8Unavailable(f"--fp8-backend {choice} needs {names}, {missing}: {INSTALL_HINT}")
+    if choice != "auto":
+        import_backend(choice)
+    elif not any(installed(b) for b in ("te", "torchao")):
+        raise Fp8Unavailable(f"--fp8-backend auto needs Transformer Engine or torchao, and neither imports here: "
+                             f"{INSTALL_HINT}")
 
 
 def restore(network: nn.Module) -> int:

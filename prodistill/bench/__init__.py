@@ -154,7 +154,8 @@ def fp8_command(json_path, backends, preset, resolution, frames, batch_size, rep
     names = [b.strip() for b in backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
-        raise click.ClickException(f"--backends: unknown {', '.join(unknown) or '(none given)'}; choose from te, torchao")
+        raise click.ClickException(f"--backends: unknown {', '.join(unknown) or '(none given)'}; "
+                                   "choose from te, torchao")
     if not torch_cuda_sm90():
         raise click.ClickException("bench fp8 needs an NVIDIA Hopper-class GPU (compute capability 9.0+, e.g. "
                                    "H100/H200): FP8 timings mean nothing elsewhere; run it there")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prodistill.accel.fp8 import KERNELS, MARGIN, Row, Table, eligible, installed, wins
+from prodistill.accel.fp8 import KERNELS, MARGIN, Fp8Unavailable, Row, Table, eligible, import_backend, wins
 
 BACKEND_COLUMNS = {"te": ("te",), "torchao": ("torchao-eager", "torchao"), "emulate": ("emulate",)}
 
@@ -124,10 +124,12 @@ def measure(shapes: Counter, with_bias: set, backends: list[str], device: torch.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     present = []
     for b in backends:
-        if installed(b):
+        try:
+            if b != "emulate":
+                import_backend(b)
             present.append(b)
-        else:
-            echo(f"{b}: not installed, not measured (pip install '.[fp8]'); measuring the others")
+        except Fp8Unavailable as e:
+            echo(f"{b}: not measured ({e}); measuring the others")
     groups: dict[tuple, list[Shape]] = {}
     for s in sorted(shapes, key=lambda s: (s.role, -s.m * s.k * s.n)):
         groups.setdefault((s.role, s.k, s.n, s in with_bias), []).append(s)

@@ -54,8 +54,9 @@ def parse_configs(text: str, device: torch.device) -> list[str]:
 
     names = [c.strip() for c in text.split(",") if c.strip()]
     parts = {c: split_config(c) for c in names}
+    no_fp8 = ("plain", "eager-pixels")
     unknown = [c for c, (base, fp8) in parts.items()
-               if base not in CONFIGS or (fp8 is not None and (fp8 not in FP8_BACKENDS or base in ("plain", "eager-pixels")))]
+               if base not in CONFIGS or (fp8 is not None and (fp8 not in FP8_BACKENDS or base in no_fp8))]
     if unknown:
         raise ValueError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}, "
                          f"each but plain and eager-pixels optionally with +fp8-{'|'.join(FP8_BACKENDS)}")
@@ -68,7 +69,10 @@ def parse_configs(text: str, device: torch.device) -> list[str]:
                 check_available(fp8, device)
             except ValueError as e:
                 raise ValueError(f"--configs {name}: {e}") from None
-    order = lambda c: (CONFIGS.index(parts[c][0]), -1 if parts[c][1] is None else FP8_BACKENDS.index(parts[c][1]))  # noqa: E731
+    def order(name: str) -> tuple[int, int]:  # each FP8 variant right after its configuration
+        base, fp8 = parts[name]
+        return CONFIGS.index(base), -1 if fp8 is None else FP8_BACKENDS.index(fp8)
+
     return sorted(set(names), key=order)
 
 
