@@ -310,7 +310,9 @@ class TEKernel:
 class TorchaoKernel:
     """torchao float8: `train` layers are a Float8Linear (tensorwise dynamic scaling of input, weight and
     gradient) sharing the layer's Parameters; `infer` layers hold a weight quantized once to float8 (per-tensor
-    scale) by torchao's inference path, activations quantized per call. Fused by inductor under torch.compile."""
+    scale) by torchao's inference path, activations quantized per call. Fused by inductor under torch.compile.
+    Eager, Float8Linear computes a weight gradient even for a frozen weight and drops it (compiled, that GEMM
+    is dead code): the table's `torchao-eager` and `torchao` columns each time the layer as it runs."""
 
     def __init__(self, linear: nn.Linear, role: str):
         import_backend("torchao")

@@ -118,7 +118,7 @@ def _short(e: Exception) -> str:
 
 
 def measure(shapes: Counter, with_bias: set, backends: list[str], device: torch.device, reps: int = 30,
-            warmup: int = 5, max_seconds: float = 150.0, echo=print) -> Table:
+            warmup: int = 5, max_seconds: float = 120.0, echo=print) -> Table:
     """Time every shape in bf16 and each of `backends` (te, torchao, emulate) → the rule's table."""
     start = time.perf_counter()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
