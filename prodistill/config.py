@@ -101,6 +101,16 @@ class TrainConfig:
                          "torch on an H100).")
     grad_checkpointing: bool = _f(False, "Recompute the student's UNet activations in the backward pass: less "
                                   "memory, about one more student forward of time.")
+    fp8: bool = _f(False, "FP8 GEMMs for the Linear layers of teacher, student and DINOv2, each layer only where the "
+                   "measured per-shape table (--fp8-table) says FP8 beats bf16 by at least 5 %; convs stay bf16. "
+                   "Needs an H100/H200 and the backend's package (pip install '.[fp8]').")
+    fp8_backend: str = _f("auto", "FP8 library: te (Transformer Engine, eager networks only: te.Linear is a graph "
+                          "break under torch.compile), torchao (float8, fused by torch.compile), auto (per layer, "
+                          "the installed one the table finds faster), or emulate (plain-torch FP8 numerics on any "
+                          "device, slower than bf16: for checking numerics).",
+                          choices=("auto", "te", "torchao", "emulate"))
+    fp8_table: str | None = _f(None, "The measured per-shape FP8 table (JSON written by `prodistill bench fp8`); "
+                               "default: the one shipped in the package.")
     # -- bookkeeping ------------------------------------------------------------------------------------
     log_every: int = _f(10, "Steps between log lines (the only host synchronisation in the loop).")
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
@@ -142,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         for name in ("teacher", "dino"):
             _check_weights_arg(name, getattr(self, name))
+        if self.fp8_table is not None and not Path(self.fp8_table).expanduser().is_file():
+            raise ValueError(f"--fp8-table {self.fp8_table}: no such file; pass the JSON that `prodistill bench fp8 "
+                             "--json` wrote, or leave it out for the table shipped in the package")
 
     def size(self) -> tuple[int, int]:
         """(W, H) from the `WxH` resolution string, checked to be a multiple of 16 pixels."""

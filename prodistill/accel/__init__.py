@@ -3,7 +3,10 @@
 The methods own the math and know nothing of this package; `accelerate` rewires a built method's networks
 and its teacher solve. The order matters, and is:
 
-1. (FP8 Linear layers — the next speed-up slots in here: layers must be swapped before anything traces them.)
+1. FP8 Linear layers (`--fp8`, `prodistill.accel.fp8`): teacher (role `infer`), student and DINOv2 (role
+   `train`), each layer only where the measured per-shape table says FP8 wins; first, because layers must be
+   swapped before anything traces them. Every call first restores the networks' bf16 layers, so a network
+   converted by an earlier call (stage 1, another bench configuration) is converted afresh or not at all.
 2. Fused ops (`--fused-ops`): the discriminator's latent upsampler and the pseudo-Huber distance run as the
    `ops/` Triton kernels (custom ops, so compiled regions keep them as single nodes). Off by default: measured
    on an H100 (README), the fused upsampler is 2.2-2.6× slower than eager torch and the fused pseudo-Huber
@@ -48,6 +51,11 @@ class Speedups:
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
     backend: str = field(default_factory=lambda: os.environ.get("PRODISTILL_COMPILE_BACKEND", "inductor"))
+    fp8: bool = False
+    fp8_backend: str = "auto"
+    """te, torchao, emulate, or auto (per layer, the installed backend the table finds faster)."""
+    fp8_table: Path | None = None
+    """The measured per-shape table (None: the one shipped in the package)."""
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "Speedups":
@@ -66,15 +74,22 @@ class Speedups:
         if cfg.fused_ops and not cuda:
             raise SpeedupError("--fused-ops needs --device cuda (the fused kernels are Triton GPU kernels); the CPU "
                                "always runs the pure-torch ops")
+        if cfg.fp8:
+            from prodistill.accel.fp8 import check_available
+
+            check_available(cfg.fp8_backend, device)
         mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
         return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
                    fused_ops=cfg.fused_ops,
                    grad_checkpointing=cfg.grad_checkpointing,
-                   cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None)
+                   cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None,
+                   fp8=cfg.fp8, fp8_backend=cfg.fp8_backend,
+                   fp8_table=Path(cfg.fp8_table).expanduser() if cfg.fp8_table else None)
 
     def describe(self) -> str:
         scope = "teacher" if self.compile == "teacher" else "all networks"
-        parts = [f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
+        parts = [f"FP8 ({self.fp8_backend}) where measured faster" if self.fp8 else None,
+                 f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  "CUDA graph teacher solve" if self.cuda_graphs else None,
                  "fused ops" if self.fused_ops else None,
                  "grad checkpointing" if self.grad_checkpointing else None]
@@ -88,8 +103,37 @@ def method_networks(method, models) -> list[nn.Module]:
     return nets
 
 
-def accelerate(method, models, speedups: Speedups) -> None:
-    """Apply `speedups` to a built method in the order of this module's docstring."""
+def fp8_networks(method, models, compile_mode: str) -> list[tuple[str, nn.Module, str, bool]]:
+    """(name, network, FP8 role, compiled?) of each network with Linear layers FP8 may convert: the frozen
+    teacher runs forward only (`infer`); every other network of the method is differentiated through
+    (`train`). A network is compiled when `compile_mode` covers it."""
+    nets = [("teacher", models.teacher, "infer", compile_mode in ("teacher", "all"))]
+    for name, module in vars(method).items():
+        if isinstance(module, nn.Module) and module is not models.teacher:
+            nets.append((name, module, "train", compile_mode == "all"))
+    return nets
+
+
+def accelerate(method, models, speedups: Speedups) -> list:
+    """Apply `speedups` to a built method in the order of this module's docstring. Returns the FP8 plan of
+    every Linear layer (`prodistill.accel.fp8.LayerPlan`; empty without `--fp8`), which `explain` lists."""
+    from prodistill.accel import fp8
+
+    plans = []
+    table = fp8.Table.load(speedups.fp8_table) if speedups.fp8 else None
+    for name, net, role, compiled in fp8_networks(method, models, speedups.compile):
+        if table is None:
+            fp8.restore(net)
+        else:
+            plans += fp8.convert(net, name, role, compiled, speedups.fp8_backend, table)
+    if table is not None:
+        if speedups.fp8_backend == "te" and speedups.compile != "off":
+            log.warning("--fp8-backend te leaves the compiled networks (--compile %s) in bf16: te.Linear is a graph "
+                        "break under torch.compile; use --fp8-backend torchao or auto there, or --compile off",
+                        speedups.compile)
+        converted = sum(p.backend is not None for p in plans)
+        log.log(logging.INFO if converted else logging.WARNING, "%s (table: %s%s)", fp8.summary(plans),
+                table.source, "" if table.rows else ", which holds no measured row: run `prodistill bench fp8`")
     student = getattr(method, "student", None)
     import ops
 
@@ -114,4 +158,5 @@ def accelerate(method, models, speedups: Speedups) -> None:
         from prodistill.accel.graphs import GraphedSolve
 
         method.teacher_solve = GraphedSolve(method.teacher_solve)
+    return plans
 
