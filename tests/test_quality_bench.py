@@ -112,7 +112,7 @@ def test_tiny_bench_run_writes_every_row_and_claim(tmp_path, monkeypatch):
     ids = [r["id"] for r in data["rows"]]
     expected = (["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS]
                 + ["lcm/1", "lcm/2", "lcm/4", "osv/1", "osv/1+tts", "osv/2", "osv-m1/1", "osv-m1/1+tts",
-                   "osv-no-stage1/1", "osv-no-stage1/1+tts"])
+                   "osv-no-stage1/1", "osv-no-stage1/1+tts", "mcm/1", "mcm/2", "mcm/4"])
     assert ids == expected
     assert [c["claim"] for c in data["claims"]] == [c[0] for c in CLAIMS]
     assert all(math.isfinite(r["energy"]) for r in data["rows"])

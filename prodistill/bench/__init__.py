@@ -32,7 +32,7 @@ def bench() -> None:
               help="CPU threads. Results are reproducible for a given thread count; more than the free cores slows "
                    "the run down many times.")
 def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: int, threads: int) -> None:
-    """Distil LCM and OSV students on a Gaussian-mixture video distribution with an exact teacher and
+    """Distil LCM, OSV and MCM students on a Gaussian-mixture video distribution with an exact teacher and
     report each sampler's distance to the true distribution (table, JSON, PNG)."""
     from prodistill.bench.quality import format_table, run_quality_bench, save_plot, settings_for, write_json
 

@@ -83,7 +83,7 @@ class MCM(LCM):
         return self._decode_frames(fake_latents) if self.cfg.disc_input == "decoded" else fake_latents
 
     @torch.no_grad()
-    def _real_frames(self, x0: Tensor) -> Tensor:
+    def real_frames(self, x0: Tensor) -> Tensor:
         """The discriminator's real frames (B, l, ...), in its input space: l random frames of each real clip,
         or B·l random images of `--image-data` (VAE-encoded unless the discriminator reads decoded frames)."""
         if self.images is None:
@@ -95,7 +95,7 @@ class MCM(LCM):
         pixels = self.images.load(idx.tolist(), width, height).to(x0.device).unflatten(0, (b, l))
         return pixels if self.cfg.disc_input == "decoded" else self.models.encode_video(pixels, self.generator)
 
-    def _trajectory_start(self, x0: Tensor, cond) -> tuple[Tensor, bool]:
+    def trajectory_start(self, x0: Tensor, cond) -> tuple[Tensor, bool]:
         """MCM eq. 7: the clean latents the trajectory starts from, and whether they are the student's own
         1-step sample (drawn with probability 1 − λ_real from the method's generator; one host sync)."""
         lam = self.cfg.lambda_real
@@ -128,8 +128,8 @@ class MCM(LCM):
     def _generator(self, batch: dict) -> StepOutput:
         cfg = self.cfg
         x0, cond = self.models.prepare_batch(batch, cfg.fps, self.generator)
-        real = self._real_frames(x0)
-        start, generated = self._trajectory_start(x0, cond)
+        real = self.real_frames(x0)
+        start, generated = self.trajectory_start(x0, cond)
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         b = x0.shape[0]
         n = torch.randint(0, cfg.num_timesteps - 1, (b,), generator=self.generator, device=self.grid.device)
