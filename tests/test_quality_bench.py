@@ -126,4 +126,11 @@ def test_bench_is_deterministic_and_plot_skips_without_matplotlib(tmp_path, monk
     data, output = _run_cli(tmp_path, monkeypatch)
     assert "plot skipped: matplotlib is not installed" in output and not (tmp_path / "q.png").exists()
     assert save_plot(data, tmp_path / "p.png") is None
-    assert run_quality_bench(TINY_RUN, seed=1, echo=lambda line: None)["rows"] == data["rows"]
+    subset = run_quality_bench(TINY_RUN, seed=1, echo=lambda line: None, students=("lcm", "mcm"))
+    by_id = {r["id"]: r for r in data["rows"]}
+    assert [r["id"] for r in subset["rows"]] == (["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS]
+                                                 + ["lcm/1", "lcm/2", "lcm/4", "mcm/1", "mcm/2", "mcm/4"])
+    assert subset["rows"] == [by_id[r["id"]] for r in subset["rows"]]  # deterministic, whoever else trains
+    assert {c["row"] for c in subset["claims"]} == {"mcm/1", "mcm/2", "mcm/4"}
+    refused = CliRunner().invoke(bench, ["quality", "--students", "lcm,dmd"])
+    assert refused.exit_code != 0 and "unknown student(s) dmd" in refused.output

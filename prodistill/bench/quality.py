@@ -216,8 +216,11 @@ def _train_stage(cfg, models: AnalyticModels, stage: int, run_dir: Path, init: P
 
 # -- the run ------------------------------------------------------------------------------------------------
 def run_quality_bench(settings: BenchSettings, seed: int = 0, spec: MixtureSpec = MixtureSpec(),
-                      threads: int = 1, echo: Callable[[str], None] = print) -> dict:
-    """Train every student, sample every row, score them; returns the JSON-ready result.
+                      threads: int = 1, echo: Callable[[str], None] = print,
+                      students: tuple[str, ...] | None = None) -> dict:
+    """Train every student (or those whose keys are in `students`), sample every row, score them; returns the
+    JSON-ready result. A student's rows do not depend on which other students run (each one's training is
+    seeded by `seed` alone), so a subset reproduces the full run's rows for it.
 
     Runs on `threads` CPU threads (restored afterwards). One thread by default: the numbers then do not
     depend on the machine's core count, and a 2-core machine shared with another job slows down about 2×
@@ -226,13 +229,24 @@ def run_quality_bench(settings: BenchSettings, seed: int = 0, spec: MixtureSpec 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _run(settings, seed, spec, echo)
+        result = _run(settings, seed, spec, echo, select_students(students))
     finally:
         torch.set_num_threads(previous)
     return {**result, "threads": threads}
 
 
-def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[str], None]) -> dict:
+def select_students(keys: tuple[str, ...] | None) -> tuple[Student, ...]:
+    """The students with these keys (all for None), in the benchmark's order; an unknown key is an error."""
+    if keys is None:
+        return STUDENTS
+    unknown = sorted(set(keys) - {s.key for s in STUDENTS})
+    if unknown:
+        raise ValueError(f"unknown student(s) {', '.join(unknown)}: choose from {', '.join(s.key for s in STUDENTS)}")
+    return tuple(s for s in STUDENTS if s.key in keys)
+
+
+def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[str], None],
+         students: tuple[Student, ...]) -> dict:
     from prodistill.sampling import sample_student
     from prodistill.training.checkpoint import latest_checkpoint
 
@@ -273,14 +287,14 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
         tmp = Path(tmp)
         s1, s2 = settings.stage1_steps, settings.stage2_steps
         stage1_ckpt = None
-        if any(s.from_stage1 for s in STUDENTS):
+        if any(s.from_stage1 for s in students):
             echo(f"training the shared OSV stage 1 ({s1} iterations)")
             t0 = time.perf_counter()
             cfg = _config(settings, spec, seed, tmp / "osv-stage1", "osv", 5, s2)
             _train_stage(cfg, models, 1, tmp / "osv-stage1")
             stage1_ckpt = latest_checkpoint(tmp / "osv-stage1" / "stage1")
             timings["osv-stage1"] = time.perf_counter() - t0
-        for student in STUDENTS:
+        for student in students:
             stage2 = s2 if student.from_stage1 else s1 + s2
             echo(f"training {student.label} ({stage2} iterations{' after stage 1' if student.from_stage1 else ''})")
             t0 = time.perf_counter()
@@ -299,6 +313,7 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
     return {
         "settings": asdict(settings),
         "seed": seed,
+        "students": [s.key for s in students],
         "mixture": asdict(spec),
         "guidance": 1.0,
         "noise": {"energy_exact_mean": float(noise.mean()), "energy_exact_sd": float(noise.std())},
@@ -386,6 +401,6 @@ def settings_for(quick: bool) -> BenchSettings:
     return QUICK if quick else FULL
 
 
-__all__ = ["BenchSettings", "QUICK", "FULL", "STUDENTS", "CLAIMS", "Evaluator", "energy_distance",
+__all__ = ["BenchSettings", "QUICK", "FULL", "STUDENTS", "CLAIMS", "select_students", "Evaluator", "energy_distance",
            "sliced_wasserstein", "run_quality_bench", "judge_claims", "format_table", "save_plot", "write_json",
            "settings_for"]
