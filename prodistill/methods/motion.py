@@ -6,7 +6,7 @@ Table 5); each is a function of video latents (B, F, C, h, w) here:
 
 - `diff`: latent difference of consecutive frames, x_{f+1} − x_f → (B, F−1, C, h, w);
 - `corr`: latent correlation, the global cost volume ⟨x_f[:, p], x_{f+1}[:, q]⟩/√C between every pair of
-  positions p, q of consecutive frames → (B, F−1, h·w, h·w) (quadratic in h·w: 7.6e7 values per frame pair
+  positions p, q of consecutive frames → (B, F−1, h·w, h·w) (quadratic in h·w: 8.5e7 values per frame pair
   at 1024×576, so mind the memory);
 - `lowfreq` / `highfreq`: the low / high space-time frequencies of each channel, through the Butterworth
   low-pass filter of FreeInit (order 4, normalised stop frequency 0.25 in time and space) that the authors'
