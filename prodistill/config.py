@@ -1,8 +1,9 @@
 """The training configuration: one typed dataclass whose field docstrings are the CLI's `--help`.
 
-Precedence, lowest first: the paper's defaults written here < the preset's own defaults (the tiny preset
-trains for seconds, not days) < a YAML file (`--config`) < command-line flags. Every run writes the
-resolved result to `RUN/config.yaml`; `--resume` and `prodistill sample` read it back from there.
+Precedence, lowest first: the paper's defaults written here < a method's own (`METHOD_DEFAULTS`) < the
+preset's own defaults (the tiny preset trains for seconds, not days) < a YAML file (`--config`) <
+command-line flags. Every run writes the resolved result to `RUN/config.yaml`; `--resume` and `prodistill
+sample` read it back from there.
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ def _f(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mcm": dict(disc_lr=5e-5),
+}
+"""Where a method's paper differs from the field defaults (which are OSV's); presets, YAML and flags override."""
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     # -- what to run ---------------------------------------------------------------------------------
-    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation baseline).", choices=tuple(METHODS))
+    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation "
+                     "baseline), mcm (motion consistency model: LCM on a motion representation + a frame "
+                     "discriminator + mixed trajectories).", choices=tuple(METHODS))
     stage: str = _f("both", "OSV stage to train: 1 (latent GAN pretraining), 2 (adversarial consistency "
                     "distillation) or both in sequence. Single-stage methods ignore it.",
                     choices=("1", "2", "both"))
@@ -62,7 +71,7 @@ class TrainConfig:
     stage1_steps: int = _f(2000, "Stage-1 (LGP) optimiser steps (paper: 2K).")
     stage2_steps: int = _f(20000, "Stage-2 (ACD) optimiser steps (paper: 20K).")
     lr: float = _f(5e-6, "Student learning rate (paper: 5e-6, Adam).")
-    disc_lr: float = _f(5e-6, "Discriminator learning rate.")
+    disc_lr: float = _f(5e-6, "Discriminator learning rate (mcm's default: 5e-5, its paper's).")
     warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold (0 disables).")
     # -- method -----------------------------------------------------------------------------------------
@@ -84,6 +93,25 @@ class TrainConfig:
                          choices=("latent", "decoded"))
     disc_upscale: int = _f(4, "PixelShuffle factor r of the latent upsampler.")
     disc_head_channels: int = _f(64, "Width of the discriminator's spatial and temporal heads.")
+    # -- MCM --------------------------------------------------------------------------------------------
+    motion_repr: str = _f("learned", "MCM: what the consistency loss compares (MCM eq. 6): learned (a per-frame "
+                          "channel-MLP head, EMA copy on the target; the paper's best), diff (consecutive-frame "
+                          "latent difference), corr (consecutive-frame correlation volume, quadratic in latent "
+                          "pixels), lowfreq / highfreq (FreeInit's space-time low / high-pass), raw (the latents).",
+                          choices=("learned", "diff", "corr", "lowfreq", "highfreq", "raw"))
+    image_data: str | None = _f(None, "MCM: folder of high-quality images that the frame discriminator treats as "
+                                "real (default: frames of the training videos).")
+    lambda_real: float = _f(0.5, "MCM: λ_real, probability that a batch's trajectory starts from its real latents "
+                            "rather than from the student's own 1-step sample (MCM eq. 7-9; paper: 0.5).")
+    lambda_adv: float = _f(1.0, "MCM: λ_adv, weight of the frame discriminator's generator term (MCM eq. 9; "
+                           "paper: 1).")
+    disc_frames: int = _f(2, "MCM: l, random frames per clip that the image discriminator judges (MCM eq. 4-5; "
+                          "the authors' scripts: 2).")
+    disc_loss: str = _f("hinge", "MCM: discriminator loss: hinge (the paper's eq. 5) or wgan (the authors' "
+                        "released scripts: WGAN with each logit's term floored at -1).", choices=("hinge", "wgan"))
+    disc_gp: float = _f(1e-5, "MCM: weight of the gradient penalty (‖∇D‖ − 1)² on the discriminator's DINOv2 "
+                        "features at real/fake interpolates (the authors' scripts: 1e-5; 0 turns it off).")
+    # -- conditioning -----------------------------------------------------------------------------------
     motion_bucket_id: int = _f(127, "SVD motion bucket conditioning.")
     noise_aug_strength: float = _f(0.02, "Noise added to the conditioning frame (SVD).")
     # -- speed (prodistill.accel applies these in one written order) -----------------------------------
@@ -120,8 +148,9 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------------
     def resolve(self, explicit: set[str]) -> "TrainConfig":
-        """Apply the preset's defaults to every field the user did not set, then validate."""
-        for key, value in get_preset(self.preset).train_defaults.items():
+        """Apply the method's and then the preset's defaults to every field the user did not set, then validate."""
+        defaults = {**METHOD_DEFAULTS.get(self.method, {}), **get_preset(self.preset).train_defaults}
+        for key, value in defaults.items():
             if key not in explicit:
                 setattr(self, key, value)
         if self.resolution is None:
@@ -150,6 +179,15 @@ class TrainConfig:
                              f"({self.num_timesteps})")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.lambda_real <= 1:
+            raise ValueError(f"--lambda-real is a probability: it must be in [0, 1], got {self.lambda_real}")
+        for name in ("lambda_adv", "disc_gp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 1 <= self.disc_frames <= self.frames:
+            raise ValueError(f"--disc-frames must be between 1 and --frames ({self.frames}), got {self.disc_frames}")
+        if self.image_data is not None and self.method != "mcm":
+            raise ValueError("--image-data is read only by --method mcm; leave it out or choose mcm")
         for name in ("teacher", "dino"):
             _check_weights_arg(name, getattr(self, name))
         if self.fp8_table is not None and not Path(self.fp8_table).expanduser().is_file():

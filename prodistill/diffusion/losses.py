@@ -35,9 +35,22 @@ def hinge_g_loss(fake_logits: Tensor) -> Tensor:
     return F.relu(1.0 - fake_logits.float()).mean()
 
 
+def critic_g_loss(fake_logits: Tensor) -> Tensor:
+    """Generator adversarial term −D(fake), averaged (MCM eq. 4; the generator side of both its hinge and its
+    WGAN discriminator)."""
+    return -fake_logits.float().mean()
+
+
+def clipped_wgan_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """WGAN critic loss −D(real) + D(fake) with each logit's term floored at −1, averaged: the loss of MCM's
+    released training scripts (`--disc_loss_type wgan`); the floor keeps the critic's logits bounded."""
+    return (-real_logits.float()).clamp(min=-1.0).mean() + fake_logits.float().clamp(min=-1.0).mean()
+
+
 def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     """Mean of per-sample values, optionally weighted per sample (λ(t_n) of OSV eq. 10)."""
     return values.mean() if weights is None else (values * weights.to(values)).mean()
 
 
-__all__ = ["pseudo_huber", "default_huber_c", "hinge_d_loss", "hinge_g_loss", "weighted_mean"]
+__all__ = ["pseudo_huber", "default_huber_c", "hinge_d_loss", "hinge_g_loss", "critic_g_loss", "clipped_wgan_d_loss",
+           "weighted_mean"]

@@ -12,6 +12,7 @@ from prodistill.methods.base import DistillationModels, Method, StepOutput
 METHODS = {
     "osv": "prodistill.methods.osv:OSV",
     "lcm": "prodistill.methods.lcm:LCM",
+    "mcm": "prodistill.methods.mcm:MCM",
 }
 """Two-stage methods (OSV) train stage 1 and/or 2; single-stage methods run as stage 2 (consistency
 distillation with an EMA target), so their checkpoints live in RUN/stage2/."""

@@ -61,6 +61,11 @@ class Method:
     name: str = "method"
     phases: tuple[str, ...] = ("generator",)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Cheap checks of what the method reads besides the models and the training data (e.g. a folder of
+        images), run by `prodistill train` before any model is built: raise a ValueError that says what to fix."""
+
     def parameters(self, phase: str) -> list[nn.Parameter]:
         raise NotImplementedError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from prodistill.config import TrainConfig
-from prodistill.methods import build_method
+from prodistill.methods import build_method, method_class
 from prodistill.training.checkpoint import latest_checkpoint, load_weights, read_meta
 from prodistill.training.logger import MetricsLogger
 from prodistill.training.trainer import Trainer
@@ -129,6 +129,7 @@ def run_training(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     speedups = Speedups.from_config(cfg, device)
     source = training_source(cfg, device)
+    method_class(cfg.method).check(cfg)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
     models = build_models(cfg, device)
