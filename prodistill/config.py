@@ -97,6 +97,13 @@ class TrainConfig:
                                    "~/.cache/prodistill/compile, or under $XDG_CACHE_HOME).")
     grad_checkpointing: bool = _f(False, "Recompute the student's UNet activations in the backward pass: less "
                                   "memory, about one more student forward of time.")
+    # -- many GPUs (`torchrun --nproc-per-node N -m prodistill train ...`; ignored in a single process) -------
+    parallel: str = _f("ddp", "How ranks share the trainable networks: ddp (each rank holds them all; gradients "
+                       "averaged) or fsdp (FSDP2: the student's trainable parameters, gradients and Adam state "
+                       "sharded across ranks — for large --train-modules; frozen weights are never sharded).",
+                       choices=("ddp", "fsdp"))
+    dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a dead "
+                             "or hung rank ends the run with an error instead of a hang).")
     # -- bookkeeping ------------------------------------------------------------------------------------
     log_every: int = _f(10, "Steps between log lines (the only host synchronisation in the loop).")
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
@@ -136,6 +143,8 @@ class TrainConfig:
                              f"({self.num_timesteps})")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         for name in ("teacher", "dino"):
             _check_weights_arg(name, getattr(self, name))
 
