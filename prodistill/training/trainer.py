@@ -158,7 +158,8 @@ class Trainer:
             s.load_state_dict(state["schedulers"][k])
         mine = self.dist.rank_state(state)
         if mine is None:  # another number of ranks wrote it: same fraction of the epoch, streams re-derived
-            self.loader.load_state_dict(rescale_loader_state(state.get("ranks", [state]), self.dist.world_size))
+            loaders = [r["loader"] for r in state.get("ranks", [state])]
+            self.loader.load_state_dict(rescale_loader_state(loaders, self.dist.world_size))
             self.generator.manual_seed(self.dist.rank_seed(self.cfg.seed + self.stage, self.step))
             log.info("resuming %d-rank checkpoint %s on %d ranks: data position rescaled, random streams re-derived",
                      int(state.get("world_size", 1)), ckpt, self.dist.world_size)
