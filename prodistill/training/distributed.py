@@ -127,9 +127,10 @@ class Distributed:
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         frozen = {p for p in module.parameters() if not p.requires_grad}
-        for unit in _shard_units(module):
-            fully_shard(unit, mesh=mesh, ignored_params=frozen)
-        fully_shard(module, mesh=mesh, ignored_params=frozen)
+        # reshard after every forward, the root's too (FSDP2 keeps the root gathered by default): the EMA target
+        # writes θ⁻ into the shards and the next forward must gather what the shards hold (ema.py)
+        for unit in [*_shard_units(module), module]:
+            fully_shard(unit, mesh=mesh, ignored_params=frozen, reshard_after_forward=True)
         self.wrapped.append(module)
 
     def wrap(self, method, models) -> None:
@@ -173,6 +174,18 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.control)
+
+    @contextlib.contextmanager
+    def local_main_first(self) -> Iterator[None]:
+        """The block runs on each host's local rank 0 first, then on the other ranks (which then find what it
+        prepared, e.g. the built-in clips, instead of all building it at once)."""
+        if self.local_rank != 0:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.local_rank == 0:
+                self.barrier()
 
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any (a stop request must end the same step everywhere)."""
@@ -291,6 +304,14 @@ def rescale_loader_state(states: list[dict], world_size: int) -> dict:
     return out
 
 
+_ACTIVE: Distributed | None = None
+
+
+def active() -> Distributed:
+    """The job `setup` joined, or a single process (code that builds its own trainer, like `bench train`)."""
+    return _ACTIVE or Distributed()
+
+
 def setup(device: torch.device, timeout_s: float = 600.0, parallel: str = "ddp") -> Distributed:
     """Join the job torchrun started (nccl on CUDA, each rank on GPU LOCAL_RANK; gloo on the CPU; every
     collective bounded by `timeout_s`), or describe a single process on `device` when there is none."""
@@ -298,21 +319,40 @@ def setup(device: torch.device, timeout_s: float = 600.0, parallel: str = "ddp")
         return Distributed(device=device, parallel=parallel)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_s)
+    join = dict(timeout=timeout, store=_attempt_store(world, timeout), rank=rank, world_size=world)
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", device_id=device, **join)
         control = dist.new_group(backend="gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", **join)
         control = None
     log.info("rank %d of %d on %s (%s, collective timeout %.0f s)", rank, world, device, parallel, timeout_s)
-    return Distributed(rank, world, local, device, parallel, control)
+    global _ACTIVE
+    _ACTIVE = Distributed(rank, world, local, device, parallel, control)
+    return _ACTIVE
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """The store that the ranks of a restarted attempt meet in, or None for init_process_group's own (env://).
+
+    torchrun shares its rendezvous store with the workers (TORCHELASTIC_USE_AGENT_STORE) and that store outlives
+    a restart with the dead attempt's keys in it, so restarted workers read the dead ranks' addresses and fail or
+    hang while connecting (PyTorch issue #135712). A key prefix per attempt keeps them apart; the alternative is to
+    launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt)."""
+    if restart_count() == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"prodistill/attempt-{restart_count()}", agent)
 
 
 def teardown(ctx: Distributed) -> None:
+    global _ACTIVE
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _ACTIVE = None
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

@@ -141,11 +141,12 @@ def run_training(cfg: TrainConfig) -> Path:
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
     speedups = Speedups.from_config(cfg, device)
-    source = training_source(cfg, device)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
     dist = distributed.setup(device, cfg.dist_timeout, cfg.parallel)
     try:
+        with dist.local_main_first():  # the built-in clips are rendered once per host
+            source = training_source(cfg, device)
         models = build_models(cfg, dist.device)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
