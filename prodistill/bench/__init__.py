@@ -127,7 +127,7 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
                 run_worker(cfg, dev, names, warmup, iters, explain, Path(json_path))
                 return
             if nproc > 1:
-                result = run_scaling_bench(nproc, worker_argv(**options), explain, echo=click.echo)
+                result = run_scaling_bench(nproc, worker_argv(**options, explain=explain), echo=click.echo)
             else:
                 result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
                                          on_row=lambda r: write_train_json(r, Path(json_path)))

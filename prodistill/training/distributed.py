@@ -312,11 +312,31 @@ def active() -> Distributed:
     return _ACTIVE or Distributed()
 
 
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Inside, `active()` describes a single process although the job goes on (the one-GPU half of
+    `bench train --nproc`, timed on rank 0 while the other ranks wait)."""
+    global _ACTIVE
+    job, _ACTIVE = _ACTIVE, None
+    try:
+        yield
+    finally:
+        _ACTIVE = job
+
+
 def setup(device: torch.device, timeout_s: float = 600.0, parallel: str = "ddp") -> Distributed:
     """Join the job torchrun started (nccl on CUDA, each rank on GPU LOCAL_RANK; gloo on the CPU; every
     collective bounded by `timeout_s`), or describe a single process on `device` when there is none."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Distributed(device=device, parallel=parallel)
+    if parallel == "fsdp":
+        import inspect
+
+        from torch.distributed.fsdp import fully_shard
+
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise ValueError(f"--parallel fsdp needs torch >= 2.7 (FSDP2 keeping the frozen weights out of the shards); "
+                             f"this is torch {torch.__version__}: upgrade it or use --parallel ddp")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_s)
     join = dict(timeout=timeout, store=_attempt_store(world, timeout), rank=rank, world_size=world)
