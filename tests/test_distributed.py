@@ -129,8 +129,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(spawned, tmp_path, caplog):
 
     run = tmp_path / "run"
     shutil.copytree(spawned[2], run)
-    with caplog.at_level(logging.INFO, logger="prodistill"):
-        run_training(build_config({**RUN, "out": str(run), "resume": True, "max_steps": 5}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 2-rank run had (torchrun's default): OpenMP spinning slows a shared CPU
+    try:
+        with caplog.at_level(logging.INFO, logger="prodistill"):
+            run_training(build_config({**RUN, "out": str(run), "resume": True, "max_steps": 5}))
+    finally:
+        torch.set_num_threads(threads)
     assert "resuming 2-rank checkpoint" in caplog.text
     state = load_state(latest_checkpoint(run / "stage2"))
     assert state["step"] == 5 and state["world_size"] == 1 and "ranks" not in state
