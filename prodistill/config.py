@@ -139,6 +139,13 @@ class TrainConfig:
                           choices=("auto", "te", "torchao", "emulate"))
     fp8_table: str | None = _f(None, "The measured per-shape FP8 table (JSON written by `prodistill bench fp8`); "
                                "default: the one shipped in the package.")
+    # -- many GPUs (`torchrun --nproc-per-node N -m prodistill train ...`; ignored in a single process) -------
+    parallel: str = _f("ddp", "How ranks share the trainable networks: ddp (each rank holds them all; gradients "
+                       "averaged) or fsdp (FSDP2: the student's trainable parameters, gradients and Adam state "
+                       "sharded across ranks — for large --train-modules; frozen weights are never sharded).",
+                       choices=("ddp", "fsdp"))
+    dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a dead "
+                             "or hung rank ends the run with an error instead of a hang).")
     # -- bookkeeping ------------------------------------------------------------------------------------
     log_every: int = _f(10, "Steps between log lines (the only host synchronisation in the loop).")
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
@@ -188,6 +195,8 @@ class TrainConfig:
             raise ValueError(f"--disc-frames must be between 1 and --frames ({self.frames}), got {self.disc_frames}")
         if self.image_data is not None and self.method != "mcm":
             raise ValueError("--image-data is read only by --method mcm; leave it out or choose mcm")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         for name in ("teacher", "dino"):
             _check_weights_arg(name, getattr(self, name))
         if self.fp8_table is not None and not Path(self.fp8_table).expanduser().is_file():

@@ -111,17 +111,26 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
 @click.option("--fp8-table", default=None, help="FP8 per-shape table for the +fp8 configurations (JSON of "
                                                 "`prodistill bench fp8`; default: the one shipped in the package).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
+              help="Also time the step on this many processes (torchrun, DDP, one GPU each) and report samples/s and "
+                   "scaling efficiency against one process, in the same run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-train.json", show_default=True)
 def train_command(preset, resolution, frames, batch_size, method, stage, configs, iters, warmup, grad_checkpointing,
-                  compile_cache, explain, fp8_table, device, json_path) -> None:
+                  compile_cache, explain, fp8_table, device, nproc, json_path) -> None:
     """Seconds per iteration, peak memory, TFLOP and MFU of the training step: plain script vs prodistill eager
-    vs CUDA-graph teacher solve vs compiled (+ graphs), in one process (SPEC §6)."""
+    vs CUDA-graph teacher solve vs compiled (+ graphs), in one process (SPEC §6); with --nproc N, also on N
+    processes under torchrun with samples/s and scaling efficiency."""
     import tempfile
 
+    from prodistill.bench.scaling import ScalingError, format_scaling_table, run_scaling_bench, run_worker, worker_argv
     from prodistill.bench.train import format_train_table, parse_configs, run_train_bench, write_train_json
     from prodistill.config import build_config
+    from prodistill.training.distributed import launched_by_torchrun
     from prodistill.training.run import resolve_device
 
+    options = dict(preset=preset, resolution=resolution, frames=frames, batch_size=batch_size, method=method,
+                   stage=stage, configs=configs, iters=iters, warmup=warmup, grad_checkpointing=grad_checkpointing,
+                   compile_cache=compile_cache, fp8_table=fp8_table, device=device)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = build_config({"preset": preset, "resolution": resolution, "frames": frames, "method": method,
@@ -130,15 +139,23 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
                                 "fp8_table": fp8_table})
             dev = resolve_device(cfg.device)
             names = parse_configs(configs, dev)
-            result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
-                                     on_row=lambda r: write_train_json(r, Path(json_path)))
-    except ValueError as e:
+            if launched_by_torchrun():  # one of the --nproc processes (prodistill.bench.scaling)
+                run_worker(cfg, dev, names, warmup, iters, explain, Path(json_path))
+                return
+            if nproc > 1:
+                result = run_scaling_bench(nproc, worker_argv(**options, explain=explain), echo=click.echo)
+            else:
+                result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
+                                         on_row=lambda r: write_train_json(r, Path(json_path)))
+    except (ValueError, ScalingError) as e:
         raise click.ClickException(str(e)) from e
     if explain:
         click.echo(result["explain"]["profile"])
         for name, listing in result["explain"]["fp8"].items():
             click.echo(f"{name}:\n{listing}")
     click.echo(format_train_table(result))
+    if nproc > 1:
+        click.echo(format_scaling_table(result))
     click.echo(f"results: {write_train_json(result, Path(json_path))}")
 
 

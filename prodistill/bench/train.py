@@ -106,11 +106,13 @@ def _make_step(name: str, cfg, models, device: torch.device):
     from prodistill.accel import Speedups, accelerate
     from prodistill.bench.plain import PlainStep
     from prodistill.methods import build_method
+    from prodistill.training import distributed
     from prodistill.training.logger import MetricsLogger
     from prodistill.training.trainer import Trainer
 
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    cached, pixels = synthetic_batches(cfg, models, torch.Generator(device).manual_seed(cfg.seed + 1))
+    dist = distributed.active()  # under `bench train --nproc N` (prodistill.bench.scaling): this rank, DDP
+    generator = torch.Generator(device).manual_seed(dist.rank_seed(cfg.seed))
+    cached, pixels = synthetic_batches(cfg, models, torch.Generator(device).manual_seed(dist.rank_seed(cfg.seed + 1)))
     torch.manual_seed(cfg.seed)
     if name == "plain":
         step = PlainStep(cfg, models, generator)
@@ -122,7 +124,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
     speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs="graphs" in base,
                        fused_ops="fused" in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
-    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)))
+    dist.wrap(method, models)
+    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist)
     batch = pixels if name == "eager-pixels" else cached
     return lambda: trainer.train_step([batch]), plans
 
