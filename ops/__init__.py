@@ -12,13 +12,14 @@ compiled, on the first fused call (Triton caches the builds in its folder, ``~/.
     ops.fused_available()                                                  # CUDA + Triton present
 """
 
-from ops._switch import ENV_VAR, fused_available, use_fused
+from ops._switch import ENV_VAR, fused_available, set_default, use_fused
 from ops.huber import pseudo_huber, pseudo_huber_reference
 from ops.upsampler import fused_latent_upsampler, latent_upsampler_reference
 
 __all__ = [
     "ENV_VAR",
     "fused_available",
+    "set_default",
     "use_fused",
     "pseudo_huber",
     "pseudo_huber_reference",

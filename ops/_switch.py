@@ -1,7 +1,8 @@
 """Which path an op takes: the fused Triton kernel or the pure-torch reference.
 
 One switch for every op in `ops/` (STYLE.md rule 3): the argument `fused=` of the public function wins,
-else the env var ``PRODISTILL_FUSED_OPS`` (``1``: fused where possible, ``0``: reference everywhere;
+else the process default set by `set_default` (prodistill's `--fused-ops` sets it), else the env var
+``PRODISTILL_FUSED_OPS`` (``1``: fused where possible, ``0``: reference everywhere;
 unset means ``0``: opt-in until the kernels are measured on a GPU). The fused path exists only for CUDA tensors; CPU tensors always take the reference.
 Asking for the fused path on a CUDA tensor without Triton installed is an error, not a silent fallback.
 """
@@ -28,9 +29,20 @@ def fused_available() -> bool:
     return torch.cuda.is_available() and _triton_installed()
 
 
+_default: bool | None = None
+
+
+def set_default(fused: bool | None) -> None:
+    """Process-wide choice for calls that pass no `fused=` (None: back to the env var)."""
+    global _default
+    _default = fused
+
+
 def _requested(fused: bool | None) -> bool:
     if fused is not None:
         return bool(fused)
+    if _default is not None:
+        return _default
     value = os.environ.get(ENV_VAR, "0").strip()
     if value not in ("0", "1"):
         raise ValueError(f"{ENV_VAR} must be 0 (pure-torch reference) or 1 (fused kernels), got {value!r}")

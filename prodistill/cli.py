@@ -4,6 +4,7 @@ its `--help` text can never disagree."""
 from __future__ import annotations
 
 import logging
+import os
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -69,7 +70,8 @@ def train(config_file: str | None, **flags) -> None:
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         raise SystemExit(130) from None
-    click.echo(f"done: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per rank
+        click.echo(f"done: {run_dir}")
 
 
 @main.group()

@@ -1,9 +1,9 @@
 """The training configuration: one typed dataclass whose field docstrings are the CLI's `--help`.
 
-Precedence, lowest first: the paper's defaults written here (`METHOD_DEFAULTS` where a method's paper differs)
-< the preset's own defaults (the tiny preset trains for seconds, not days) < a YAML file (`--config`) <
-command-line flags. Every run writes the
-resolved result to `RUN/config.yaml`; `--resume` and `prodistill sample` read it back from there.
+Precedence, lowest first: the paper's defaults written here < a method's own (`METHOD_DEFAULTS`) < the
+preset's own defaults (the tiny preset trains for seconds, not days) < a YAML file (`--config`) <
+command-line flags. Every run writes the resolved result to `RUN/config.yaml`; `--resume` and `prodistill
+sample` read it back from there.
 """
 
 from __future__ import annotations
@@ -24,10 +24,22 @@ def _f(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mcm": dict(disc_lr=5e-5),
+    "avdm2": dict(lr=4e-6, disc_lr=2e-5, warmup_steps=500, weight_decay=0.01, stage2_steps=10000),
+}
+"""Where a method's paper differs from the field defaults (which are OSV's); presets, YAML and flags override.
+AVDM2 §5.1: AdamW, 4e-6 for the generator's spatial weights (× `motion_lr_scale` for its temporal ones), 2e-5 for
+the discriminator and the fake score, weight decay 0.01, 500 warm-up steps, evaluated at 10K iterations."""
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     # -- what to run ---------------------------------------------------------------------------------
-    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation baseline), avdm2 (few-step generator: video adversarial + 2D score distribution matching).", choices=tuple(METHODS))
+    method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation "
+                     "baseline), mcm (motion consistency model: LCM on a motion representation + a frame "
+                     "discriminator + mixed trajectories), avdm2 (few-step generator: video adversarial + 2D score "
+                     "distribution matching).", choices=tuple(METHODS))
     stage: str = _f("both", "OSV stage to train: 1 (latent GAN pretraining), 2 (adversarial consistency "
                     "distillation) or both in sequence. Single-stage methods ignore it.",
                     choices=("1", "2", "both"))
@@ -63,7 +75,8 @@ class TrainConfig:
     stage1_steps: int = _f(2000, "Stage-1 (LGP) optimiser steps (paper: 2K).")
     stage2_steps: int = _f(20000, "Stage-2 (ACD) optimiser steps (paper: 20K).")
     lr: float = _f(5e-6, "Student learning rate (paper: 5e-6, Adam).")
-    disc_lr: float = _f(5e-6, "Discriminator learning rate (AVDM2: also the 2D fake score's).")
+    disc_lr: float = _f(5e-6, "Discriminator learning rate; AVDM2: also the 2D fake score's (method defaults: mcm "
+                        "5e-5, avdm2 2e-5, their papers').")
     warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
     grad_clip: float = _f(1.0, "Gradient-norm clipping threshold (0 disables).")
     weight_decay: float = _f(0.0, "AdamW weight decay of every optimiser (AVDM2's paper: 0.01).")
@@ -86,6 +99,25 @@ class TrainConfig:
                          choices=("latent", "decoded"))
     disc_upscale: int = _f(4, "PixelShuffle factor r of the latent upsampler.")
     disc_head_channels: int = _f(64, "Width of the discriminator's spatial and temporal heads.")
+    # -- MCM --------------------------------------------------------------------------------------------
+    motion_repr: str = _f("learned", "MCM: what the consistency loss compares (MCM eq. 6): learned (a per-frame "
+                          "channel-MLP head, EMA copy on the target; the paper's best), diff (consecutive-frame "
+                          "latent difference), corr (consecutive-frame correlation volume, quadratic in latent "
+                          "pixels), lowfreq / highfreq (FreeInit's space-time low / high-pass), raw (the latents).",
+                          choices=("learned", "diff", "corr", "lowfreq", "highfreq", "raw"))
+    image_data: str | None = _f(None, "MCM: folder of high-quality images that the frame discriminator treats as "
+                                "real (default: frames of the training videos).")
+    lambda_real: float = _f(0.5, "MCM: λ_real, probability that a batch's trajectory starts from its real latents "
+                            "rather than from the student's own 1-step sample (MCM eq. 7-9; paper: 0.5).")
+    lambda_adv: float = _f(1.0, "MCM: λ_adv, weight of the frame discriminator's generator term (MCM eq. 9; "
+                           "paper: 1).")
+    disc_frames: int = _f(2, "MCM: l, random frames per clip that the image discriminator judges (MCM eq. 4-5; "
+                          "the authors' scripts: 2).")
+    disc_loss: str = _f("hinge", "MCM: discriminator loss: hinge (the paper's eq. 5) or wgan (the authors' "
+                        "released scripts: WGAN with each logit's term floored at -1).", choices=("hinge", "wgan"))
+    disc_gp: float = _f(1e-5, "MCM: weight of the gradient penalty (‖∇D‖ − 1)² on the discriminator's DINOv2 "
+                        "features at real/fake interpolates (the authors' scripts: 1e-5; 0 turns it off).")
+    # -- conditioning -----------------------------------------------------------------------------------
     motion_bucket_id: int = _f(127, "SVD motion bucket conditioning.")
     noise_aug_strength: float = _f(0.02, "Noise added to the conditioning frame (SVD).")
     # -- AVDM2 (its paper's values unless noted; see README "AVDM2") -----------------------------------
@@ -109,16 +141,37 @@ class TrainConfig:
     motion_lr_scale: float = _f(5.0, "AVDM2: learning rate of the generator's temporal (motion) parameters as a "
                                 "multiple of --lr (paper: 2e-5 motion vs 4e-6 spatial).")
     # -- speed (prodistill.accel applies these in one written order) -----------------------------------
-    compile: str = _f("auto", "torch.compile by region (UNet stages, DINOv2 layers, discriminator heads): teacher "
-                      "(only the frozen teacher's forward; ~30 s to compile at full size), on (every network; "
-                      "far longer to compile), off, or auto (teacher on cuda, off on cpu). Compiled kernels are "
-                      "cached in --compile-cache.", choices=("auto", "teacher", "on", "off"))
+    compile: str = _f("auto", "torch.compile by region (UNet res-blocks and attention models, DINOv2 layers, "
+                      "discriminator heads): on (every network: fastest step and least memory; minutes to compile "
+                      "the first time a configuration runs, about a minute from the cache after), teacher (only "
+                      "the frozen teacher's forward: ~30 s to compile), off, or auto (on for cuda, off for cpu). "
+                      "Compiled kernels are cached in --compile-cache.", choices=("auto", "teacher", "on", "off"))
     cuda_graphs: str = _f("auto", "Replay the frozen teacher's m-step guided solve as one CUDA graph: on, off, or "
                           "auto (on for cuda).", choices=("auto", "on", "off"))
     compile_cache: str | None = _f(None, "Folder of torch.compile's on-disk caches (default: "
                                    "~/.cache/prodistill/compile, or under $XDG_CACHE_HOME).")
+    fused_ops: bool = _f(False, "Run the discriminator's latent upsampler and the pseudo-Huber loss as the fused "
+                         "Triton kernels of ops/ (cuda only; off by default: measured slower or no faster than "
+                         "torch on an H100).")
     grad_checkpointing: bool = _f(False, "Recompute the student's UNet activations in the backward pass: less "
                                   "memory, about one more student forward of time.")
+    fp8: bool = _f(False, "FP8 GEMMs for the Linear layers of teacher, student and DINOv2, each layer only where the "
+                   "measured per-shape table (--fp8-table) says FP8 beats bf16 by at least 5 %; convs stay bf16. "
+                   "Needs an H100/H200 and the backend's package (pip install '.[fp8]').")
+    fp8_backend: str = _f("auto", "FP8 library: te (Transformer Engine, eager networks only: te.Linear is a graph "
+                          "break under torch.compile), torchao (float8, fused by torch.compile), auto (per layer, "
+                          "the installed one the table finds faster), or emulate (plain-torch FP8 numerics on any "
+                          "device, slower than bf16: for checking numerics).",
+                          choices=("auto", "te", "torchao", "emulate"))
+    fp8_table: str | None = _f(None, "The measured per-shape FP8 table (JSON written by `prodistill bench fp8`); "
+                               "default: the one shipped in the package.")
+    # -- many GPUs (`torchrun --nproc-per-node N -m prodistill train ...`; ignored in a single process) -------
+    parallel: str = _f("ddp", "How ranks share the trainable networks: ddp (each rank holds them all; gradients "
+                       "averaged) or fsdp (FSDP2: the student's trainable parameters, gradients and Adam state "
+                       "sharded across ranks — for large --train-modules; frozen weights are never sharded).",
+                       choices=("ddp", "fsdp"))
+    dist_timeout: float = _f(600.0, "Seconds a collective waits for the other ranks before the job fails (a dead "
+                             "or hung rank ends the run with an error instead of a hang).")
     # -- bookkeeping ------------------------------------------------------------------------------------
     log_every: int = _f(10, "Steps between log lines (the only host synchronisation in the loop).")
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
@@ -128,11 +181,9 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------------
     def resolve(self, explicit: set[str]) -> "TrainConfig":
-        """Apply the method's paper defaults, then the preset's, to every field the user did not set; validate."""
-        for key, value in METHOD_DEFAULTS.get(self.method, {}).items():
-            if key not in explicit:
-                setattr(self, key, value)
-        for key, value in get_preset(self.preset).train_defaults.items():
+        """Apply the method's and then the preset's defaults to every field the user did not set, then validate."""
+        defaults = {**METHOD_DEFAULTS.get(self.method, {}), **get_preset(self.preset).train_defaults}
+        for key, value in defaults.items():
             if key not in explicit:
                 setattr(self, key, value)
         if self.resolution is None:
@@ -161,10 +212,24 @@ class TrainConfig:
                              f"({self.num_timesteps})")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.lambda_real <= 1:
+            raise ValueError(f"--lambda-real is a probability: it must be in [0, 1], got {self.lambda_real}")
+        for name in ("lambda_adv", "disc_gp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 1 <= self.disc_frames <= self.frames:
+            raise ValueError(f"--disc-frames must be between 1 and --frames ({self.frames}), got {self.disc_frames}")
+        if self.image_data is not None and self.method != "mcm":
+            raise ValueError("--image-data is read only by --method mcm; leave it out or choose mcm")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.method == "avdm2":
             self._validate_avdm2()
         for name in ("teacher", "dino", "image_teacher"):
             _check_weights_arg(name, getattr(self, name))
+        if self.fp8_table is not None and not Path(self.fp8_table).expanduser().is_file():
+            raise ValueError(f"--fp8-table {self.fp8_table}: no such file; pass the JSON that `prodistill bench fp8 "
+                             "--json` wrote, or leave it out for the table shipped in the package")
 
     def _validate_avdm2(self) -> None:
         if not 1 <= self.student_steps <= min(4, self.num_timesteps):
@@ -202,14 +267,6 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "avdm2": dict(lr=4e-6, disc_lr=2e-5, warmup_steps=500, weight_decay=0.01, stage2_steps=10000),
-}
-"""Paper hyper-parameters that differ between methods, applied where the user set none (the preset's own
-defaults still come after them). AVDM2 §5.1: AdamW, 4e-6 for the generator's spatial weights (×
-`motion_lr_scale` for its temporal ones), 2e-5 for the discriminator and the fake score, weight decay 0.01,
-500 warm-up steps, evaluated at 10K iterations."""
 
 
 def _check_weights_arg(name: str, value: str | None) -> None:

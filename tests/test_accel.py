@@ -13,22 +13,59 @@ from prodistill.accel.compile import find_regions
 from prodistill.training.checkpoint import latest_checkpoint
 from prodistill.training.logger import read_metrics
 
-UNET_STAGES = {"CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal", "UNetMidBlockSpatioTemporal",
-               "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"}
+UNET_REGIONS = {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel", "Downsample2D", "Upsample2D"}
 
 
 def _losses(run_dir):
     return [(r["step"], r["loss/g_total"], r.get("loss/d")) for r in read_metrics(run_dir)]
 
 
-def test_regions_cover_unet_stages_dinov2_and_heads(tmp_path):
+def test_regions_cover_unet_blocks_dinov2_and_heads(tmp_path):
     cfg = tiny_config(tmp_path)
     _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
     names = [type(m).__name__ for m in find_regions(method_networks(osv, models))]
-    assert UNET_STAGES <= set(names)
+    assert UNET_REGIONS <= set(names)
     assert {"Dinov2Layer", "Dinov2Embeddings", "LatentUpsampler", "DiscriminatorHeads"} <= set(names)
-    # teacher and student each contribute their own stages; DINOv2's 4 tiny layers are all regions
-    assert names.count("CrossAttnDownBlockSpatioTemporal") == 2 and names.count("Dinov2Layer") == 4
+    # the tiny UNet has 8 res-blocks and 4 attention models; teacher and student each bring theirs
+    assert names.count("SpatioTemporalResBlock") == 16 and names.count("TransformerSpatioTemporalModel") == 8
+    assert names.count("Dinov2Layer") == 4
+
+
+def test_same_shape_regions_share_one_compiled_graph():
+    """Two res-blocks of one class and shape, and two attention models given one shared processor, must
+    trace once each: dynamo's cache sits on the class's forward, so per-instance compiles would show here."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from prodistill.accel.compile import compile_regions
+    from prodistill.models.presets import TINY
+
+    traced = []
+
+    def count(gm, inputs):
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    unet = UNetSpatioTemporalConditionModel(**dict(TINY.unet, layers_per_block=2)).eval()
+    assert len({id(p) for p in unet.attn_processors.values()}) > 1
+    regions = compile_regions([unet], backend=count)
+    assert len({id(p) for p in unet.attn_processors.values()}) == 1
+    res_blocks = [m for m in regions if type(m).__name__ == "SpatioTemporalResBlock"]
+    frames = TINY.unet["num_frames"]
+    x = torch.randn(frames, 32, 8, 8)
+    temb = torch.randn(frames, unet.time_embedding.linear_2.out_features)
+    flags = torch.zeros(1, frames)
+    first, second = res_blocks[0], res_blocks[1]  # down block 0: two 32→32 res-blocks at 8×8
+    with torch.no_grad():
+        first(x, temb, image_only_indicator=flags)
+        n = len(traced)
+        second(x, temb, image_only_indicator=flags)
+        assert len(traced) == n == 1
+        attn = [m for m in regions if type(m).__name__ == "TransformerSpatioTemporalModel"][:2]
+        ctx = torch.randn(frames, 1, TINY.unet["cross_attention_dim"])
+        for m in attn:
+            m(x, encoder_hidden_states=ctx, image_only_indicator=flags)
+        assert len(traced) == 2
 
 
 @pytest.mark.parametrize("stage", [2])
@@ -93,11 +130,12 @@ def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
     auto = tiny_config(tmp_path)
     assert Speedups.from_config(auto, cpu).compile == "off" and not Speedups.from_config(auto, cpu).cuda_graphs
     on_gpu = Speedups.from_config(auto, cuda)
-    assert on_gpu.compile == "teacher" and on_gpu.cuda_graphs
+    assert on_gpu.compile == "all" and on_gpu.cuda_graphs
+    assert Speedups.from_config(tiny_config(tmp_path, compile="teacher"), cuda).compile == "teacher"
     assert Speedups.from_config(tiny_config(tmp_path, compile="on"), cuda).compile == "all"
     forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
     assert forced.compile == "all" and forced.cache_dir == tmp_path / "c"
-    assert Speedups.from_config(auto, cuda).describe() == "compile (teacher, inductor), CUDA graph teacher solve"
+    assert Speedups.from_config(auto, cuda).describe() == "compile (all networks, inductor), CUDA graph teacher solve"
     off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
     assert off.compile == "off" and not off.cuda_graphs and off.describe() == "none (eager)"
     with pytest.raises(SpeedupError, match="--cuda-graphs on needs --device cuda"):
@@ -184,3 +222,30 @@ def test_svd_attention_shapes_at_512():
     assert shapes["spatial 16x16"]["heads"] == 20 and shapes["spatial 16x16"]["seq"] == 256
     assert shapes["dinov2"] == dict(name="dinov2", batch=14, heads=6, seq=257, head_dim=64)
     assert len(shapes) == 7
+
+
+def test_fused_ops_switch_reaches_the_upsampler_and_the_loss_and_is_refused_on_cpu(tmp_path):
+    """accelerate flips every LatentUpsampler to the fused op and ops' process default (which the pseudo-Huber
+    distance follows); a later run without --fused-ops flips both back. On CPU tensors the fused op takes its
+    reference path, so the upsampler's output must stay the eager sequence's. (The Triton kernels themselves:
+    tests/test_ops.py, `gpu`.)"""
+    import ops._switch
+    from prodistill.models.discriminator import LatentUpsampler
+
+    cfg = tiny_config(tmp_path)
+    _, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    ups = [m for n in method_networks(osv, models) for m in n.modules() if isinstance(m, LatentUpsampler)]
+    assert ups and not any(m.fused for m in ups)
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        want = ups[0](x)
+        try:
+            accelerate(osv, models, Speedups(fused_ops=True))
+            assert all(m.fused for m in ups) and ops._switch._default is True
+            torch.testing.assert_close(ups[0](x), want, rtol=1e-5, atol=1e-5)
+            accelerate(osv, models, Speedups())
+            assert not any(m.fused for m in ups) and ops._switch._default is None
+        finally:
+            ops._switch.set_default(None)
+    with pytest.raises(SpeedupError, match="--fused-ops needs --device cuda"):
+        Speedups.from_config(tiny_config(tmp_path, fused_ops=True), torch.device("cpu"))

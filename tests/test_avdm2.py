@@ -354,6 +354,12 @@ def test_bad_flags_are_one_sentence_before_any_model(tmp_path, overrides, messag
         tiny_config(tmp_path, **{**SMALL, **overrides})
 
 
+def test_fsdp_is_refused_before_any_model(tmp_path):
+    AVDM2.check(tiny_config(tmp_path, **SMALL, parallel="ddp"))
+    with pytest.raises(ValueError, match="--parallel ddp"):
+        AVDM2.check(tiny_config(tmp_path, **SMALL, parallel="fsdp"))
+
+
 def test_paper_defaults_apply_to_avdm2_only(tmp_path):
     from prodistill.config import build_config
 
@@ -362,6 +368,8 @@ def test_paper_defaults_apply_to_avdm2_only(tmp_path):
     assert (full.student_steps, full.critic_steps, full.adm_t_max, full.sdm_t_min, full.sdm_t_max) == (4, 2, 0.5, 0.2, 0.98)
     osv = build_config({"method": "osv", "preset": "svd-xt"})
     assert (osv.lr, osv.weight_decay, osv.warmup_steps) == (5e-6, 0.0, 100)
+    mcm = build_config({"method": "mcm", "preset": "svd-xt"})  # one METHOD_DEFAULTS table serves both methods
+    assert (mcm.lr, mcm.disc_lr, mcm.weight_decay, mcm.warmup_steps) == (5e-6, 5e-5, 0.0, 100)
     assert build_config({"method": "avdm2", "preset": "svd-xt", "lr": 1e-5}).lr == 1e-5  # a flag still wins
 
 

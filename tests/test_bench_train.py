@@ -37,3 +37,14 @@ def test_bench_train_refuses_unknown_and_gpu_only_configs_on_cpu():
         parse_configs("eager,fastest", torch.device("cpu"))
     with pytest.raises(ValueError, match="need --device cuda"):
         parse_configs("eager,compile+graphs", torch.device("cpu"))
+
+
+def test_derive_takes_the_flop_count_of_plain_when_eager_did_not_run():
+    from prodistill.bench.train import _derive
+
+    result = {"peak_tflops": 1000.0, "rows": [
+        {"config": "plain", "sec_per_it": 2.0, "tflop_per_it": 200.0},
+        {"config": "compile+graphs", "sec_per_it": 1.0}]}
+    _derive(result)
+    fast = result["rows"][1]
+    assert fast["tflop_per_it"] == 200.0 and fast["mfu"] == pytest.approx(0.2) and fast["speedup_vs_plain"] == 2.0

@@ -112,7 +112,8 @@ def test_tiny_bench_run_writes_every_row_and_claim(tmp_path, monkeypatch):
     ids = [r["id"] for r in data["rows"]]
     expected = (["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS] + ["avdm2-init/4"]
                 + ["lcm/1", "lcm/2", "lcm/4", "osv/1", "osv/1+tts", "osv/2", "osv-m1/1", "osv-m1/1+tts",
-                   "osv-no-stage1/1", "osv-no-stage1/1+tts", "avdm2/4"])
+                   "osv-no-stage1/1", "osv-no-stage1/1+tts", "mcm/1", "mcm/2", "mcm/4",
+                   "avdm2/4"])
     assert ids == expected
     assert [c["claim"] for c in data["claims"]] == [c[0] for c in CLAIMS]
     assert all(math.isfinite(r["energy"]) for r in data["rows"])
@@ -126,4 +127,11 @@ def test_bench_is_deterministic_and_plot_skips_without_matplotlib(tmp_path, monk
     data, output = _run_cli(tmp_path, monkeypatch)
     assert "plot skipped: matplotlib is not installed" in output and not (tmp_path / "q.png").exists()
     assert save_plot(data, tmp_path / "p.png") is None
-    assert run_quality_bench(TINY_RUN, seed=1, echo=lambda line: None)["rows"] == data["rows"]
+    subset = run_quality_bench(TINY_RUN, seed=1, echo=lambda line: None, students=("lcm", "mcm"))
+    by_id = {r["id"]: r for r in data["rows"]}
+    assert [r["id"] for r in subset["rows"]] == (["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS]
+                                                 + ["lcm/1", "lcm/2", "lcm/4", "mcm/1", "mcm/2", "mcm/4"])
+    assert subset["rows"] == [by_id[r["id"]] for r in subset["rows"]]  # deterministic, whoever else trains
+    assert {c["row"] for c in subset["claims"]} == {"mcm/1", "mcm/2", "mcm/4"}
+    refused = CliRunner().invoke(bench, ["quality", "--students", "lcm,dmd"])
+    assert refused.exit_code != 0 and "unknown student(s) dmd" in refused.output

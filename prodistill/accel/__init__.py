@@ -3,12 +3,19 @@
 The methods own the math and know nothing of this package; `accelerate` rewires a built method's networks
 and its teacher solve. The order matters, and is:
 
-1. (FP8 Linear layers — the next speed-up slots in here: layers must be swapped before anything traces them.)
-2. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
+1. FP8 Linear layers (`--fp8`, `prodistill.accel.fp8`): teacher (role `infer`), student and DINOv2 (role
+   `train`), each layer only where the measured per-shape table says FP8 wins; first, because layers must be
+   swapped before anything traces them. Every call first restores the networks' bf16 layers, so a network
+   converted by an earlier call (stage 1, another bench configuration) is converted afresh or not at all.
+2. Fused ops (`--fused-ops`): the discriminator's latent upsampler and the pseudo-Huber distance run as the
+   `ops/` Triton kernels (custom ops, so compiled regions keep them as single nodes). Off by default: measured
+   on an H100 (README), the fused upsampler is 2.2-2.6× slower than eager torch and the fused pseudo-Huber
+   within ±10 % of it.
+3. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
    compiled regions contain the recomputation instead of storing activations.
-3. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
+4. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
    student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads.
-4. CUDA graph of the frozen teacher's m-step solve (`--cuda-graphs`): last, because it records whatever the
+5. CUDA graph of the frozen teacher's m-step solve (`--cuda-graphs`): last, because it records whatever the
    steps above made of the teacher.
 
 `PRODISTILL_COMPILE_BACKEND` (default `inductor`) names the dynamo backend; tests use `aot_eager` or `eager`
@@ -40,31 +47,51 @@ class Speedups:
     """off, teacher (only the frozen teacher's regions: one forward-only variant, minutes less to compile) or
     all (every network's regions)."""
     cuda_graphs: bool = False
+    fused_ops: bool = False
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
     backend: str = field(default_factory=lambda: os.environ.get("PRODISTILL_COMPILE_BACKEND", "inductor"))
+    fp8: bool = False
+    fp8_backend: str = "auto"
+    """te, torchao, emulate, or auto (per layer, the installed backend the table finds faster)."""
+    fp8_table: Path | None = None
+    """The measured per-shape table (None: the one shipped in the package)."""
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "Speedups":
-        """`--compile auto` is `teacher` on CUDA and off on the CPU; `--cuda-graphs auto` is on for CUDA. Asking
-        for graphs where they cannot work is an error (raised before any model is built).
+        """`--compile auto` is `all` on CUDA and off on the CPU; `--cuda-graphs auto` is on for CUDA. Asking for
+        graphs where they cannot work is an error (raised before any model is built).
 
-        Why auto compiles only the teacher: measured on an H100 (SVD-XT, 512², OSV stage 2), compiling the
-        teacher's stages and graphing its solve took the step from 1.63 to 1.21 s/it with a ~32 s first step,
-        while compiling every network (`on`) had not finished its first step after 8.5 minutes."""
+        Why auto compiles every network: measured on an H100 (SVD-XT, 512², OSV stage 2, one process each
+        line), plain script 1.85 s/it at 39.3 GB; teacher-only compile + graphed solve 1.19-1.21 s/it at 39.3 GB
+        with a ~32 s first step; every network compiled + graphed solve 1.09 s/it at 27.7 GB (the only
+        configuration under 30 GB) with a 65-70 s first step from a warm compile cache — but more than 8 minutes
+        the first time a configuration compiles. `--compile teacher` is the quick-start choice for short runs."""
         cuda = device.type == "cuda"
         if cfg.cuda_graphs == "on" and not cuda:
             raise SpeedupError("--cuda-graphs on needs --device cuda (CUDA graphs exist only on NVIDIA GPUs); "
                                "use --cuda-graphs off or auto on the CPU")
-        mode = {"auto": "teacher" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
+        if cfg.fused_ops and not cuda:
+            raise SpeedupError("--fused-ops needs --device cuda (the fused kernels are Triton GPU kernels); the CPU "
+                               "always runs the pure-torch ops")
+        if cfg.fp8:
+            from prodistill.accel.fp8 import check_available
+
+            check_available(cfg.fp8_backend, device)
+        mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
         return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
+                   fused_ops=cfg.fused_ops,
                    grad_checkpointing=cfg.grad_checkpointing,
-                   cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None)
+                   cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None,
+                   fp8=cfg.fp8, fp8_backend=cfg.fp8_backend,
+                   fp8_table=Path(cfg.fp8_table).expanduser() if cfg.fp8_table else None)
 
     def describe(self) -> str:
         scope = "teacher" if self.compile == "teacher" else "all networks"
-        parts = [f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
+        parts = [f"FP8 ({self.fp8_backend}) where measured faster" if self.fp8 else None,
+                 f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  "CUDA graph teacher solve" if self.cuda_graphs else None,
+                 "fused ops" if self.fused_ops else None,
                  "grad checkpointing" if self.grad_checkpointing else None]
         return ", ".join(p for p in parts if p) or "none (eager)"
 
@@ -76,9 +103,45 @@ def method_networks(method, models) -> list[nn.Module]:
     return nets
 
 
-def accelerate(method, models, speedups: Speedups) -> None:
-    """Apply `speedups` to a built method in the order of this module's docstring."""
+def fp8_networks(method, models, compile_mode: str) -> list[tuple[str, nn.Module, str, bool]]:
+    """(name, network, FP8 role, compiled?) of each network with Linear layers FP8 may convert: the frozen
+    teacher runs forward only (`infer`); every other network of the method is differentiated through
+    (`train`). A network is compiled when `compile_mode` covers it."""
+    nets = [("teacher", models.teacher, "infer", compile_mode in ("teacher", "all"))]
+    for name, module in vars(method).items():
+        if isinstance(module, nn.Module) and module is not models.teacher:
+            nets.append((name, module, "train", compile_mode == "all"))
+    return nets
+
+
+def accelerate(method, models, speedups: Speedups) -> list:
+    """Apply `speedups` to a built method in the order of this module's docstring. Returns the FP8 plan of
+    every Linear layer (`prodistill.accel.fp8.LayerPlan`; empty without `--fp8`), which `explain` lists."""
+    from prodistill.accel import fp8
+
+    plans = []
+    table = fp8.Table.load(speedups.fp8_table) if speedups.fp8 else None
+    for name, net, role, compiled in fp8_networks(method, models, speedups.compile):
+        if table is None:
+            fp8.restore(net)
+        else:
+            plans += fp8.convert(net, name, role, compiled, speedups.fp8_backend, table)
+    if table is not None:
+        if speedups.fp8_backend == "te" and speedups.compile != "off":
+            log.warning("--fp8-backend te leaves the compiled networks (--compile %s) in bf16: te.Linear is a graph "
+                        "break under torch.compile; use --fp8-backend torchao or auto there, or --compile off",
+                        speedups.compile)
+        converted = sum(p.backend is not None for p in plans)
+        log.log(logging.INFO if converted else logging.WARNING, "%s (table: %s%s)", fp8.summary(plans),
+                table.source, "" if table.rows else ", which holds no measured row: run `prodistill bench fp8`")
     student = getattr(method, "student", None)
+    import ops
+
+    ops.set_default(True if speedups.fused_ops else None)  # the pseudo-Huber distance follows ops' switch
+    for net in method_networks(method, models):
+        for module in net.modules():
+            if hasattr(module, "fused") and type(module).__name__ == "LatentUpsampler":
+                module.fused = speedups.fused_ops
     if speedups.grad_checkpointing:
         if not hasattr(student, "enable_gradient_checkpointing"):
             raise SpeedupError("--grad-checkpointing needs a diffusers UNet student")
@@ -95,4 +158,5 @@ def accelerate(method, models, speedups: Speedups) -> None:
         from prodistill.accel.graphs import GraphedSolve
 
         method.teacher_solve = GraphedSolve(method.teacher_solve)
+    return plans
 

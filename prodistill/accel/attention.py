@@ -4,8 +4,10 @@ torch 2.11 on Hopper prefers cuDNN attention where cuDNN is new enough; SVD has 
 attention shapes — spatial (B·F sequences of h·w tokens, 64-dim heads) and temporal (B·h·w sequences of F = 14
 tokens) — plus DINOv2's 257-token images, so the default order is measured here rather than assumed.
 `measure` times every backend forward and forward+backward at those shapes (`prodistill bench train
---explain` records the table). Until that table has been measured on the GPU, the step keeps torch's own
-backend order.
+--explain` records the table). Measured on an H100 (bf16, 512², 14 frames; README): cuDNN is fastest for the
+spatial attention, where the time is (4096 tokens: 0.68 ms forward vs flash 1.15, memory-efficient 2.38), and
+torch's default picks it; memory-efficient wins the 14-token temporal attention by ≈ 0.1 ms a call (under 1 %
+of a step). So the step keeps torch's own backend order.
 """
 
 from __future__ import annotations

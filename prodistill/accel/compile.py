@@ -1,20 +1,25 @@
 """Regional `torch.compile` of the networks in the training step, with an on-disk cache.
 
 Why regions, and why these: compiling the whole SVD UNet (and DINOv2, and each of their train/no-grad and
-batch variants) measured 495 s before the first step on an H100, while compiling only the innermost repeated
-blocks (res-blocks, transformer blocks) cut that to 136 s but lost most of the speed-up, because the code
-*between* those blocks (norms, convs, up/down-samplers, time mixing) stayed eager (../shared/GPU.md). The
-regions here are one level up: each UNet stage (down / mid / up block, which holds its res-blocks, attention
-models, samplers and the glue between them), each DINOv2 layer (12 identical layers: one compile serves all),
-and the discriminator's upsampler and heads. Only the UNet's thin top level (time embedding, conv_in/out) and
-the EDM/consistency arithmetic around it stay eager.
+batch variants) measured 495 s before the first step on an H100, and compiling each UNet *stage* (down / mid /
+up block) as a region was no better — every stage has its own shapes, so nothing is shared and the variants
+(teacher, EMA target, student with grad) multiply the work: it had not finished its first step after 8.5 min.
+Compiling only the innermost blocks (res-blocks, transformer blocks) cut compile time 3.6× but lost most of the
+speed-up, because the code *between* those blocks (norms, projections, the frame/token permutes, time mixing)
+stayed eager (../shared/GPU.md). The regions here are the level that keeps both: each `SpatioTemporalResBlock`
+(spatial res-block + temporal res-block + their learned mix) and each `TransformerSpatioTemporalModel` (norm,
+projections, the permutes, spatial and temporal transformer blocks, positional time embedding, the mix), the
+down/up-samplers, each DINOv2 layer, and the discriminator's upsampler and heads. Left eager: the torch.cat of
+the skip connections, the UNet's time embedding and conv_in/out, and the EDM/consistency arithmetic.
 
 Every region is compiled with `fullgraph=True` (a graph break is an error, not a silent slow path) and
 `dynamic=False` (shapes are static in training). A region's compiled code is shared by every instance of its
-class with the same shapes; the variants that remain — teacher (batch 2B for CFG, no grad), EMA target
-(batch B, no grad) and student (batch B, with grad) — are distinct graphs, so the recompile limit is raised
-above what those need (dynamo's default of 8 per code object silently falls back to eager past it; here it
-fails loudly instead).
+class with the same shapes and attributes (a UNet has 22 res-blocks but 14 distinct shapes, 16 attention models
+but 4), so all attention modules of a UNet are given one shared processor object (dynamo guards on it; one
+object per module forces a compile per module). The variants that remain — teacher (batch 2B for CFG, no
+grad), EMA target (batch B, no grad) and student (batch B, with grad) — are distinct graphs, so the recompile
+limit is raised above what those need (dynamo's default of 8 per code object silently falls back to eager past
+it; here it fails loudly instead).
 
 Inductor's FX-graph and AOT-autograd caches live in `cache_dir` (`--compile-cache`), so a second launch of
 the same configuration reuses the compiled kernels instead of rebuilding them.
@@ -29,9 +34,8 @@ import torch
 from torch import nn
 
 REGION_CLASSES = (
-    # diffusers UNetSpatioTemporalConditionModel stages
-    "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal", "UNetMidBlockSpatioTemporal",
-    "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+    # diffusers UNetSpatioTemporalConditionModel: its res-blocks, attention models and samplers
+    "SpatioTemporalResBlock", "TransformerSpatioTemporalModel", "Downsample2D", "Upsample2D",
     # transformers Dinov2Model
     "Dinov2Embeddings", "Dinov2Layer",
     # prodistill's latent discriminator
@@ -40,7 +44,7 @@ REGION_CLASSES = (
 """Class names of the modules compiled as regions (matched anywhere in a network's module tree)."""
 
 RECOMPILE_LIMIT = 64
-"""Per code object: stage classes × widths × {teacher, EMA, student} variants stay well under it."""
+"""Per code object: SVD-XT's 14 res-block shapes × {teacher, EMA, student} = 42 variants stay under it."""
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +96,29 @@ def find_regions(networks: list[nn.Module], classes: tuple[str, ...] = REGION_CL
     return found
 
 
+def share_attention_processors(networks: list[nn.Module]) -> int:
+    """Give every attention module of the diffusers networks one shared processor object of the class they
+    all use (by default `AttnProcessor2_0`; one object for all networks), so compiled regions guard on one
+    object instead of one per module. Networks with mixed processor classes are left alone. Returns the
+    networks changed."""
+    shared: dict[type, object] = {}
+    changed = 0
+    for net in networks:
+        procs = list(getattr(net, "attn_processors", {}).values())
+        if not procs or len({type(p) for p in procs}) != 1:
+            continue
+        cls = type(procs[0])
+        if cls not in shared:
+            try:
+                shared[cls] = cls()
+            except TypeError:  # a processor that needs arguments: keep the per-module objects
+                continue
+        if any(p is not shared[cls] for p in procs):
+            net.set_attn_processor(shared[cls])
+            changed += 1
+    return changed
+
+
 def compile_regions(networks: list[nn.Module], backend: str = "inductor") -> list[nn.Module]:
     """Replace each region's `forward` by a compiled one (fullgraph, static shapes); returns the regions.
 
@@ -100,6 +127,7 @@ def compile_regions(networks: list[nn.Module], backend: str = "inductor") -> lis
     budget. A module already compiled for itself is left alone; one that carries another module's compiled
     forward (a copy of a compiled network) gets its own."""
     _configure_dynamo()
+    share_attention_processors(networks)
     regions = find_regions(networks)
     for module in regions:
         if getattr(vars(module).get("forward"), "_prodistill_owner", None) is module:

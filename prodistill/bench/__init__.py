@@ -14,7 +14,7 @@ import click
 
 @click.group()
 def bench() -> None:
-    """Benchmarks (train: the step's speed-ups side by side; sample: teacher vs 1-step student generation;
+    """Benchmarks (train: the step's speed-ups side by side; fp8: bf16 vs FP8 per Linear shape; sample: teacher vs 1-step student generation;
     quality: the analytic distillation benchmark, CPU; data: decode throughput vs training; serve: the HTTP
     service under load)."""
 
@@ -31,12 +31,22 @@ def bench() -> None:
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
               help="CPU threads. Results are reproducible for a given thread count; more than the free cores slows "
                    "the run down many times.")
-def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: int, threads: int) -> None:
-    """Distil LCM and OSV students on a Gaussian-mixture video distribution with an exact teacher and
+@click.option("--students", default=None,
+              help="Comma-separated students to train (default: all): lcm, osv, osv-m1, osv-no-stage1, mcm. Each "
+                   "student's rows equal those of the full run.")
+def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: int, threads: int,
+                    students: str | None) -> None:
+    """Distil LCM, OSV and MCM students on a Gaussian-mixture video distribution with an exact teacher and
     report each sampler's distance to the true distribution (table, JSON, PNG)."""
-    from prodistill.bench.quality import format_table, run_quality_bench, save_plot, settings_for, write_json
+    from prodistill.bench.quality import (format_table, run_quality_bench, save_plot, select_students,
+                                          settings_for, write_json)
 
-    result = run_quality_bench(settings_for(quick), seed=seed, threads=threads, echo=click.echo)
+    keys = tuple(k.strip() for k in students.split(",") if k.strip()) if students else None
+    try:
+        select_students(keys)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    result = run_quality_bench(settings_for(quick), seed=seed, threads=threads, echo=click.echo, students=keys)
     click.echo(format_table(result))
     click.echo(f"results: {write_json(result, Path(json_path))}")
     png = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")
@@ -87,41 +97,113 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
 @click.option("--method", type=click.Choice(["osv", "lcm"]), default="osv", show_default=True)
 @click.option("--stage", type=click.Choice(["1", "2"]), default="2", show_default=True, help="OSV stage.")
 @click.option("--configs", default="plain,eager-pixels,eager,graphs,compile-teacher+graphs,compile,compile+graphs",
-              show_default=True, help="Comma-separated configurations (run in this order whatever the order given).")
+              show_default=True, help="Comma-separated configurations (run in this order whatever the order given); "
+                                      "add +fp8-te, +fp8-torchao or +fp8-emulate to any but plain and eager-pixels "
+                                      "(e.g. eager+fp8-te, compile-teacher+graphs+fp8-torchao).")
 @click.option("--iters", type=click.IntRange(1), default=10, show_default=True, help="Timed iterations each.")
 @click.option("--warmup", type=click.IntRange(1), default=3, show_default=True,
               help="Untimed iterations first (the first one compiles).")
 @click.option("--grad-checkpointing", is_flag=True, help="Checkpoint the student's activations (prodistill configs).")
 @click.option("--compile-cache", default=None, help="torch.compile cache folder (default: the user cache).")
-@click.option("--explain", is_flag=True, help="Add dynamo graph/recompile counts, the SDPA backend table and a "
-                                              "profiler table of the last configuration's top kernels.")
+@click.option("--explain", is_flag=True, help="Add dynamo graph/recompile counts, the SDPA backend table, a "
+                                              "profiler table of the last configuration's top kernels, and for "
+                                              "each +fp8 configuration every Linear layer's FP8 decision and why.")
+@click.option("--fp8-table", default=None, help="FP8 per-shape table for the +fp8 configurations (JSON of "
+                                                "`prodistill bench fp8`; default: the one shipped in the package).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
+              help="Also time the step on this many processes (torchrun, DDP, one GPU each) and report samples/s and "
+                   "scaling efficiency against one process, in the same run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-train.json", show_default=True)
 def train_command(preset, resolution, frames, batch_size, method, stage, configs, iters, warmup, grad_checkpointing,
-                  compile_cache, explain, device, json_path) -> None:
+                  compile_cache, explain, fp8_table, device, nproc, json_path) -> None:
     """Seconds per iteration, peak memory, TFLOP and MFU of the training step: plain script vs prodistill eager
-    vs CUDA-graph teacher solve vs compiled (+ graphs), in one process (SPEC §6)."""
+    vs CUDA-graph teacher solve vs compiled (+ graphs), in one process (SPEC §6); with --nproc N, also on N
+    processes under torchrun with samples/s and scaling efficiency."""
     import tempfile
 
+    from prodistill.bench.scaling import ScalingError, format_scaling_table, run_scaling_bench, run_worker, worker_argv
     from prodistill.bench.train import format_train_table, parse_configs, run_train_bench, write_train_json
     from prodistill.config import build_config
+    from prodistill.training.distributed import launched_by_torchrun
     from prodistill.training.run import resolve_device
 
+    options = dict(preset=preset, resolution=resolution, frames=frames, batch_size=batch_size, method=method,
+                   stage=stage, configs=configs, iters=iters, warmup=warmup, grad_checkpointing=grad_checkpointing,
+                   compile_cache=compile_cache, fp8_table=fp8_table, device=device)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = build_config({"preset": preset, "resolution": resolution, "frames": frames, "method": method,
                                 "stage": stage, "batch_size": batch_size, "device": device, "out": tmp,
-                                "grad_checkpointing": grad_checkpointing, "compile_cache": compile_cache})
+                                "grad_checkpointing": grad_checkpointing, "compile_cache": compile_cache,
+                                "fp8_table": fp8_table})
             dev = resolve_device(cfg.device)
             names = parse_configs(configs, dev)
-            result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
-                                     on_row=lambda r: write_train_json(r, Path(json_path)))
-    except ValueError as e:
+            if launched_by_torchrun():  # one of the --nproc processes (prodistill.bench.scaling)
+                run_worker(cfg, dev, names, warmup, iters, explain, Path(json_path))
+                return
+            if nproc > 1:
+                result = run_scaling_bench(nproc, worker_argv(**options, explain=explain), echo=click.echo)
+            else:
+                result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
+                                         on_row=lambda r: write_train_json(r, Path(json_path)))
+    except (ValueError, ScalingError) as e:
         raise click.ClickException(str(e)) from e
     if explain:
         click.echo(result["explain"]["profile"])
+        for name, listing in result["explain"]["fp8"].items():
+            click.echo(f"{name}:\n{listing}")
     click.echo(format_train_table(result))
+    if nproc > 1:
+        click.echo(format_scaling_table(result))
     click.echo(f"results: {write_train_json(result, Path(json_path))}")
+
+
+@bench.command("fp8")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-fp8.json", show_default=True,
+              help="Where to write the table (the format --fp8-table and prodistill/accel/fp8_table.json hold).")
+@click.option("--backends", default="te,torchao", show_default=True,
+              help="Comma-separated FP8 backends to time against bf16 (te, torchao); a missing one is skipped.")
+@click.option("--preset", type=click.Choice(["tiny", "svd-xt"]), default="svd-xt", show_default=True)
+@click.option("--resolution", default="512x512", show_default=True, help="WxH of the training step.")
+@click.option("--frames", type=int, default=14, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--reps", type=click.IntRange(1), default=30, show_default=True, help="Timed calls per figure (median).")
+@click.option("--max-seconds", type=float, default=120.0, show_default=True,
+              help="Start no torch.compile measurement of torchao after this many seconds of timing (rows left say "
+                   "so): keeps the whole run under 3 minutes on an H100.")
+def fp8_command(json_path, backends, preset, resolution, frames, batch_size, reps, max_seconds) -> None:
+    """bf16 vs FP8 (TE, torchao) for every Linear shape of the training step, in both roles (frozen teacher
+    forward; differentiated student/DINOv2): writes the per-shape table the --fp8 rule reads (GPU, sm_90+)."""
+    from prodistill.accel.fp8 import BACKENDS
+    from prodistill.bench.fp8 import format_fp8_table, run_fp8_bench, write_fp8_json
+    from prodistill.config import build_config
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise click.ClickException(f"--backends: unknown {', '.join(unknown) or '(none given)'}; "
+                                   "choose from te, torchao")
+    if not torch_cuda_sm90():
+        raise click.ClickException("bench fp8 needs an NVIDIA Hopper-class GPU (compute capability 9.0+, e.g. "
+                                   "H100/H200): FP8 timings mean nothing elsewhere; run it there")
+    try:
+        w, h = build_config({"preset": preset, "resolution": resolution, "frames": frames}).size()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    import torch
+
+    table = run_fp8_bench(preset, w, h, frames, batch_size, names, torch.device("cuda"), reps, max_seconds,
+                          echo=click.echo)
+    click.echo(format_fp8_table(table))
+    click.echo(f"table: {write_fp8_json(table, Path(json_path))} (use it with --fp8-table, or copy it to "
+               "prodistill/accel/fp8_table.json to ship it)")
+
+
+def torch_cuda_sm90() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 @bench.command("sample")

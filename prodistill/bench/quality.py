@@ -3,8 +3,10 @@ each sampler lands to the true distribution.
 
 The data are `analytic.VideoGaussianMixture` latents; the teacher is their exact denoiser; the students are
 trained by the package's own methods (`LCM`, `OSV` with its latent DINOv2 discriminator — tiny random
-backbone, trainable upsampler and heads — and `AVDM2` with the exact frame-marginal denoiser as its 2D
-teacher) on the package's `Trainer`, with its checkpoints, and sampled by the package's samplers. Every row is scored against fresh exact samples with the same class labels:
+backbone, trainable upsampler and heads — `MCM` with its learned motion head, frame discriminator on the
+same backbone and mixed trajectories, and `AVDM2` with the exact frame-marginal denoiser as its 2D teacher) on
+the package's `Trainer`, with its checkpoints, and sampled by the package's samplers. Every row is scored
+against fresh exact samples with the same class labels:
 
 - energy distance (E-statistic 2E‖X−Y‖ − E‖X−X'‖ − E‖Y−Y'‖, unbiased, 0 in expectation for exact samples),
 - sliced Wasserstein-2 over random unit directions (fixed per run),
@@ -21,11 +23,11 @@ every row away from the reference by an amount unrelated to distillation. Both C
 
 Protocol, identical for every method and not tuned per method: one shared OSV stage 1 that both stage-2
 variants (m = 5 and m = 1) start from; every student gets the same number of generator iterations in total
-(LCM and "OSV without stage 1" get stage1 + stage2 iterations in their single stage); one learning rate, batch
-size and student width for all; the same data order, evaluation noise and reference set for all rows. The
-paper's claims are judged by energy distance, with "within noise" where the gap is under three standard
-deviations of the exact-vs-exact energy distance. One seed per run: `--seed` gives another mixture, another
-training and another evaluation.
+(LCM, MCM, AVDM2 and "OSV without stage 1" get stage1 + stage2 iterations in their single stage); one learning
+rate, batch size and student width for all; the same data order, evaluation noise and reference set for all
+rows. The paper's claims are judged by energy distance, with "within noise" where the gap is under three
+standard deviations of the exact-vs-exact energy distance. One seed per run: `--seed` gives another mixture,
+another training and another evaluation.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class BenchSettings:
     stage1_steps: int
     """OSV stage-1 (LGP) iterations."""
     stage2_steps: int
-    """OSV stage-2 (ACD) iterations; LCM and OSV-without-stage-1 get stage1 + stage2."""
+    """OSV stage-2 (ACD) iterations; LCM, MCM, AVDM2 and OSV-without-stage-1 get stage1 + stage2."""
     eval_samples: int
     """Generated and reference samples per row."""
     lr: float = 5e-4
@@ -98,6 +100,7 @@ STUDENTS = (
     Student("osv", "OSV (m=5)", "osv", 5, True, ((1, False), (1, True), (2, False))),
     Student("osv-m1", "OSV m=1", "osv", 1, True, ((1, False), (1, True))),
     Student("osv-no-stage1", "OSV w/o stage 1", "osv", 5, False, ((1, False), (1, True))),
+    Student("mcm", "MCM", "mcm", 1, False, ((1, False), (2, False), (4, False))),
     Student("avdm2", "AVDM2 (k=4)", "avdm2", 1, False, ((4, False),), student_steps=4),
 )
 
@@ -110,6 +113,9 @@ CLAIMS = (
     ("OSV: stage 1 helps (1 step + TTS, the paper's setting; equal total iterations)", "osv/1+tts",
      "osv-no-stage1/1+tts"),
     ("OSV: stage 1 helps (plain 1 step; equal total iterations)", "osv/1", "osv-no-stage1/1"),
+    ("1-step MCM beats 1-step LCM", "mcm/1", "lcm/1"),
+    ("2-step MCM beats 2-step LCM", "mcm/2", "lcm/2"),
+    ("4-step MCM beats 4-step LCM", "mcm/4", "lcm/4"),
     ("4-step AVDM2 beats 4-step LCM", "avdm2/4", "lcm/4"),
 )
 """(claim, row that should be better, row it is compared with), judged by energy distance. The ablations
@@ -215,8 +221,11 @@ def _train_stage(cfg, models: AnalyticModels, stage: int, run_dir: Path, init: P
 
 # -- the run ------------------------------------------------------------------------------------------------
 def run_quality_bench(settings: BenchSettings, seed: int = 0, spec: MixtureSpec = MixtureSpec(),
-                      threads: int = 1, echo: Callable[[str], None] = print) -> dict:
-    """Train every student, sample every row, score them; returns the JSON-ready result.
+                      threads: int = 1, echo: Callable[[str], None] = print,
+                      students: tuple[str, ...] | None = None) -> dict:
+    """Train every student (or those whose keys are in `students`), sample every row, score them; returns the
+    JSON-ready result. A student's rows do not depend on which other students run (each one's training is
+    seeded by `seed` alone), so a subset reproduces the full run's rows for it.
 
     Runs on `threads` CPU threads (restored afterwards). One thread by default: the numbers then do not
     depend on the machine's core count, and a 2-core machine shared with another job slows down about 2×
@@ -225,13 +234,24 @@ def run_quality_bench(settings: BenchSettings, seed: int = 0, spec: MixtureSpec 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _run(settings, seed, spec, echo)
+        result = _run(settings, seed, spec, echo, select_students(students))
     finally:
         torch.set_num_threads(previous)
     return {**result, "threads": threads}
 
 
-def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[str], None]) -> dict:
+def select_students(keys: tuple[str, ...] | None) -> tuple[Student, ...]:
+    """The students with these keys (all for None), in the benchmark's order; an unknown key is an error."""
+    if keys is None:
+        return STUDENTS
+    unknown = sorted(set(keys) - {s.key for s in STUDENTS})
+    if unknown:
+        raise ValueError(f"unknown student(s) {', '.join(unknown)}: choose from {', '.join(s.key for s in STUDENTS)}")
+    return tuple(s for s in STUDENTS if s.key in keys)
+
+
+def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[str], None],
+         students: tuple[Student, ...]) -> dict:
     from prodistill.config import TrainConfig
     from prodistill.sampling import sample_student
     from prodistill.training.checkpoint import latest_checkpoint
@@ -268,7 +288,7 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
             samples = edm_euler_sample(teacher_d, noise_x, karras_sigmas(steps))
         add(f"teacher/{steps}", f"teacher ODE, {steps} Euler steps", "teacher", steps, steps, samples)
     grid = TrainConfig().num_timesteps  # the students' σ grid: the bench leaves --num-timesteps at its default
-    for student in STUDENTS:
+    for student in students:
         if student.method == "avdm2":  # its generator before training: the teacher's D in the k-step sampler
             k = student.student_steps
             samples = sample_student(teacher_d, shape, k, False, grid, noise_seed(), models.device, consistency=False)
@@ -279,14 +299,14 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
         tmp = Path(tmp)
         s1, s2 = settings.stage1_steps, settings.stage2_steps
         stage1_ckpt = None
-        if any(s.from_stage1 for s in STUDENTS):
+        if any(s.from_stage1 for s in students):
             echo(f"training the shared OSV stage 1 ({s1} iterations)")
             t0 = time.perf_counter()
             cfg = _config(settings, spec, seed, tmp / "osv-stage1", "osv", 5, s2)
             _train_stage(cfg, models, 1, tmp / "osv-stage1")
             stage1_ckpt = latest_checkpoint(tmp / "osv-stage1" / "stage1")
             timings["osv-stage1"] = time.perf_counter() - t0
-        for student in STUDENTS:
+        for student in students:
             stage2 = s2 if student.from_stage1 else s1 + s2
             echo(f"training {student.label} ({stage2} iterations{' after stage 1' if student.from_stage1 else ''})")
             t0 = time.perf_counter()
@@ -306,6 +326,7 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
     return {
         "settings": asdict(settings),
         "seed": seed,
+        "students": [s.key for s in students],
         "mixture": asdict(spec),
         "guidance": 1.0,
         "noise": {"energy_exact_mean": float(noise.mean()), "energy_exact_sd": float(noise.std())},
@@ -349,7 +370,7 @@ def format_table(result: dict) -> str:
 
 
 GROUP_COLOURS = {"reference": "#777777", "teacher": "#4c72b0", "lcm": "#dd8452", "osv": "#55a868",
-                 "osv-m1": "#8172b3", "osv-no-stage1": "#c44e52", "avdm2": "#937860"}
+                 "osv-m1": "#8172b3", "osv-no-stage1": "#c44e52", "mcm": "#937860", "avdm2": "#da8bc3"}
 
 
 def save_plot(result: dict, path: Path) -> Path | None:
@@ -393,6 +414,6 @@ def settings_for(quick: bool) -> BenchSettings:
     return QUICK if quick else FULL
 
 
-__all__ = ["BenchSettings", "QUICK", "FULL", "STUDENTS", "CLAIMS", "Evaluator", "energy_distance",
+__all__ = ["BenchSettings", "QUICK", "FULL", "STUDENTS", "CLAIMS", "select_students", "Evaluator", "energy_distance",
            "sliced_wasserstein", "run_quality_bench", "judge_claims", "format_table", "save_plot", "write_json",
            "settings_for"]

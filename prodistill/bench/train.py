@@ -7,7 +7,11 @@ Configurations (always run in this order, because compiling changes the shared t
 - `graphs`: eager, with the teacher's m-step solve replayed as a CUDA graph (GPU only);
 - `compile-teacher+graphs`: only the teacher's regions compiled (`--compile teacher`), its solve graphed;
 - `compile`: regional torch.compile (`prodistill.accel`);
-- `compile+graphs`: plus the teacher's m-step solve replayed as a CUDA graph (GPU only).
+- `compile+graphs`: plus the teacher's m-step solve replayed as a CUDA graph (GPU only);
+- `CONFIG+fp8-BACKEND` (CONFIG any of the above but plain and eager-pixels; BACKEND te, torchao or emulate): CONFIG
+  with `--fp8 --fp8-backend BACKEND`, run right after CONFIG; te and torchao need a Hopper GPU and their package,
+  emulate (plain-torch FP8 numerics, slower than bf16) runs anywhere. Each row says how many Linears ran FP8, and
+  `--explain` lists every layer with the table row that decided (`prodistill.accel.fp8`).
 
 Per configuration: median s/it over `iters` timed iterations after `warmup` untimed ones (the first of which
 is reported as the warm-up/compile time), peak allocated and reserved GPU memory, TFLOP per iteration counted
@@ -26,7 +30,10 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
+CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
+           "compile+graphs+fused")
+"""`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of the configuration before it."""
+FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
 """Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
 
@@ -38,15 +45,38 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def split_config(name: str) -> tuple[str, str | None]:
+    """`compile+fp8-torchao` → (`compile`, `torchao`); a configuration without FP8 → (name, None)."""
+    base, _, backend = name.partition("+fp8-")
+    return base, backend or None
+
+
 def parse_configs(text: str, device: torch.device) -> list[str]:
+    from prodistill.accel.fp8 import check_available
+
     names = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
+    parts = {c: split_config(c) for c in names}
+    no_fp8 = ("plain", "eager-pixels")
+    unknown = [c for c, (base, fp8) in parts.items()
+               if base not in CONFIGS or (fp8 is not None and (fp8 not in FP8_BACKENDS or base in no_fp8))]
     if unknown:
-        raise ValueError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    if any(c.endswith("graphs") for c in names) and device.type != "cuda":
-        raise ValueError("--configs graphs and compile+graphs need --device cuda (CUDA graphs); leave them out "
-                         "on the CPU")
-    return [c for c in CONFIGS if c in names]
+        raise ValueError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}, "
+                         f"each but plain and eager-pixels optionally with +fp8-{'|'.join(FP8_BACKENDS)}")
+    if any("graphs" in base or "fused" in base for base, _ in parts.values()) and device.type != "cuda":
+        raise ValueError("--configs with graphs or fused need --device cuda (CUDA graphs, Triton kernels); leave "
+                         "them out on the CPU")
+    for name, (_, fp8) in parts.items():
+        if fp8 is not None:
+            try:
+                check_available(fp8, device)
+            except ValueError as e:
+                raise ValueError(f"--configs {name}: {e}") from None
+
+    def order(name: str) -> tuple[int, int]:  # each FP8 variant right after its configuration
+        base, fp8 = parts[name]
+        return CONFIGS.index(base), -1 if fp8 is None else FP8_BACKENDS.index(fp8)
+
+    return sorted(set(names), key=order)
 
 
 def synthetic_batches(cfg, models, generator: torch.Generator) -> tuple[dict, dict]:
@@ -71,27 +101,33 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_step(name: str, cfg, models, device: torch.device):
-    """A callable running one iteration of configuration `name` (its networks built fresh), and its batch."""
+    """(a callable running one iteration of configuration `name`, its networks built fresh, on its batch;
+    the FP8 plan of every Linear layer, empty without FP8)."""
     from prodistill.accel import Speedups, accelerate
     from prodistill.bench.plain import PlainStep
     from prodistill.methods import build_method
+    from prodistill.training import distributed
     from prodistill.training.logger import MetricsLogger
     from prodistill.training.trainer import Trainer
 
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    cached, pixels = synthetic_batches(cfg, models, torch.Generator(device).manual_seed(cfg.seed + 1))
+    dist = distributed.active()  # under `bench train --nproc N` (prodistill.bench.scaling): this rank, DDP
+    generator = torch.Generator(device).manual_seed(dist.rank_seed(cfg.seed))
+    cached, pixels = synthetic_batches(cfg, models, torch.Generator(device).manual_seed(dist.rank_seed(cfg.seed + 1)))
     torch.manual_seed(cfg.seed)
     if name == "plain":
         step = PlainStep(cfg, models, generator)
-        return lambda: step(cached)
+        return lambda: step(cached), []
     stage = cfg.stages()[0]
     method = build_method(cfg, models, stage, generator)
-    scope = "teacher" if "teacher" in name else "all" if name.startswith("compile") else "off"
-    speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs=name.endswith("graphs"))
-    accelerate(method, models, speedups)
-    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)))
+    base, fp8 = split_config(name)
+    scope = "teacher" if "teacher" in base else "all" if base.startswith("compile") else "off"
+    speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs="graphs" in base,
+                       fused_ops="fused" in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
+    plans = accelerate(method, models, speedups)
+    dist.wrap(method, models)
+    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist)
     batch = pixels if name == "eager-pixels" else cached
-    return lambda: trainer.train_step([batch])
+    return lambda: trainer.train_step([batch]), plans
 
 
 def count_tflop(step) -> float:
@@ -103,7 +139,7 @@ def count_tflop(step) -> float:
 
 
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
-    step = _make_step(name, cfg, models, device)
+    step, plans = _make_step(name, cfg, models, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -127,6 +163,10 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         row["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
     if name in ("plain", "eager", "eager-pixels"):  # the others do the eager config's math (and a graph
         row["tflop_per_it"] = count_tflop(step)   # replay would hide its work from the counter)
+    if plans:
+        from prodistill.accel import fp8
+
+        row["fp8"], row["fp8_layers"] = fp8.summary(plans), fp8.explain(plans)
     echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s)")
     return row
 
@@ -152,12 +192,14 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
             on_row(result)
     if explain:
         result["explain"] = explain_step(cfg, models, device, configs[-1], echo)
+        result["explain"]["fp8"] = {r["config"]: r["fp8_layers"] for r in result["rows"] if "fp8_layers" in r}
     return result
 
 
 def _derive(result: dict) -> None:
     rows = {r["config"]: r for r in result["rows"]}
-    eager_flops = rows.get("eager", rows.get("eager-pixels", {})).get("tflop_per_it")
+    # every configuration but eager-pixels does the same math: take the count of eager (or plain) for all
+    eager_flops = (rows.get("eager") or rows.get("plain") or {}).get("tflop_per_it")
     plain = rows.get("plain")
     for r in result["rows"]:
         flops = r.get("tflop_per_it", eager_flops)
@@ -183,7 +225,7 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
         echo("measuring SDPA backends ...")
         out["sdpa"] = measure(svd_attention_shapes(cfg.batch_size, cfg.frames, w, h), device)
     echo(f"profiling {best} ...")
-    step = _make_step(best, cfg, models, device)
+    step, _ = _make_step(best, cfg, models, device)
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -197,19 +239,21 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
 
 
 def format_train_table(r: dict) -> str:
+    width = max([16] + [len(row["config"]) + 2 for row in r["rows"]])
     lines = [f"bench train: {r['method']} stage {r['stage']}, {r['preset']}, {r['resolution']}, {r['frames']} frames, "
              f"batch {r['batch_size']}, m={r['solver_steps']}, LoRA r={r['lora_rank']} on {r['device']} "
              f"(torch {r['torch']})",
-             f"{'config':16}{'s/it':>9}{'×plain':>8}{'TFLOP/it':>10}{'MFU':>7}{'peak GB':>9}{'reserved':>10}"
+             f"{'config':{width}}{'s/it':>9}{'×plain':>8}{'TFLOP/it':>10}{'MFU':>7}{'peak GB':>9}{'reserved':>10}"
              f"{'1st it s':>10}"]
     for row in r["rows"]:
         def fmt(key, spec, scale=1.0):
             v = row.get(key)
             return format(v * scale, spec) if v is not None else "-"
 
-        lines.append(f"{row['config']:16}{fmt('sec_per_it', '9.3f')}{fmt('speedup_vs_plain', '8.2f')}"
+        lines.append(f"{row['config']:{width}}{fmt('sec_per_it', '9.3f')}{fmt('speedup_vs_plain', '8.2f')}"
                      f"{fmt('tflop_per_it', '10.1f')}{fmt('mfu', '6.1f', 100):>6}%{fmt('peak_alloc_gb', '9.1f')}"
                      f"{fmt('peak_reserved_gb', '10.1f')}{fmt('first_iter_s', '10.1f')}")
+    lines += [f"{row['config']}: {row['fp8']}" for row in r["rows"] if "fp8" in row]
     if r["peak_tflops"] is None:
         lines.append("MFU: no bf16 peak known for this device (CPU times only show that the harness runs)")
     return "\n".join(lines)

@@ -9,7 +9,13 @@ from torch import Tensor
 
 
 def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """Per-sample pseudo-Huber distance d(x, y) = √(‖x − y‖₂² + c²) − c (OSV eq. 7/10, after iCT); shape (B,)."""
+    """Per-sample pseudo-Huber distance d(x, y) = √(‖x − y‖₂² + c²) − c (OSV eq. 7/10, after iCT); shape (B,).
+    With the fused ops switched on (`--fused-ops`, see `ops`), CUDA tensors take the fused kernel."""
+    if x.is_cuda:
+        import ops
+
+        if ops.use_fused(x, None):
+            return ops.pseudo_huber(x, y, c)
     sq = (x - y).float().pow(2).flatten(1).sum(1)
     return (sq + c * c).sqrt() - c
 
@@ -41,10 +47,22 @@ def logistic_g_loss(fake_logits: Tensor) -> Tensor:
     return F.softplus(-fake_logits.float()).mean()
 
 
+def critic_g_loss(fake_logits: Tensor) -> Tensor:
+    """Generator adversarial term −D(fake), averaged (MCM eq. 4; the generator side of both its hinge and its
+    WGAN discriminator)."""
+    return -fake_logits.float().mean()
+
+
+def clipped_wgan_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """WGAN critic loss −D(real) + D(fake) with each logit's term floored at −1, averaged: the loss of MCM's
+    released training scripts (`--disc_loss_type wgan`); the floor keeps the critic's logits bounded."""
+    return (-real_logits.float()).clamp(min=-1.0).mean() + fake_logits.float().clamp(min=-1.0).mean()
+
+
 def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     """Mean of per-sample values, optionally weighted per sample (λ(t_n) of OSV eq. 10)."""
     return values.mean() if weights is None else (values * weights.to(values)).mean()
 
 
 __all__ = ["pseudo_huber", "default_huber_c", "hinge_d_loss", "hinge_g_loss", "logistic_d_loss", "logistic_g_loss",
-           "weighted_mean"]
+           "critic_g_loss", "clipped_wgan_d_loss", "weighted_mean"]

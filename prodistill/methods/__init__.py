@@ -12,6 +12,7 @@ from prodistill.methods.base import DistillationModels, Method, StepOutput
 METHODS = {
     "osv": "prodistill.methods.osv:OSV",
     "lcm": "prodistill.methods.lcm:LCM",
+    "mcm": "prodistill.methods.mcm:MCM",
     "avdm2": "prodistill.methods.avdm2:AVDM2",
 }
 """Two-stage methods (OSV) train stage 1 and/or 2; single-stage methods run as stage 2 (consistency

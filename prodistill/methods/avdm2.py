@@ -91,6 +91,13 @@ class AVDM2(Method):
     """G_θ(x_σ) = D_θ(x_σ, σ): the generator starts as the teacher's denoiser (Algorithm 1, line 2)."""
 
     @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.parallel == "fsdp":
+            raise ValueError("--method avdm2 does not support --parallel fsdp yet: backward simulation stops each "
+                             "rank's sampler at its own random step, so the ranks would run different numbers of "
+                             "sharded forwards and hang; use --parallel ddp")
+
+    @classmethod
     def default_sample_steps(cls, cfg) -> int:
         return cfg.student_steps
 

@@ -78,6 +78,11 @@ class Method:
     D_θ itself, a few-step generator (AVDM2). The samplers take it from here."""
 
     @classmethod
+    def check(cls, cfg) -> None:
+        """Cheap checks of what the method reads besides the models and the training data (e.g. a folder of
+        images), run by `prodistill train` before any model is built: raise a ValueError that says what to fix."""
+
+    @classmethod
     def default_sample_steps(cls, cfg) -> int:
         """Steps `prodistill sample` uses when none are given."""
         return 1

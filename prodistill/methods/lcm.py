@@ -35,7 +35,8 @@ class LCM(Method):
 
     def __init__(self, cfg, models, stage: int, generator: torch.Generator):
         if stage != 2:
-            raise ValueError(f"LCM is single-stage and runs as stage 2 (cfg.stages() == (2,)), got stage {stage}")
+            raise ValueError(f"{self.name.upper()} is single-stage and runs as stage 2 (cfg.stages() == (2,)), "
+                             f"got stage {stage}")
         self.cfg, self.models, self.stage, self.generator = cfg, models, stage, generator
         self.student = models.make_student(cfg, stage)
         self.trainable = trainable_parameters(self.student)

@@ -19,8 +19,7 @@ from prodistill.diffusion.losses import hinge_d_loss, hinge_g_loss, pseudo_huber
 from prodistill.diffusion.solvers import frame_guidance
 from prodistill.methods.base import Method, StepOutput
 from prodistill.methods.consistency import TeacherSolve, consistency_pair, huber_c, preview_student, solver_path
-from prodistill.models.presets import get_preset
-from prodistill.models.discriminator import LatentVideoDiscriminator, build_dinov2
+from prodistill.models.discriminator import build_discriminator
 from prodistill.models.student import load_trainable, trainable_parameters
 from prodistill.training.ema import EMA
 
@@ -36,17 +35,7 @@ class OSV(Method):
         device = models.device
         self.student = models.make_student(cfg, stage)
         self.trainable = trainable_parameters(self.student)
-        backbone = build_dinov2(cfg.dino, cfg.preset).to(device, models.dtype)
-        self.disc = LatentVideoDiscriminator(
-            backbone,
-            latent_channels=models.latent_channels,
-            upscale=cfg.disc_upscale,
-            image_size=get_preset(cfg.preset).disc_image_size,
-            head_channels=cfg.disc_head_channels,
-            input_kind="latent" if cfg.disc_input == "latent" else "pixel",
-        ).to(device)
-        for p in self.disc.trainable_parameters():
-            p.data = p.data.float()
+        self.disc = build_discriminator(cfg, models)
         self.grid = training_grid(cfg.num_timesteps).to(device, torch.float32)
         self.ema = EMA(self.trainable, cfg.ema_decay) if stage == 2 else None
         self.student_d = models.denoiser(self.student)

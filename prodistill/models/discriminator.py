@@ -21,8 +21,8 @@ Conventions
   ``hidden_states[i]`` the output of transformer block ``i`` (before the final
   LayerNorm). Valid indices: ``1 .. config.num_hidden_layers``.
 * Logits layout: ``forward`` returns ``(B, K)``. For each selected layer, in the
-  order of ``layer_indices``, a spatial block then a temporal block are
-  concatenated; every block holds ``F * hp * wp`` logits laid out frame-major
+  order of ``layer_indices``, a spatial block then a temporal block (unless
+  the temporal heads are turned off) are concatenated; every block holds ``F * hp * wp`` logits laid out frame-major
   ``(F, hp, wp)`` (also for the temporal heads, whose logit for frame ``f`` at
   patch ``(y, x)`` is the 1D-conv output at time ``f``). ``split_logits`` undoes
   this into named ``(B, F, hp, wp)`` tensors.
@@ -43,6 +43,7 @@ __all__ = [
     "DiscriminatorHeads",
     "LatentVideoDiscriminator",
     "build_dinov2",
+    "build_discriminator",
     "default_layer_indices",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -78,9 +79,18 @@ class LatentUpsampler(nn.Module):
         self.conv = nn.Conv2d(latent_channels, out_channels * upscale * upscale, kernel_size=3, padding=1)
         self.shuffle = nn.PixelShuffle(upscale)
         self.norm = nn.GroupNorm(1, out_channels, eps=eps, affine=True)
+        self.fused = False
+        """Run the sequence as `ops.fused_latent_upsampler` (set by prodistill.accel for `--fused-ops`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.shuffle(self.conv(x)))
+        if not self.fused:
+            return self.norm(self.shuffle(self.conv(x)))
+        import ops
+
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        params = (self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias)
+        return ops.fused_latent_upsampler(x.to(dtype), *(p.to(dtype) for p in params), self.upscale,
+                                          self.norm.eps, fused=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -125,28 +135,33 @@ class TemporalHead(_ConvHead):
 
 
 class DiscriminatorHeads(nn.Module):
-    """One spatial and one temporal head per selected backbone layer.
+    """One spatial and (with ``temporal``) one temporal head per selected backbone layer.
 
     ``forward(features, batch, frames)`` takes a list of per-layer patch maps of
     shape ``(B*F, C, hp, wp)`` (frame index fastest within each video, i.e. the
     ``(B, F)`` flattening of ``video.flatten(0, 1)``) and returns ``(B, K)`` logits
-    laid out as described in the module docstring.
+    laid out as described in the module docstring. Without temporal heads every
+    frame is judged as an independent image (MCM's frame discriminator).
     """
 
-    def __init__(self, feature_dim: int, num_layers: int, hidden_channels: int = 64):
+    def __init__(self, feature_dim: int, num_layers: int, hidden_channels: int = 64, temporal: bool = True):
         super().__init__()
         self.num_layers = num_layers
         self.spatial = nn.ModuleList(SpatialHead(feature_dim, hidden_channels) for _ in range(num_layers))
-        self.temporal = nn.ModuleList(TemporalHead(feature_dim, hidden_channels) for _ in range(num_layers))
+        self.temporal = (nn.ModuleList(TemporalHead(feature_dim, hidden_channels) for _ in range(num_layers))
+                         if temporal else None)
 
     def forward(self, features: Sequence[Tensor], batch: int, frames: int) -> Tensor:
         if len(features) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} feature maps, got {len(features)}")
         out: list[Tensor] = []
-        for feat, s_head, t_head in zip(features, self.spatial, self.temporal):
+        for i, (feat, s_head) in enumerate(zip(features, self.spatial)):
             bf, c, hp, wp = feat.shape
             # spatial: (B*F, 1, hp, wp) -> (B, F*hp*wp)
             out.append(s_head(feat).reshape(batch, frames * hp * wp))
+            if self.temporal is None:
+                continue
+            t_head = self.temporal[i]
             # temporal: (B*F, C, hp, wp) -> (B*hp*wp, C, F)
             seq = feat.reshape(batch, frames, c, hp, wp).permute(0, 3, 4, 2, 1).reshape(batch * hp * wp, c, frames)
             t = t_head(seq)  # (B*hp*wp, 1, F)
@@ -193,9 +208,12 @@ class LatentVideoDiscriminator(nn.Module):
         head_channels: hidden width of the heads.
         input_kind: ``"latent"`` (paper default: upsampler, no VAE decode) or
             ``"pixel"`` (ablation: caller passes VAE-decoded frames in [-1, 1]).
+        temporal_heads: False drops the temporal heads, so each frame is judged as
+            an independent image (MCM's frame-sparse image discriminator).
 
     ``forward(video)`` with ``video`` of shape ``(B, F, C, h, w)`` returns ``(B, K)``
-    logits, ``K = 2 * len(layer_indices) * F * hp * wp``; see ``split_logits``.
+    logits, ``K = heads * len(layer_indices) * F * hp * wp`` with ``heads`` 2 (1
+    without temporal heads); see ``split_logits``.
     """
 
     def __init__(
@@ -207,6 +225,7 @@ class LatentVideoDiscriminator(nn.Module):
         image_size: int | Sequence[int] = 224,
         head_channels: int = 64,
         input_kind: Literal["latent", "pixel"] = "latent",
+        temporal_heads: bool = True,
     ):
         super().__init__()
         config = backbone.config
@@ -252,7 +271,8 @@ class LatentVideoDiscriminator(nn.Module):
         self.upsampler = (
             LatentUpsampler(latent_channels, out_channels=3, upscale=upscale) if input_kind == "latent" else None
         )
-        self.heads = DiscriminatorHeads(self.feature_dim, len(layers), head_channels)
+        self.heads = DiscriminatorHeads(self.feature_dim, len(layers), head_channels, temporal=temporal_heads)
+        self.heads_per_layer = 2 if temporal_heads else 1
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -290,19 +310,22 @@ class LatentVideoDiscriminator(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def num_logits(self, num_frames: int) -> int:
         hp, wp = self.grid_size
-        return 2 * len(self.layer_indices) * num_frames * hp * wp
+        return self.heads_per_layer * len(self.layer_indices) * num_frames * hp * wp
 
     def split_logits(self, logits: Tensor, num_frames: int) -> dict[str, Tensor]:
-        """``(B, K)`` -> ``{"spatial/L": (B, F, hp, wp), "temporal/L": ...}`` for each layer L."""
+        """``(B, K)`` -> ``{"spatial/L": (B, F, hp, wp), "temporal/L": ...}`` for each layer L (no
+        "temporal/L" without temporal heads)."""
         hp, wp = self.grid_size
         n = num_frames * hp * wp
         if logits.shape[1] != self.num_logits(num_frames):
             raise ValueError(f"expected {self.num_logits(num_frames)} logits, got {logits.shape[1]}")
         out: dict[str, Tensor] = {}
         chunks = logits.split(n, dim=1)
+        k = self.heads_per_layer
         for j, layer in enumerate(self.layer_indices):
-            out[f"spatial/{layer}"] = chunks[2 * j].reshape(-1, num_frames, hp, wp)
-            out[f"temporal/{layer}"] = chunks[2 * j + 1].reshape(-1, num_frames, hp, wp)
+            out[f"spatial/{layer}"] = chunks[k * j].reshape(-1, num_frames, hp, wp)
+            if k == 2:
+                out[f"temporal/{layer}"] = chunks[k * j + 1].reshape(-1, num_frames, hp, wp)
         return out
 
     def preprocess(self, frames: Tensor) -> Tensor:
@@ -342,6 +365,12 @@ class LatentVideoDiscriminator(nn.Module):
         return [feats[i] for i in self.layer_indices]
 
     def forward(self, video_bfchw: Tensor) -> Tensor:
+        features = self.video_features(video_bfchw)
+        return self.heads(features, *video_bfchw.shape[:2])
+
+    def video_features(self, video_bfchw: Tensor) -> list[Tensor]:
+        """The heads' input: per selected layer, backbone patch maps ``(B*F, C, hp, wp)`` in the heads' dtype
+        (gradient penalties on features differentiate the heads with respect to these)."""
         if video_bfchw.dim() != 5:
             raise ValueError(f"expected a (B, F, C, h, w) video, got shape {tuple(video_bfchw.shape)}")
         b, f, c = video_bfchw.shape[:3]
@@ -353,8 +382,7 @@ class LatentVideoDiscriminator(nn.Module):
         backbone_dtype = next(self.backbone.parameters()).dtype
         feats = self.features(x.to(backbone_dtype))
         head_dtype = next(self.heads.parameters()).dtype
-        feats = [t.to(head_dtype) for t in feats]
-        return self.heads(feats, b, f)
+        return [t.to(head_dtype) for t in feats]
 
 
 # --------------------------------------------------------------------------------------
@@ -401,3 +429,25 @@ def build_dinov2(name_or_path: str | None, preset: str = "svd-xt"):
     if preset not in _PRESETS:
         raise ValueError(f"unknown DINOv2 preset {preset!r}; choose one of {sorted(_PRESETS)}")
     return Dinov2Model(Dinov2Config(**_PRESETS[preset]))
+
+
+def build_discriminator(cfg, models, temporal_heads: bool = True) -> LatentVideoDiscriminator:
+    """The discriminator that a training config asks for: DINOv2 (``cfg.dino``, else the random architecture
+    of ``cfg.preset``) frozen in the models' dtype, with an fp32 trainable upsampler and heads of
+    ``cfg.disc_head_channels``, reading latents or decoded frames (``cfg.disc_input``). Shared by OSV (video
+    heads) and MCM (``temporal_heads=False``: an image discriminator)."""
+    from prodistill.models.presets import get_preset
+
+    backbone = build_dinov2(cfg.dino, cfg.preset).to(models.device, models.dtype)
+    disc = LatentVideoDiscriminator(
+        backbone,
+        latent_channels=models.latent_channels,
+        upscale=cfg.disc_upscale,
+        image_size=get_preset(cfg.preset).disc_image_size,
+        head_channels=cfg.disc_head_channels,
+        input_kind="latent" if cfg.disc_input == "latent" else "pixel",
+        temporal_heads=temporal_heads,
+    ).to(models.device)
+    for p in disc.trainable_parameters():
+        p.data = p.data.float()
+    return disc

@@ -25,8 +25,9 @@ LATEST = "latest"
 
 
 def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Tensor]], state: dict,
-                    meta: dict | None = None, keep: int = 3) -> Path:
-    """Write `stage_dir/ckpt-<step>/` atomically, point `latest` at it and keep the newest `keep` checkpoints."""
+                    meta: dict | None = None, keep: int = 3, move_in: dict[str, Path] | None = None) -> Path:
+    """Write `stage_dir/ckpt-<step>/` atomically, point `latest` at it and keep the newest `keep` checkpoints.
+    `move_in` names folders written beforehand (DCP's sharded optimizer state) that move inside it as `name`."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / f"ckpt-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-ckpt-"))
@@ -35,6 +36,8 @@ def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Ten
         for group, tensors in weights.items():
             save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{group}.safetensors")
         torch.save(state, tmp / STATE_FILE)
+        for name, folder in (move_in or {}).items():
+            os.replace(folder, tmp / name)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -6,6 +6,10 @@ parameters for the call (`swapped`). Copying values in place keeps the parameter
 that compiled regions, CUDA graphs and optimisers hold, so the EMA forward runs the student's own compiled
 code with none of `functional_call`'s per-call re-parametrisation; the price is one spare copy of the
 trainable tensors and three in-place copies of them per call (for LoRA, a small fraction of the network).
+
+Under FSDP (`--parallel fsdp`) the parameters are sharded DTensors: the EMA then holds the same shards and works
+on each rank's local shard (`_local`), which is both correct (the update is element-wise) and what the foreach
+kernels accept.
 """
 
 from __future__ import annotations
@@ -29,19 +33,19 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         """θ⁻ ← μ·θ⁻ + (1 − μ)·θ."""
-        ema, live = list(self.params.values()), [p.detach() for p in self._live.values()]
+        ema, live = [_local(t) for t in self.params.values()], [_local(p.detach()) for p in self._live.values()]
         torch._foreach_lerp_(ema, live, 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Inside the block the live parameters hold θ⁻; θ is restored on exit, even on error. Use it without
         gradient (autograd must not save the swapped values)."""
-        live = [p.detach() for p in self._live.values()]
+        live = [_local(p.detach()) for p in self._live.values()]
         if self._saved is None:
             self._saved = [t.clone() for t in live]
         with torch.no_grad():
             torch._foreach_copy_(self._saved, live)
-            torch._foreach_copy_(live, list(self.params.values()))
+            torch._foreach_copy_(live, [_local(t) for t in self.params.values()])
         try:
             yield
         finally:
@@ -67,3 +71,8 @@ class EMA:
         with torch.no_grad():
             for k, v in self.params.items():
                 v.copy_(state[k])
+
+
+def _local(t: Tensor) -> Tensor:
+    """A sharded DTensor's local shard (same storage), or `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -6,10 +6,14 @@ Run folder layout:
     RUN/stage{1,2}/ckpt-NNNNNNN/  student.safetensors, discriminator.safetensors, ema.safetensors (stage 2),
                                   state.pt (optimisers, schedules, RNG, data position), meta.json
     RUN/samples/*.mp4             preview videos (1-step student)
+
+Under torchrun every rank runs this same function (`prodistill.training.distributed`): all validate, build the
+frozen models and the method; rank 0 alone writes the folder's files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -17,7 +21,8 @@ from pathlib import Path
 import torch
 
 from prodistill.config import TrainConfig
-from prodistill.methods import build_method
+from prodistill.methods import build_method, method_class
+from prodistill.training import distributed
 from prodistill.training.checkpoint import latest_checkpoint, load_weights, read_meta
 from prodistill.training.logger import MetricsLogger
 from prodistill.training.trainer import Trainer
@@ -97,73 +102,97 @@ def training_source(cfg: TrainConfig, device: torch.device):
     return files
 
 
-def make_loader(cfg: TrainConfig, source, device: torch.device):
-    """A fresh loader (epoch 0) over `source` from `training_source`."""
+def make_loader(cfg: TrainConfig, source, device: torch.device, rank: int = 0, world_size: int = 1):
+    """A fresh loader (epoch 0) over `source` from `training_source`: rank `rank`'s disjoint share of it."""
     from prodistill.data.dataset import ClipLoader, VideoClipDataset
 
+    shard = dict(seed=cfg.seed, rank=rank, world_size=world_size)
     if not isinstance(source, list):  # the latent cache
-        return ClipLoader(source, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+        return ClipLoader(source, batch_size=cfg.batch_size, num_workers=cfg.num_workers, **shard)
     dataset = VideoClipDataset(source, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
     if use_dali(cfg, device):
         from dali_pipelines.video import DaliClipLoader
 
         device_id = (device.index or 0) if device.type == "cuda" else None
-        return DaliClipLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, device_id=device_id)
-    return ClipLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+        return DaliClipLoader(dataset, batch_size=cfg.batch_size, device_id=device_id, **shard)
+    return ClipLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, **shard)
 
 
-def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps: float, seed: int) -> Path:
-    """A 1-step student video of the batch's first clip, from its own generator (training RNG untouched)."""
+def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps: float, seed: int,
+                  write: bool = True) -> Path | None:
+    """A 1-step student video of the batch's first clip, from its own generator (training RNG untouched). Ranks
+    other than 0 generate too (`write=False`: with FSDP the student's forward needs every rank) but write nothing."""
     from prodistill.data.video import write_mp4
     from prodistill.sampling import to_uint8_frames
 
     generator = torch.Generator(method.generator.device).manual_seed(seed)
     pixels = method.preview({k: v[:1] for k, v in batch.items()}, generator)
+    if not write:
+        return None
     return write_mp4(run_dir / "samples" / f"stage{stage}-step{step:07d}.mp4", to_uint8_frames(pixels[0]), fps)
 
 
 def run_training(cfg: TrainConfig) -> Path:
     from prodistill.accel import Speedups
 
+    if distributed.restart_count() > 0 and not cfg.resume and (Path(cfg.out) / "config.yaml").is_file():
+        log.info("torchrun restart %d: resuming %s from its last checkpoint", distributed.restart_count(), cfg.out)
+        cfg = dataclasses.replace(cfg, resume=True)
     run_dir = check_run_dir(cfg)
     device = resolve_device(cfg.device)
     speedups = Speedups.from_config(cfg, device)
     source = training_source(cfg, device)
+    method_class(cfg.method).check(cfg)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
-    models = build_models(cfg, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg.tensorboard)
+    dist = distributed.setup(device, cfg.dist_timeout, cfg.parallel)
     try:
-        for stage in cfg.stages():
-            _run_stage(cfg, models, source, stage, run_dir, device, logger, speedups)
+        with dist.local_main_first():  # the built-in clips are rendered once per host
+            source = training_source(cfg, device)
+        models = build_models(cfg, dist.device)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+        dist.barrier()
+        logger = MetricsLogger(run_dir, cfg.tensorboard and dist.is_main)
+        try:
+            for stage in cfg.stages():
+                _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups)
+        finally:
+            logger.close()
     finally:
-        logger.close()
+        distributed.teardown(dist)
     return run_dir
 
 
-def _run_stage(cfg, models, source, stage, run_dir, device, logger, speedups) -> None:
+def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups) -> None:
     from prodistill.accel import accelerate
 
+    device = dist.device
     stage_dir = run_dir / f"stage{stage}"
     steps = cfg.steps_for(stage)
     ckpt = latest_checkpoint(stage_dir)
     if ckpt is not None and read_meta(ckpt)["step"] >= steps:
         log.info("stage %d already complete (%s)", stage, ckpt)
         return
-    generator = torch.Generator(device).manual_seed(cfg.seed + stage)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1000 * stage)  # LoRA and head init: identical on every (re)start
+    generator = torch.Generator(device).manual_seed(dist.rank_seed(cfg.seed + stage))
+    with torch.random.fork_rng(devices=[]), dist.sharding_students(models):
+        torch.manual_seed(cfg.seed + 1000 * stage)  # LoRA and head init: identical on every (re)start and rank
         method = build_method(cfg, models, stage, generator)
     accelerate(method, models, speedups)
-    log.info("stage %d speed-ups: %s", stage, speedups.describe())
-    trainer = Trainer(cfg, method, make_loader(cfg, source, device), stage, stage_dir, steps, generator, logger,
-                      preview_fn=lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed),
-                      announce_first_step=speedups.compile != "off" or speedups.cuda_graphs)
+    dist.wrap(method, models)
+    if dist.is_main:
+        log.info("stage %d speed-ups: %s", stage, speedups.describe())
+    loader = make_loader(cfg, source, device, dist.rank, dist.world_size)
+    preview = lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed, write=dist.is_main)  # noqa: E731
+    trainer = Trainer(cfg, method, loader, stage, stage_dir, steps, generator, logger, preview_fn=preview,
+                      announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models)
     if ckpt is not None:
         trainer.resume(ckpt)
-    elif stage == 2 and (stage1 := latest_checkpoint(run_dir / "stage1")) is not None:
-        method.load_weights(load_weights(stage1, device))
+    else:
+        if dist.is_main:  # rows a failed attempt logged before its first checkpoint are about to be redone
+            logger.truncate_after(stage, 0)
+        if stage == 2 and (stage1 := latest_checkpoint(run_dir / "stage1")) is not None:
+            method.load_weights(dist.localize(load_weights(stage1, device), method.weights()))
     trainer.fit()

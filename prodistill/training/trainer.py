@@ -6,14 +6,24 @@ One step = for each phase of the method (e.g. generator, then discriminator): ac
 EMA update). A phase may update several times per step (`Method.updates_per_step`, e.g. AVDM2's critics
 twice per generator update): the step then runs in rounds, round r updating every phase with more than r
 updates, in phase order. The micro-batches are drawn once per step and shared by all phases and rounds.
+
+Under torchrun the loop is the same on every rank; `prodistill.training.distributed` supplies the few places
+where ranks differ or meet: gradient synchronisation (skipped for all but the last micro-batch of each
+update), agreement on a stop request, losses averaged over ranks for the log, and rank 0 alone writing logs,
+previews and checkpoints.
+
+Progress: a tqdm bar on a terminal; where stderr is not one (Slurm, torchrun's per-rank log files, `nohup`),
+one plain line per logging interval instead (`format_progress`), so a long run's log holds no redrawn bars.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +33,7 @@ from tqdm.auto import tqdm
 
 from prodistill.methods.base import Method
 from prodistill.training.checkpoint import load_state, load_weights, save_checkpoint
+from prodistill.training.distributed import Distributed, load_optimizers, rescale_loader_state
 from prodistill.training.logger import MetricsLogger
 
 log = logging.getLogger("prodistill")
@@ -54,6 +65,40 @@ def stop_requests():
             signal.signal(s, h)
 
 
+def format_progress(stage: int, step: int, total: int, sec_per_step: float, shown: dict[str, float]) -> str:
+    """The plain progress line: `stage 2 step 40/200 | 0.512 s/step | ETA 0:01:22 | distance=0.0123 d=1.98`."""
+    eta = datetime.timedelta(seconds=round(sec_per_step * max(total - step, 0)))
+    values = " ".join(f"{k.split('/')[-1] if k.startswith('loss/') else k}={v:.4g}"
+                      for k, v in shown.items() if k.startswith(("loss/", "d/logits")))
+    return f"stage {stage} step {step}/{total} | {sec_per_step:.3f} s/step | ETA {eta} | {values}".rstrip(" |")
+
+
+class Progress:
+    """A tqdm bar where stderr is a terminal, else one `format_progress` line per logging interval; silent on
+    ranks other than 0."""
+
+    def __init__(self, stage: int, total: int, initial: int, enabled: bool = True):
+        self.stage, self.total, self.enabled = stage, total, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, desc=f"stage {stage}", unit="step", dynamic_ncols=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, sec_per_step: float, shown: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3g}"
+                                  for k, v in shown.items() if k.startswith(("loss/", "d/logits"))}, refresh=False)
+        elif self.enabled:
+            log.info(format_progress(self.stage, step, self.total, sec_per_step, shown))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def warmup_schedule(warmup_steps: int):
     """Linear warm-up from 1/warmup to 1, then constant."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -61,8 +106,12 @@ def warmup_schedule(warmup_steps: int):
 
 class Trainer:
     def __init__(self, cfg, method: Method, loader, stage: int, stage_dir: Path, total_steps: int,
-                 generator: torch.Generator, logger: MetricsLogger, preview_fn=None, announce_first_step=False):
+                 generator: torch.Generator, logger: MetricsLogger, preview_fn=None, announce_first_step=False,
+                 dist: Distributed | None = None, models=None):
         self.cfg, self.method, self.loader, self.stage = cfg, method, loader, stage
+        self.dist = dist or Distributed(device=generator.device)
+        self.models = models
+        """The method's models (only needed with --parallel fsdp, to name the sharded optimizer state)."""
         self.stage_dir, self.total_steps, self.generator, self.logger = stage_dir, total_steps, generator, logger
         self.preview_fn = preview_fn
         self.announce_first_step = announce_first_step
@@ -82,40 +131,68 @@ class Trainer:
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(cfg.warmup_steps))
 
     # -- state --------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = {
-            "step": self.step,
-            "stage": self.stage,
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "generator": self.generator.get_state(),
-            "loader": self.loader.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
+    def rank_state(self) -> dict:
+        """What differs between ranks: random streams and data position."""
+        state = {"generator": self.generator.get_state(), "loader": self.loader.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
+    def state_dict(self, ranks: list[dict] | None = None) -> dict:
+        """Training state; `ranks` holds every rank's `rank_state` (rank 0's is also stored at the top level, as a
+        single process stores its own)."""
+        ranks = ranks or [self.rank_state()]
+        state = {"step": self.step, "stage": self.stage, "world_size": len(ranks),
+                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}, **ranks[0]}
+        if len(ranks) > 1:
+            state["ranks"] = ranks
+        if not self.dist.sharded:
+            state["optimizers"] = {k: o.state_dict() for k, o in self.optimizers.items()}
+        return state
+
     def resume(self, ckpt: Path) -> None:
-        self.method.load_weights(load_weights(ckpt, self.generator.device))
+        device = self.generator.device
+        self.method.load_weights(self.dist.localize(load_weights(ckpt, device), self.method.weights()))
         state = load_state(ckpt)
         self.step = int(state["step"])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
+        if "optimizers" in state:
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+        else:  # written sharded by DCP (--parallel fsdp)
+            load_optimizers(ckpt, self.optimizers, self.method, self.models)
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
-        self.generator.set_state(state["generator"])
-        self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.logger.truncate_after(self.stage, self.step)
+        mine = self.dist.rank_state(state)
+        if mine is None:  # another number of ranks wrote it: same fraction of the epoch, streams re-derived
+            loaders = [r["loader"] for r in state.get("ranks", [state])]
+            self.loader.load_state_dict(rescale_loader_state(loaders, self.dist.world_size))
+            self.generator.manual_seed(self.dist.rank_seed(self.cfg.seed + self.stage, self.step))
+            log.info("resuming %d-rank checkpoint %s on %d ranks: data position rescaled, random streams re-derived",
+                     int(state.get("world_size", 1)), ckpt, self.dist.world_size)
+        else:
+            self.generator.set_state(mine["generator"])
+            self.loader.load_state_dict(mine["loader"])
+            torch.set_rng_state(mine["torch_rng"])
+            if "cuda_rng" in mine and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        if self.dist.is_main:
+            self.logger.truncate_after(self.stage, self.step)
 
-    def save(self) -> Path:
-        return save_checkpoint(self.stage_dir, self.step, self.method.weights(), self.state_dict(),
-                               meta={"stage": self.stage, "method": self.method.name,
-                                     "complete": self.step >= self.total_steps},
-                               keep=self.cfg.keep_ckpts)
+    def save(self) -> Path | None:
+        """Write a checkpoint (every rank calls this; rank 0 writes, and returns its path)."""
+        ranks = self.dist.gather(self.rank_state())
+        weights = self.dist.full_weights(self.method.weights())
+        move_in = self.dist.save_sharded_optimizers(self.stage_dir, self.step, self.optimizers, self.method,
+                                                    self.models)
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.stage_dir, self.step, weights, self.state_dict(ranks),
+                                   meta={"stage": self.stage, "method": self.method.name,
+                                         "complete": self.step >= self.total_steps},
+                                   keep=self.cfg.keep_ckpts, move_in=move_in)
+        self.dist.barrier()
+        return path
 
     def _add_perf(self, rows: list[tuple[int, dict]], since: float) -> None:
         """Wall time per step over the logging interval (the logging sync makes it honest on GPU) and, on
@@ -159,15 +236,16 @@ class Trainer:
         phase's `last` update of the step, its LR schedule (warm-up counts training steps, not updates)."""
         opt, updates = self.optimizers[phase], self.updates[phase]
         opt.zero_grad(set_to_none=True)
-        for batch, cache in zip(micro, caches):
-            out = self.method.compute(phase, batch, cache)
-            (out.loss / len(micro)).backward()
+        for i, (batch, cache) in enumerate(zip(micro, caches)):
+            with self.dist.accumulating(skip_sync=i < len(micro) - 1):
+                out = self.method.compute(phase, batch, cache)
+                (out.loss / len(micro)).backward()
             cache.update(out.cache)
             for k, v in out.logs.items():
                 logs[k] = logs.get(k, 0) + v / (len(micro) * updates)
         params = [p for g in opt.param_groups for p in g["params"]]
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        norm = self.dist.clip_grad_norm_(params, limit)
         logs[f"grad_norm/{phase}"] = logs.get(f"grad_norm/{phase}", 0) + norm / updates
         logs[f"lr/{phase}"] = self.schedulers[phase].get_last_lr()[0]
         opt.step()
@@ -176,14 +254,13 @@ class Trainer:
         self.method.after_optimizer_step(phase)
 
     def _fit(self, stop: dict) -> None:
-        cfg, method = self.cfg, self.method
+        cfg, method, main = self.cfg, self.method, self.dist.is_main
         method.train(True)
         pending: list[tuple[int, dict]] = []
         clock = time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
-                   dynamic_ncols=True)
+        progress = Progress(self.stage, self.total_steps, self.step, enabled=main)
         first = self.announce_first_step
-        if first:
+        if first and main:
             log.info("stage %d: the first step compiles and captures (minutes at full size on a cold cache)",
                      self.stage)
         while self.step < self.total_steps:
@@ -192,24 +269,27 @@ class Trainer:
             self.step += 1
             if first:
                 self._sync()
-                log.info("stage %d: first step took %.1f s", self.stage, time.perf_counter() - clock)
+                if main:
+                    log.info("stage %d: first step took %.1f s", self.stage, time.perf_counter() - clock)
                 first = False
-            bar.update(1)
+            progress.update()
             pending.append((self.step, logs))
-            interrupted = stop["signal"] is not None
+            interrupted = self.dist.any(stop["signal"] is not None)
             last = self.step >= self.total_steps
             if self.step % cfg.log_every == 0 or last or interrupted:
                 self._add_perf(pending, clock)
-                shown = self.logger.write(self.stage, pending)
+                self.dist.mean_logs(pending)
+                if main:
+                    shown = self.logger.write(self.stage, pending)
+                    progress.report(self.step, shown["perf/sec_per_step"], shown)
                 pending, clock = [], time.perf_counter()
-                bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.3g}"
-                                 for k, v in shown.items() if k.startswith(("loss/", "d/logits"))}, refresh=False)
             if self.step % cfg.ckpt_every == 0 or last or interrupted:
                 self.save()
             if interrupted and not last:
-                bar.close()
-                raise TrainingInterrupted(f"stopped by signal {stop['signal']} after step {self.step} of stage "
-                                          f"{self.stage}; a checkpoint was saved: rerun with --resume to continue")
+                progress.close()
+                cause = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
+                raise TrainingInterrupted(f"stopped by {cause} after step {self.step} of stage {self.stage}; a "
+                                          "checkpoint was saved: rerun with --resume to continue")
             if self.preview_fn is not None and ((cfg.sample_every and self.step % cfg.sample_every == 0) or last):
                 self.preview_fn(method, micro[0], self.stage, self.step)
-        bar.close()
+        progress.close()
