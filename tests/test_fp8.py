@@ -363,10 +363,10 @@ def _gpu_run(tmp_path, name, speedups, steps):
 @pytest.mark.parametrize("backend,compile_mode,graphs", [("te", "off", False), ("te", "off", True),
                                                           ("torchao", "off", False), ("torchao", "all", True)])
 def test_gpu_short_fp8_run_tracks_bf16_losses(tmp_path, tiny_shapes, backend, compile_mode, graphs):
-    """Five stage-2 steps with every eligible Linear in FP8 track the bf16 run: first-step losses within 5 % (e4m3 keeps
-    3 mantissa bits; the tiny model's 32-wide layers average little of that away: 2.5 % measured with TE on an H100),
-    all within 25 % (the pseudo-Huber distance is a small difference and amplifies noise later); compiled
-    regions (inductor, fullgraph) and the CUDA-graph teacher solve included."""
+    """Five stage-2 steps with every eligible Linear in FP8 track the bf16 run: first-step losses within 5 %
+    (e4m3 keeps 3 mantissa bits and the tiny model's 32-wide layers average little of that away: 2.5 % measured
+    with TE on an H100), all within 25 % (the pseudo-Huber distance is a small difference and amplifies noise
+    later); compiled regions (inductor, fullgraph) and the CUDA-graph teacher solve included."""
     _gpu_backend(backend)
     path = _table(tiny_shapes[0], lambda s: True).save(tmp_path / "all.json")
     ref, _ = _gpu_run(tmp_path, "bf16", Speedups(), 5)
