@@ -128,6 +128,26 @@ def test_fp16_graph_with_external_data_matches_pytorch(tmp_path):
     assert 1e-6 < info.parity["rel"] <= 2e-2  # fp16 kernels differ a little, never by more than the tolerance
 
 
+def test_low_precision_graphs_keep_group_norm_statistics_in_fp32(tmp_path):
+    """Below fp32 every GroupNorm of every graph becomes an `Fp32GroupNorm` (float32 weights, fp32 statistics,
+    output in the graph's dtype) equal to torch's float32 GroupNorm; fp32 graphs keep plain GroupNorms."""
+    from export.graphs import Fp32GroupNorm, build_graphs, merge_student
+    from prodistill.training.run import build_models
+
+    cfg, _ = make_lora_run(tmp_path)
+    models = build_models(cfg, torch.device("cpu"))
+    graphs = build_graphs(models, merge_student(models.unet), "fp16")
+    norms = [m for g in graphs.values() for m in g.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 10 and all(type(m) is Fp32GroupNorm and m.weight.dtype == torch.float32 for m in norms)
+    assert {type(m) for g in build_graphs(models, merge_student(models.unet), "fp32").values()
+            for m in g.modules() if isinstance(m, torch.nn.GroupNorm)} == {torch.nn.GroupNorm}
+    ref = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(ref.weight)
+    x = torch.randn(2, 8, 5, 5) * 30
+    got = Fp32GroupNorm.replacing(ref)(x.half())
+    assert got.dtype == torch.float16 and torch.allclose(got.float(), ref(x.half().float()), atol=2e-2, rtol=1e-2)
+
+
 def test_an_export_over_tolerance_fails_loudly(exported, tmp_path):
     from export.graphs import DecoderGraph
     from export.onnx_export import ExportError, check_parity, example_inputs
@@ -213,3 +233,20 @@ def test_diffusers_pipeline_runs_one_step(tmp_path):
                   min_guidance_scale=1.0, max_guidance_scale=1.0, decode_chunk_size=4, output_type="np",
                   generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == (1, 4, 32, 32, 3) and np.isfinite(frames).all() and frames.std() > 0
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_traceable_repeat_interleave_equals_torchs_and_is_restored(dim):
+    """The tracing stand-in (unsqueeze → expand → flatten) gives torch's result for an int and a 0-dim count, and
+    leaves other calls and torch itself untouched."""
+    from export.onnx_export import traceable_repeat_interleave
+
+    x = torch.randn(2, 3, 4)
+    want = x.repeat_interleave(3, dim=dim)
+    original = torch.Tensor.repeat_interleave
+    with traceable_repeat_interleave():
+        assert torch.Tensor.repeat_interleave is not original
+        assert torch.equal(x.repeat_interleave(3, dim=dim), want)
+        assert torch.equal(x.repeat_interleave(torch.tensor(3), dim=dim), want)
+        assert torch.equal(x.repeat_interleave(torch.tensor([1, 2]), dim=0), original(x, torch.tensor([1, 2]), dim=0))
+    assert torch.Tensor.repeat_interleave is original

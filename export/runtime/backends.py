@@ -51,6 +51,8 @@ class OrtBackend:
         if device == "cuda" and not cuda:
             raise BackendError("--device cuda needs onnxruntime-gpu (the CUDA execution provider is not available)")
         self.providers = (["CUDAExecutionProvider"] if cuda and device != "cpu" else []) + ["CPUExecutionProvider"]
+        if len(self.providers) > 1 and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels: no torch here to have loaded them
         options = ort.SessionOptions()
         options.log_severity_level = 3  # constant-folding notices about fp16 nodes are not actionable
         self.sessions = {name: ort.InferenceSession(str(folder / info.file), options, providers=self.providers)

@@ -215,11 +215,14 @@ def torch_cuda_sm90() -> bool:
 @click.option("--teacher-steps", type=click.IntRange(1), default=25, show_default=True,
               help="Euler steps of the teacher's CFG generation (SVD's default is 25).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--paths", default="eager,compile,ort,trt", show_default=True,
+              help="Comma-separated inference paths to time (eager, compile, ort, trt); eager always runs (the "
+                   "teacher's generation is the baseline); a path that cannot run here is listed as skipped.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-sample.json", show_default=True)
-def sample_command(preset, teacher, resolution, frames, teacher_steps, device, json_path) -> None:
+def sample_command(preset, teacher, resolution, frames, teacher_steps, device, paths, json_path) -> None:
     """Teacher 25-step CFG vs student 1 step and TTS: torch eager, torch.compile, ONNX Runtime, TensorRT;
     encode / UNet / decode timed separately, peak memory (fp16 on GPU, fp32 on CPU)."""
-    from prodistill.bench.sample import format_sample_table, run_sample_bench, write_sample_json
+    from prodistill.bench.sample import format_sample_table, parse_sample_paths, run_sample_bench, write_sample_json
     from prodistill.config import build_config
     from prodistill.training.run import resolve_device
 
@@ -227,7 +230,7 @@ def sample_command(preset, teacher, resolution, frames, teacher_steps, device, j
         dev = resolve_device(device)
         cfg = build_config({"preset": preset, "teacher": teacher, "resolution": resolution, "frames": frames,
                             "device": dev.type, "dtype": "fp16" if dev.type == "cuda" else "fp32"})
-        result = run_sample_bench(cfg, dev, teacher_steps, echo=click.echo)
+        result = run_sample_bench(cfg, dev, teacher_steps, paths=parse_sample_paths(paths), echo=click.echo)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_sample_table(result))

@@ -12,7 +12,8 @@ hook on every nn.Linear recording its (M, K, N). Each distinct shape is then tim
   N) with M dynamic, dynamo reset between them); compiled timing stops at `max_seconds`, rows left say so.
 
 `infer` times a no-grad forward; `train` a forward plus the gradient to the input (the weight is frozen, as in
-the step). Each figure is the median of `reps` CUDA-event-timed calls after `warmup` untimed ones. Shapes FP8
+the step). Each figure is the median of `reps` timings after `warmup` untimed calls: GPU time per call from
+replays of a CUDA graph (see `_timer`; per-call CUDA events where capture fails). Shapes FP8
 cannot run (rows % 8, K or N % 16) are listed with the reason and not timed. A backend whose package is missing
 is reported in one line and skipped; the others are still measured.
 """
@@ -83,9 +84,17 @@ def step_linear_shapes(preset_name: str, width: int, height: int, frames: int, b
 
 
 def _timer(device: torch.device, fn, reps: int, warmup: int) -> float:
-    """Median milliseconds of `fn()`: CUDA events per call on a GPU, the wall clock on the CPU."""
+    """Median milliseconds of `fn()`. On a GPU: GPU time, from replays of a CUDA graph of `GRAPH_CALLS` calls
+    (the step replays the teacher's solve as a graph and runs compiled regions whose launches the CPU queues
+    ahead, so per-call launch and Python overhead — TE's and autograd's alone exceed a small GEMM — is not what
+    the step pays); per call with CUDA events where a kernel cannot be captured. The wall clock on the CPU."""
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        try:
+            return _graph_ms(fn, reps)
+        except Exception:  # not capturable: fall back to per-call timing (overhead included)
+            torch.cuda.synchronize(device)
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -99,6 +108,33 @@ def _timer(device: torch.device, fn, reps: int, warmup: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+GRAPH_CALLS = 10
+"""Calls captured in one CUDA graph by `_timer`, so one replay's launch is shared by ten GEMMs."""
+
+
+def _graph_ms(fn, reps: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture-time allocations settle on a side stream first, as torch advises
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / GRAPH_CALLS)
+    del graph
     return statistics.median(times)
 
 
@@ -189,7 +225,8 @@ def run_fp8_bench(preset: str, width: int, height: int, frames: int, batch: int,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, versions=_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), preset=preset, resolution=f"{width}x{height}", frames=frames, batch_size=batch,
-        reps=reps, margin=MARGIN, command="prodistill bench fp8")
+        reps=reps, margin=MARGIN, timing=f"GPU time per call: CUDA graph replays of {GRAPH_CALLS} calls" if
+        device.type == "cuda" else "wall clock per call", command="prodistill bench fp8")
     return table
 
 

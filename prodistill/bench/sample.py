@@ -56,16 +56,17 @@ def _row(path: str, generation: str, nfe: int, timer: _Timer, device: torch.devi
             "total_s": round(sum(timer.parts.values()), 5), "peak_mem_gb": round(_peak_gb(device), 3)}
 
 
-def _torch_rows(path: str, models, unet, decode, image, cfg, device, generations, teacher_steps: int
-                ) -> list[dict]:
-    """Rows of one torch path (eager or compiled): `unet` is the student network, `decode` the decoder."""
+def _torch_rows(path: str, models, unet, decode, image, cfg, device, generations, teacher_steps: int,
+                warmups: int = 1) -> list[dict]:
+    """Rows of one torch path (eager or compiled): `unet` is the student network, `decode` the decoder; the
+    last of `warmups + 1` generations is timed."""
     from prodistill.diffusion.solvers import bind
     from prodistill.sampling import sample_student, sample_teacher
 
     shape = models.latent_shape(1, cfg.frames, *cfg.size())
     rows = []
     for name, nfe, run in generations:
-        for timed in (False, True):  # warm-up, then the measured generation
+        for _ in range(warmups + 1):  # warm-up(s), then the measured generation
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timer, gen = _Timer(device), torch.Generator(device).manual_seed(0)
@@ -102,7 +103,33 @@ def _runtime_rows(path: str, pipeline, image, device) -> list[dict]:
     return rows
 
 
-def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25,
+PATHS = ("eager", "compile", "ort", "trt")
+
+
+def parse_sample_paths(text: str) -> set[str]:
+    """`--paths eager,ort` → {'eager', 'ort'}; an unknown name is one sentence."""
+    paths = {p.strip() for p in text.split(",") if p.strip()}
+    if unknown := sorted(paths - set(PATHS)):
+        raise ValueError(f"--paths: unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    return paths | {"eager"}
+
+
+def _release_gpu_memory(device: torch.device) -> None:
+    """Hand the torch paths' GPU memory back before ONNX Runtime or TensorRT allocate theirs in this process:
+    compiled code and its CUDA-graph pools, then the caching allocator's free blocks."""
+    import gc
+
+    if device.type != "cuda":
+        return
+    torch._dynamo.reset()
+    from torch._inductor import cudagraph_trees
+
+    cudagraph_trees.reset_cudagraph_trees()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: set[str] | frozenset = frozenset(PATHS),
                      echo: Callable[[str], None] = print) -> dict:
     from export.onnx_export import ExportError, import_onnx
     from export.run import build_engines, export_graphs
@@ -120,14 +147,18 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25,
     echo("torch eager...")
     rows += _torch_rows("torch eager", models, models.unet, models.decode, image, cfg, device, generations, teacher_steps)
 
-    if device.type == "cuda":
+    if "compile" not in paths:
+        skipped["torch.compile"] = "not in --paths"
+    elif device.type == "cuda":
         echo("torch.compile (reduce-overhead: CUDA graphs) of the student UNet and the decoder; compiling...")
         unet = torch.compile(models.unet, mode="reduce-overhead", fullgraph=False)
         decode = torch.compile(models.decode, mode="reduce-overhead")
         rows += _torch_rows("torch.compile", models, unet, decode, image, cfg, device, generations[1:],
-                            teacher_steps)
+                            teacher_steps, warmups=2)  # CUDA graph trees record on the second call, replay after
+        del unet, decode
     else:
         skipped["torch.compile"] = "GPU only (CUDA graphs)"
+    _release_gpu_memory(device)
 
     precision = "fp32" if device.type == "cpu" else ("bf16" if cfg.dtype == "bf16" else "fp16")
     try:
@@ -135,23 +166,31 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25,
     except ExportError as e:
         skipped["onnxruntime"] = skipped["tensorrt"] = str(e)
         return {"config": _config(cfg, device, teacher_steps), "rows": rows, "skipped": skipped}
-    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "ort" not in paths:
+        skipped["onnxruntime"] = "not in --paths"
+    elif device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         skipped["onnxruntime"] = ("no CUDA execution provider (onnxruntime-gpu is not installed); the CPU provider "
                                   "at this size would take minutes")
+    if "trt" not in paths:
+        skipped["tensorrt"] = "not in --paths"
+    elif not tensorrt_available():
+        skipped["tensorrt"] = "TensorRT is not installed"
+    if "onnxruntime" in skipped and "tensorrt" in skipped:  # no runtime path: nothing to export
+        return {"config": _config(cfg, device, teacher_steps), "rows": rows, "skipped": skipped}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         echo(f"exporting the graphs ({precision}) for the runtime paths...")
         models.to(device, torch.float32)  # the torch rows are done; graphs are cast from float32 weights
-        manifest = export_graphs(models, copy.deepcopy(models.unet), cfg, folder, precision, echo=lambda s: None)
+        manifest = export_graphs(models, copy.deepcopy(models.unet), cfg, folder, precision, echo=echo)
+        models.to("cpu")  # the runtimes below need the GPU memory; their inputs come from numpy
+        _release_gpu_memory(device)
         if "onnxruntime" not in skipped:
             echo("onnxruntime...")
             rows += _runtime_rows("onnxruntime", OneStepPipeline(folder, "ort", device.type), image, device)
-        if tensorrt_available():
+        if "tensorrt" not in skipped:
             echo("building TensorRT engines...")
             build_engines(manifest, folder, echo=echo)
             rows += _runtime_rows("tensorrt", OneStepPipeline(folder, "trt"), image, device)
-        else:
-            skipped["tensorrt"] = "TensorRT is not installed"
     return {"config": _config(cfg, device, teacher_steps), "rows": rows, "skipped": skipped}
 
 
