@@ -268,7 +268,6 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-
 def _check_weights_arg(name: str, value: str | None) -> None:
     """A weights argument is a folder with the expected config files or a hub id (org/name); anything else
     is a typo, reported before any model is built."""
