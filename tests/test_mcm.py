@@ -327,3 +327,15 @@ def test_cli_flags_train_and_sample(tmp_path):
                                         "--out", str(out), "--device", "cpu"])
     assert sampled.exit_code == 0, sampled.output
     assert probe_video(out).num_frames == 4
+
+
+def test_fsdp_with_a_random_trajectory_start_is_refused_before_any_model(tmp_path):
+    """With 0 < λ_real < 1 each rank decides alone whether to run the student's sample (a sharded forward under
+    FSDP), which would hang the ranks; λ_real 0 or 1 and DDP are allowed."""
+    from prodistill.methods.mcm import MCM
+
+    MCM.check(tiny_config(tmp_path, method="mcm", parallel="ddp", lambda_real=0.5))
+    for lam in (0.0, 1.0):
+        MCM.check(tiny_config(tmp_path, method="mcm", parallel="fsdp", lambda_real=lam))
+    with pytest.raises(ValueError, match="--parallel ddp"):
+        MCM.check(tiny_config(tmp_path, method="mcm", parallel="fsdp", lambda_real=0.5))

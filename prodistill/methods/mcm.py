@@ -50,6 +50,11 @@ class MCM(LCM):
 
     @classmethod
     def check(cls, cfg) -> None:
+        if cfg.parallel == "fsdp" and 0 < cfg.lambda_real < 1:
+            raise ValueError("--method mcm with 0 < --lambda-real < 1 does not support --parallel fsdp yet: each "
+                             "rank draws on its own whether the trajectory starts from the student's sample, so "
+                             "the ranks would run different numbers of sharded forwards and hang; use --parallel "
+                             "ddp, or --lambda-real 0 or 1")
         if cfg.image_data is not None:
             list_images(cfg.image_data)
 
