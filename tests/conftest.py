@@ -101,3 +101,12 @@ def exported(tmp_path_factory):
     log: list[str] = []
     run_export(ExportOptions(ckpt=run, out=run.parent / "engines", precision="fp32", device="cpu"), echo=log.append)
     return cfg, run, run.parent / "engines", log
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine, oversubscribed OpenMP threads run tiny steps 10-30× slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -26,13 +26,7 @@ SMALL = dict(method="avdm2", sdm_frames=2, student_steps=2, disc_head_channels=8
 """4 frames of 32², K = 2, k = 2, a 10-step grid: a training step takes about a second on one thread."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: a loaded 2-core machine runs these steps 10-20× slower with two oversubscribed threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

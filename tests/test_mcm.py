@@ -28,13 +28,7 @@ from prodistill.training.logger import read_metrics
 from prodistill.training.run import build_models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a CPU shared with other jobs, oversubscribed OpenMP threads cost 10-30×."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
