@@ -153,6 +153,10 @@ class TrainConfig:
     fused_ops: bool = _f(False, "Run the discriminator's latent upsampler and the pseudo-Huber loss as the fused "
                          "Triton kernels of ops/ (cuda only; off by default: measured slower or no faster than "
                          "torch on an H100).")
+    split_cfg: bool = _f(False, "Run the teacher's guided solve as two batch-B calls (unconditional, conditional) "
+                         "instead of one of 2B: with --compile all the teacher then reuses the batch-B graphs of "
+                         "the EMA target's unchanged blocks (fewer graphs to compile and trace at each launch); "
+                         "its effect on speed is not measured yet.")
     grad_checkpointing: bool = _f(False, "Recompute the student's UNet activations in the backward pass: less "
                                   "memory, about one more student forward of time.")
     fp8: bool = _f(False, "FP8 GEMMs for the Linear layers of teacher, student and DINOv2, each layer only where the "

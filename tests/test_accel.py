@@ -249,3 +249,23 @@ def test_fused_ops_switch_reaches_the_upsampler_and_the_loss_and_is_refused_on_c
             ops._switch.set_default(None)
     with pytest.raises(SpeedupError, match="--fused-ops needs --device cuda"):
         Speedups.from_config(tiny_config(tmp_path, fused_ops=True), torch.device("cpu"))
+
+
+def test_split_cfg_reaches_the_teacher_solve_and_keeps_the_losses(tmp_path):
+    """`--split-cfg` makes the teacher's guided solve call the teacher at batch B (not 2B) and gives the batched
+    run's losses (same math; float rounding of the convolutions may differ in the last bits)."""
+    cfg = tiny_config(tmp_path, max_steps=2)
+    batched, method, models = make_trainer(cfg, tmp_path / "batched", stage=2)
+    accelerate(method, models, Speedups())
+    assert method.teacher_solve.split_cfg is False
+    batched.fit()
+    split, method, _ = make_trainer(cfg, tmp_path / "split", stage=2, models=models)
+    accelerate(method, models, Speedups(split_cfg=True))
+    assert method.teacher_solve.split_cfg is True
+    batches = []
+    teacher_d = method.teacher_solve.teacher_d
+    method.teacher_solve.teacher_d = lambda x, sigma, cond: batches.append(x.shape[0]) or teacher_d(x, sigma, cond)
+    split.fit()
+    assert batches and set(batches) == {cfg.batch_size}
+    for a, b in zip(_losses(tmp_path / "batched"), _losses(tmp_path / "split")):
+        assert a == pytest.approx(b, rel=1e-4)

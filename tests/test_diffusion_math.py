@@ -110,6 +110,8 @@ def test_guided_denoiser_batches_both_branches_once():
     out = d(torch.ones(1, 2, 1), T([5.0]))
     assert calls == [2]
     assert out[0, :, 0].tolist() == [2.0, 6.0]  # 0 + w·(2 − 0) per frame
+    split = guided_denoiser(denoise, ToyCond(T([2.0])), ToyCond(T([0.0])), guidance=T([[1.0, 3.0]]), split=True)
+    assert torch.equal(split(torch.ones(1, 2, 1), T([5.0])), out) and calls == [2, 1, 1]  # --split-cfg: B, B
 
 
 def test_teacher_sampler_converges_to_a_gaussian():

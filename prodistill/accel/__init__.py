@@ -15,6 +15,8 @@ and its teacher solve. The order matters, and is:
    compiled regions contain the recomputation instead of storing activations.
 4. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
    student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads.
+   With `--split-cfg` the teacher's guided solve runs its CFG as two batch-B calls, so the compiled teacher
+   reuses the batch-B graphs of the blocks it shares with the EMA target (same classes and shapes, no LoRA).
 5. CUDA graph of the frozen teacher's m-step solve (`--cuda-graphs`): last, because it records whatever the
    steps above made of the teacher.
 
@@ -51,6 +53,8 @@ class Speedups:
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
     backend: str = field(default_factory=lambda: os.environ.get("PRODISTILL_COMPILE_BACKEND", "inductor"))
+    split_cfg: bool = False
+    """The teacher's CFG as two batch-B calls (`guided_denoiser(split=True)`)."""
     fp8: bool = False
     fp8_backend: str = "auto"
     """te, torchao, emulate, or auto (per layer, the installed backend the table finds faster)."""
@@ -81,7 +85,7 @@ class Speedups:
         mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
         return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
                    fused_ops=cfg.fused_ops,
-                   grad_checkpointing=cfg.grad_checkpointing,
+                   grad_checkpointing=cfg.grad_checkpointing, split_cfg=cfg.split_cfg,
                    cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None,
                    fp8=cfg.fp8, fp8_backend=cfg.fp8_backend,
                    fp8_table=Path(cfg.fp8_table).expanduser() if cfg.fp8_table else None)
@@ -92,7 +96,8 @@ class Speedups:
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  "CUDA graph teacher solve" if self.cuda_graphs else None,
                  "fused ops" if self.fused_ops else None,
-                 "grad checkpointing" if self.grad_checkpointing else None]
+                 "grad checkpointing" if self.grad_checkpointing else None,
+                 "split CFG" if self.split_cfg else None]
         return ", ".join(p for p in parts if p) or "none (eager)"
 
 
@@ -154,6 +159,8 @@ def accelerate(method, models, speedups: Speedups) -> list:
         regions = compile_regions(nets, backend=speedups.backend)
         log.info("compiling %d regions with %s (cache: %s); the first steps include compile time",
                  len(regions), speedups.backend, cache)
+    if hasattr(method, "teacher_solve") and hasattr(method.teacher_solve, "split_cfg"):
+        method.teacher_solve.split_cfg = speedups.split_cfg
     if speedups.cuda_graphs and hasattr(method, "teacher_solve"):
         from prodistill.accel.graphs import GraphedSolve
 

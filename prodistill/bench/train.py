@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
-           "compile+graphs+fused")
-"""`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of the configuration before it."""
+           "compile+graphs+fused", "compile+graphs+split")
+"""`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+split`: the
+teacher's CFG as two batch-B calls (`--split-cfg`) on top of compile+graphs."""
 FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
 """Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
@@ -122,7 +123,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
     base, fp8 = split_config(name)
     scope = "teacher" if "teacher" in base else "all" if base.startswith("compile") else "off"
     speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs="graphs" in base,
-                       fused_ops="fused" in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
+                       fused_ops="fused" in base, split_cfg="split" in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist)

@@ -42,11 +42,16 @@ def bind(denoise: ConditionalDenoiser, cond) -> Denoiser:
     return lambda x, sigma: denoise(x, sigma, cond)
 
 
-def guided_denoiser(denoise: ConditionalDenoiser, cond: C, uncond: C, guidance: Tensor | float) -> Denoiser:
-    """A Denoiser evaluating the unconditional and conditional branch as one batch of 2B and mixing them."""
+def guided_denoiser(denoise: ConditionalDenoiser, cond: C, uncond: C, guidance: Tensor | float,
+                    split: bool = False) -> Denoiser:
+    """A Denoiser evaluating the unconditional and conditional branch as one batch of 2B and mixing them, or
+    (`split`) as two calls of batch B: the same math, and under torch.compile the teacher then runs the batch-B
+    graphs the other batch-B networks compiled already (see `prodistill.accel`, `--split-cfg`)."""
     both = uncond.cat(cond)
 
     def d(x: Tensor, sigma: Tensor) -> Tensor:
+        if split:
+            return cfg_combine(denoise(x, sigma, uncond), denoise(x, sigma, cond), guidance)
         out = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         d_uncond, d_cond = out.chunk(2)
         return cfg_combine(d_uncond, d_cond, guidance)

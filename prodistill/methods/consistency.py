@@ -27,12 +27,12 @@ class TeacherSolve:
     replay of this very call (same signature, same result), so the method's math never changes with them.
     """
 
-    def __init__(self, teacher_d: ConditionalDenoiser):
-        self.teacher_d = teacher_d
+    def __init__(self, teacher_d: ConditionalDenoiser, split_cfg: bool = False):
+        self.teacher_d, self.split_cfg = teacher_d, split_cfg
 
     @torch.no_grad()
     def __call__(self, x_start: Tensor, path_bm: Tensor, cond, guidance: Tensor) -> Tensor:
-        teacher = guided_denoiser(self.teacher_d, cond, cond.unconditional(), guidance)
+        teacher = guided_denoiser(self.teacher_d, cond, cond.unconditional(), guidance, split=self.split_cfg)
         return teacher_solve(teacher, x_start, path_bm)
 
 
