@@ -109,21 +109,26 @@ class DecoderGraph(nn.Module):
 
 
 class Fp32GroupNorm(nn.GroupNorm):
-    """GroupNorm computing its statistics and affine in float32 inside a low-precision graph (float32 weight and
-    bias; input cast up, output cast back). Measured on an H100: the fp16 SVD UNet exported with fp16 GroupNorm
-    matched PyTorch in ONNX Runtime's CUDA provider at 512×320 (relative error 0.003) and not at 1024×576
-    (relative 1.31). The suspected cause: a group there reduces over 10 channels × 128 × 72 = 92,160 values,
-    and runtimes that accumulate fp16 statistics in fp16 overflow (65,504) on such sums. Float32 statistics
-    are also what torch's autocast keeps for normalisation."""
+    """GroupNorm computing its statistics and affine in float32 inside a low-precision graph (input and the
+    weight and bias cast up, output cast back), as torch's autocast does for normalisation. The parameters stay
+    in the graph's dtype: diffusers' temporal decoder casts its activations to the dtype of its up-blocks' first
+    parameter (a norm's weight), so float32 norm weights turned the whole fp16 decoder float32 (measured on an
+    H100: "Input type (float) and bias type (c10::Half) should be the same" at export).
+
+    This was added for the full-size fp16 denoiser's ONNX Runtime parity failure at 1024×576 (relative error
+    1.31) and did not fix it; chunking the attention did (`export.onnx_export.chunked_attention`). It stays as the
+    precision torch itself uses for these statistics (a group at 1024×576 reduces over 92,160 values)."""
 
     @classmethod
     def replacing(cls, norm: nn.GroupNorm) -> "Fp32GroupNorm":
-        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device=norm.weight.device)
-        new.load_state_dict({k: v.float() for k, v in norm.state_dict().items()})
+        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device=norm.weight.device,
+                  dtype=norm.weight.dtype)
+        new.load_state_dict(norm.state_dict())
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        weight, bias = (None, None) if self.weight is None else (self.weight.float(), self.bias.float())
+        return nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def keep_group_norms_fp32(module: nn.Module) -> nn.Module:
@@ -138,7 +143,7 @@ def keep_group_norms_fp32(module: nn.Module) -> nn.Module:
 def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str) -> dict[str, nn.Module]:
     """The four graph modules in `precision`. The encoders and the VAE are cast on copies (the caller's
     models stay as they are); `merged_unet`, already a copy, is cast in place. Below float32, group norms keep
-    float32 statistics (`Fp32GroupNorm`)."""
+    float32 statistics (`Fp32GroupNorm`), replaced after the cast."""
     dtype = PRECISIONS[precision]
 
     def cast(m: nn.Module) -> nn.Module:

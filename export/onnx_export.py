@@ -90,13 +90,48 @@ def traceable_repeat_interleave():
         torch.Tensor.repeat_interleave = original
 
 
+ATTENTION_SCORES_LIMIT = 1 << 30
+"""Most elements of one materialised attention score tensor (batch × heads × queries × keys) in an exported
+graph; larger attentions are exported as chunks of queries (`chunked_attention`)."""
+
+
+@contextlib.contextmanager
+def chunked_attention(limit: int = ATTENTION_SCORES_LIMIT):
+    """While tracing, `F.scaled_dot_product_attention` whose score tensor would exceed `limit` elements runs as
+    chunks of queries, each attending to all keys, concatenated (the same result: softmax is per query row).
+
+    An exported attention is MatMul → Softmax → MatMul with the scores materialised. At 1024×576 the SVD UNet's
+    first-level spatial attention has 14 frames × 5 heads × 9216 × 9216 ≈ 5.9e9 scores, beyond 32-bit element
+    offsets (2^31): see README "Export" for what was measured with and without chunks in ONNX Runtime's CUDA
+    provider. Chunking also bounds the runtime's peak memory (11.9 GB of fp16 scores in one piece there)."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        batch = int(query.shape[:-2].numel())  # shapes are static: traced sizes become constants
+        n_q, n_k = int(query.shape[-2]), int(key.shape[-2])
+        if batch * n_q * n_k <= limit or attn_mask is not None or is_causal or kwargs:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kwargs)
+        rows = max(1, limit // (batch * n_k))
+        return torch.cat([original(query[..., i : i + rows, :], key, value, dropout_p=dropout_p, scale=scale)
+                          for i in range(0, n_q, rows)], dim=-2)
+
+    functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
 def export_graph(name: str, graph: nn.Module, inputs: dict[str, Tensor], folder: Path, opset: int,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> GraphInfo:
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES,
+                 attention_limit: int = ATTENTION_SCORES_LIMIT) -> GraphInfo:
     """Trace `graph` on `inputs` and write `folder/<name>.onnx` (and `.onnx.data` when large)."""
     onnx, _ = import_onnx()
     file = f"{name}.onnx"
     with (tempfile.TemporaryDirectory(dir=folder) as tmp, torch.no_grad(), warnings.catch_warnings(),
-          traceable_repeat_interleave()):
+          traceable_repeat_interleave(), chunked_attention(attention_limit)):
         warnings.simplefilter("ignore")  # tracer notes on shape asserts of diffusers' blocks: shapes are static
         # traced into a scratch folder: above 2 GB torch writes one file per tensor; re-saved below as one
         torch.onnx.export(graph, tuple(inputs.values()), str(Path(tmp) / file), dynamo=False, opset_version=opset,

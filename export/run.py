@@ -103,6 +103,20 @@ def merged_student(cfg, models, ckpt_dir: Path, weights: str) -> torch.nn.Module
     return merge_student(student)
 
 
+def graph_shapes(models, cfg) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Static input shapes of the four graphs at the config's resolution and frames (batch 1)."""
+    width, height = cfg.size()
+    latent_shape = tuple(models.latent_shape(1, cfg.frames, width, height))
+    return {
+        "image_encoder": {"pixel_values": (1, 3, models.clip_size, models.clip_size)},
+        "vae_encoder": {"image": (1, 3, height, width)},
+        "denoiser": {"x": latent_shape, "sigma": (1,),
+                     "image_embeds": (1, 1, models.image_encoder.config.projection_dim),
+                     "image_latents": latent_shape, "added_time_ids": (1, 3)},
+        "decoder": {"latents": latent_shape},
+    }
+
+
 def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: str, opset: int = OPSET,
                   source: dict | None = None, echo: Callable[[str], None] = print) -> Manifest:
     """Export the four graphs of `models` with the student UNet `unet` (cast in place) at the config's resolution
@@ -116,14 +130,7 @@ def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: s
     latent_shape = list(models.latent_shape(1, cfg.frames, width, height))
     sigmas, sigmas_next = student_sigmas(1, cfg.num_timesteps)
     time_ids = [cfg.fps - 1, float(cfg.motion_bucket_id), cfg.noise_aug_strength]
-    shapes = {
-        "image_encoder": {"pixel_values": (1, 3, models.clip_size, models.clip_size)},
-        "vae_encoder": {"image": (1, 3, height, width)},
-        "denoiser": {"x": tuple(latent_shape), "sigma": (1,),
-                     "image_embeds": (1, 1, models.image_encoder.config.projection_dim),
-                     "image_latents": tuple(latent_shape), "added_time_ids": (1, 3)},
-        "decoder": {"latents": tuple(latent_shape)},
-    }
+    shapes = graph_shapes(models, cfg)
     graphs = build_graphs(models, unet, precision)
     infos = export_all(graphs, shapes, folder, precision, time_ids, float(sigmas[0]), opset, echo)
     manifest = Manifest(

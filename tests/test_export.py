@@ -129,22 +129,34 @@ def test_fp16_graph_with_external_data_matches_pytorch(tmp_path):
 
 
 def test_low_precision_graphs_keep_group_norm_statistics_in_fp32(tmp_path):
-    """Below fp32 every GroupNorm of every graph becomes an `Fp32GroupNorm` (float32 weights, fp32 statistics,
-    output in the graph's dtype) equal to torch's float32 GroupNorm; fp32 graphs keep plain GroupNorms."""
+    """Below fp32 every GroupNorm of every graph becomes an `Fp32GroupNorm` (weights in the graph's dtype, fp32
+    statistics, output in the graph's dtype) equal to torch's float32 GroupNorm; fp32 graphs keep plain
+    GroupNorms. Every fp16 graph runs in torch (the temporal decoder takes its working dtype from a norm's
+    weight: float32 norm weights once made it fail)."""
     from export.graphs import Fp32GroupNorm, build_graphs, merge_student
+    from export.onnx_export import example_inputs
+    from export.run import graph_shapes
     from prodistill.training.run import build_models
 
     cfg, _ = make_lora_run(tmp_path)
     models = build_models(cfg, torch.device("cpu"))
     graphs = build_graphs(models, merge_student(models.unet), "fp16")
     norms = [m for g in graphs.values() for m in g.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert len(norms) > 10 and all(type(m) is Fp32GroupNorm and m.weight.dtype == torch.float32 for m in norms)
+    assert len(norms) > 10 and all(type(m) is Fp32GroupNorm and m.weight.dtype == torch.float16 for m in norms)
+    shapes = graph_shapes(models, cfg)
+    generator = torch.Generator().manual_seed(0)
+    for name, graph in graphs.items():
+        inputs = example_inputs(name, graph, shapes[name], [6.0, 127.0, 0.02], 80.0, generator)
+        with torch.no_grad():
+            out = graph(*inputs.values())
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), name
     assert {type(m) for g in build_graphs(models, merge_student(models.unet), "fp32").values()
             for m in g.modules() if isinstance(m, torch.nn.GroupNorm)} == {torch.nn.GroupNorm}
     ref = torch.nn.GroupNorm(4, 8)
     torch.nn.init.normal_(ref.weight)
     x = torch.randn(2, 8, 5, 5) * 30
-    got = Fp32GroupNorm.replacing(ref)(x.half())
+    got = Fp32GroupNorm.replacing(ref.half())(x.half())
+    ref.weight.data, ref.bias.data = ref.weight.half().float(), ref.bias.half().float()
     assert got.dtype == torch.float16 and torch.allclose(got.float(), ref(x.half().float()), atol=2e-2, rtol=1e-2)
 
 
@@ -250,3 +262,33 @@ def test_traceable_repeat_interleave_equals_torchs_and_is_restored(dim):
         assert torch.equal(x.repeat_interleave(torch.tensor(3), dim=dim), want)
         assert torch.equal(x.repeat_interleave(torch.tensor([1, 2]), dim=0), original(x, torch.tensor([1, 2]), dim=0))
     assert torch.Tensor.repeat_interleave is original
+
+
+def test_chunked_attention_equals_sdpa_and_exports_one_softmax_per_chunk(tmp_path):
+    """Above the score limit the attention is exported as ceil(queries / rows) chunks with the same result
+    (rows = limit // (batch·heads·keys)); below it, and after the context, torch's SDPA is untouched. The ONNX
+    graph carries one Softmax per chunk and ONNX Runtime reproduces torch."""
+    from export.onnx_export import chunked_attention, import_onnx
+
+    onnx, ort = import_onnx()
+    q, k, v = (torch.randn(2, 3, 50, 8) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(q, k, v)
+    limit = 2 * 3 * 50 * 12  # 12 query rows per chunk: 5 chunks of 50 queries
+    with chunked_attention(limit):
+        assert torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, k, v), want, atol=1e-6)
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    for limit, softmaxes in ((limit, 5), (2 * 3 * 50 * 50, 1)):
+        path = tmp_path / f"attend-{limit}.onnx"
+        with chunked_attention(limit):
+            torch.onnx.export(Attend(), (q, k, v), str(path), dynamo=False, opset_version=19,
+                              input_names=["q", "k", "v"])
+        assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Softmax") == softmaxes
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() < 1e-5
