@@ -150,6 +150,10 @@ class TrainConfig:
                           "auto (on for cuda).", choices=("auto", "on", "off"))
     compile_cache: str | None = _f(None, "Folder of torch.compile's on-disk caches (default: "
                                    "~/.cache/prodistill/compile, or under $XDG_CACHE_HOME).")
+    compile_workers: int = _f(-1, "Ahead-of-time compilation of the regions: each region variant is compiled once, "
+                              "in this many processes at once, and saved in --compile-cache, so that later launches "
+                              "load it without tracing (-1: auto, half the CPU cores up to 8 on cuda, 1 on cpu; "
+                              "0: just-in-time torch.compile in this process, as before).")
     fused_ops: bool = _f(False, "Run the discriminator's latent upsampler and the pseudo-Huber loss as the fused "
                          "Triton kernels of ops/ (cuda only; off by default: measured slower or no faster than "
                          "torch on an H100).")

@@ -14,7 +14,9 @@ and its teacher solve. The order matters, and is:
 3. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
    compiled regions contain the recomputation instead of storing activations.
 4. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
-   student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads.
+   student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads — ahead of
+   time in `--compile-workers` processes with the variants saved to disk (`prodistill.accel.precompile`), or
+   just in time in this process (`--compile-workers 0`, or where this torch or backend cannot save them).
    With `--split-cfg` the teacher's guided solve runs its CFG as two batch-B calls, so the compiled teacher
    reuses the batch-B graphs of the blocks it shares with the EMA target (same classes and shapes, no LoRA).
 5. CUDA graph of the frozen teacher's m-step solve (`--cuda-graphs`): last, because it records whatever the
@@ -53,6 +55,9 @@ class Speedups:
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
     backend: str = field(default_factory=lambda: os.environ.get("PRODISTILL_COMPILE_BACKEND", "inductor"))
+    compile_workers: int = 0
+    """Processes compiling region variants ahead of time (`prodistill.accel.precompile`); 0: just-in-time
+    torch.compile in this process."""
     split_cfg: bool = False
     """The teacher's CFG as two batch-B calls (`guided_denoiser(split=True)`)."""
     fp8: bool = False
@@ -83,8 +88,13 @@ class Speedups:
 
             check_available(cfg.fp8_backend, device)
         mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
+        workers = cfg.compile_workers
+        if workers < 0:
+            workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1
+        if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            workers = 0  # FSDP's sharded parameters have no weightless copy to compile from: just in time
         return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
-                   fused_ops=cfg.fused_ops,
+                   fused_ops=cfg.fused_ops, compile_workers=workers,
                    grad_checkpointing=cfg.grad_checkpointing, split_cfg=cfg.split_cfg,
                    cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None,
                    fp8=cfg.fp8, fp8_backend=cfg.fp8_backend,
@@ -151,19 +161,28 @@ def accelerate(method, models, speedups: Speedups) -> list:
         if not hasattr(student, "enable_gradient_checkpointing"):
             raise SpeedupError("--grad-checkpointing needs a diffusers UNet student")
         student.enable_gradient_checkpointing()
+    compiler = None
     if speedups.compile != "off":
         from prodistill.accel.compile import compile_regions, use_cache_dir
 
+        from prodistill.accel import precompile
+
         cache = use_cache_dir(speedups.cache_dir)
         nets = [models.teacher] if speedups.compile == "teacher" else method_networks(method, models)
-        regions = compile_regions(nets, backend=speedups.backend)
-        log.info("compiling %d regions with %s (cache: %s); the first steps include compile time",
-                 len(regions), speedups.backend, cache)
+        if speedups.compile_workers > 0 and precompile.supported(speedups.backend):
+            compiler = precompile.Precompiler(cache, speedups.backend, speedups.compile_workers)
+            regions = compile_regions(nets, backend=speedups.backend, wrap=compiler.wrap)
+            how = f"ahead of time, {speedups.compile_workers} process(es)"
+        else:
+            regions = compile_regions(nets, backend=speedups.backend)
+            how = "just in time"
+        log.info("compiling %d regions with %s, %s (cache: %s); the first steps include compile time",
+                 len(regions), speedups.backend, how, cache)
     if hasattr(method, "teacher_solve") and hasattr(method.teacher_solve, "split_cfg"):
         method.teacher_solve.split_cfg = speedups.split_cfg
     if speedups.cuda_graphs and hasattr(method, "teacher_solve"):
         from prodistill.accel.graphs import GraphedSolve
 
-        method.teacher_solve = GraphedSolve(method.teacher_solve)
+        method.teacher_solve = GraphedSolve(method.teacher_solve, before_capture=compiler.flush if compiler else None)
     return plans
 

@@ -119,7 +119,7 @@ def share_attention_processors(networks: list[nn.Module]) -> int:
     return changed
 
 
-def compile_regions(networks: list[nn.Module], backend: str = "inductor") -> list[nn.Module]:
+def compile_regions(networks: list[nn.Module], backend: str = "inductor", wrap=None) -> list[nn.Module]:
     """Replace each region's `forward` by a compiled one (fullgraph, static shapes); returns the regions.
 
     The class's `forward` bound to the module is compiled, so dynamo's cache sits on the class's `forward`
@@ -129,6 +129,9 @@ def compile_regions(networks: list[nn.Module], backend: str = "inductor") -> lis
     _configure_dynamo()
     share_attention_processors(networks)
     regions = find_regions(networks)
+    if wrap is not None:  # ahead-of-time compilation (`prodistill.accel.precompile.Precompiler.wrap`)
+        wrap(regions)
+        return regions
     for module in regions:
         if getattr(vars(module).get("forward"), "_prodistill_owner", None) is module:
             continue

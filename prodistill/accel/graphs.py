@@ -27,13 +27,15 @@ Solve = Callable[[Tensor, Tensor, object, Tensor], Tensor]
 
 class GraphedSolve:
     """A drop-in for a `TeacherSolve(x_start, path_bm, cond, guidance)` on CUDA that captures it once per
-    input signature and replays it. `cond` is a dataclass of tensors (e.g. `SVDCondition`)."""
+    input signature and replays it. `cond` is a dataclass of tensors (e.g. `SVDCondition`). `before_capture`
+    runs after the first warm-up call, so that what that call prepared (ahead-of-time compiled regions) is what
+    the graph records."""
 
     max_graphs = 4
     """Signatures kept; past that (a training run has one or two) calls run eagerly, with one warning."""
 
-    def __init__(self, solve: Solve, warmup: int = 2):
-        self.solve, self.warmup = solve, warmup
+    def __init__(self, solve: Solve, warmup: int = 2, before_capture: Callable[[], None] | None = None):
+        self.solve, self.warmup, self.before_capture = solve, warmup, before_capture
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
         self.pool = None
         self._warned = False
@@ -70,8 +72,10 @@ class GraphedSolve:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, compiled-region first calls
-            for _ in range(self.warmup):
+            for i in range(self.warmup):
                 self.solve(*args)
+                if i == 0 and self.before_capture is not None:
+                    self.before_capture()  # e.g. compile the region variants the first call met
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()

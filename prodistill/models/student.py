@@ -31,8 +31,11 @@ def build_student(teacher: nn.Module, lora_rank: int, lora_alpha: float | None =
         raise ValueError(f"--train-modules {','.join(train_modules)} matches no parameter of the UNet; "
                          "use a regex that appears in its parameter names, e.g. temporal_transformer_blocks")
     shared = {id(p): p for n, p in teacher.named_parameters() if n not in trained}
-    student = copy.deepcopy(teacher, memo=dict(shared))
-    for module in student.modules():  # a compiled region's forward belongs to the teacher's module: drop it
+    # a compiled region's forward belongs to the teacher's module (and may hold unpicklable compiled code): not
+    # copied, then dropped
+    memo = dict(shared) | {id(vars(m)["forward"]): None for m in teacher.modules() if "forward" in vars(m)}
+    student = copy.deepcopy(teacher, memo=memo)
+    for module in student.modules():
         vars(module).pop("forward", None)
     student.requires_grad_(False)
     if lora_rank > 0:

@@ -1,0 +1,368 @@
+"""Ahead-of-time compiled regions: each region variant compiled once, in parallel processes, saved to disk, and
+loaded by later launches without dynamo tracing it again.
+
+Why: with `torch.compile` (just in time) every launch re-traces every region variant in dynamo — measured
+65-70 s before the first step of a warm launch of SVD-XT at 512² on an H100 — and a cold launch compiles its
+~60 variants one after another in one Python process (more than 7.5 minutes). Here a variant is a region
+class with one structure (parameter shapes, dtypes, attributes) called with one input signature (shapes,
+strides, dtypes, requires_grad, grad mode, autocast); variants are compiled with dynamo's AOT entry point
+(`torch._dynamo.aot_compile.aot_compile_fullgraph`, fullgraph, static shapes) and saved with their guards as
+one file per variant under the compile cache. A later launch loads the file (no tracing) and checks its guards
+once per module and signature.
+
+How a launch goes: the first call of an unknown variant runs eagerly and queues the variant; the queue is
+compiled (`flush`) when a queued variant is called again (the second UNet call of the teacher's solve, the
+second training step) or when the CUDA-graph capture of the teacher's solve asks for it — in `workers` spawned
+processes at once, each given a weightless copy of the region (parameters on the meta device, materialised
+empty there: compiling needs shapes, not values) and empty inputs of the recorded signature. Compiled files
+are then loaded into every module of that variant.
+
+Autocast: the step calls regions inside `torch.autocast`; dynamo's serialised guards of torch 2.11-2.13 expect
+the inputs' dispatch keys without the autocast key while its global-state guard expects autocast on, so a
+region compiled under an outer autocast never passes its guards after loading. Each variant is therefore
+compiled as `region_forward(module, device_type, dtype, enabled, ...)`, which enters the recorded autocast
+*inside* the graph, and called with the outer autocast switched off.
+
+Guards dropped before saving (dynamo cannot serialise them): identity of global and code objects (diffusers'
+`Attention` inspects its processor's signature at every call) and of nn.Module instances — the file is
+meant for every module of its structure. A variant whose compilation or loading fails runs through
+`torch.compile` in this process instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("prodistill")
+
+FORMAT = 1
+"""Bumped when what a file holds changes, so stale files are not loaded."""
+
+_UNSERIALISABLE = {"DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
+                   "CLOSURE_MATCH", "WEAKREF_ALIVE"}
+
+
+def region_forward(module: nn.Module, device_type: str, dtype: torch.dtype, enabled: bool, *args, **kwargs):
+    """The compiled function of every variant: the region's own forward under the caller's autocast state."""
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        return type(module).forward(module, *args, **kwargs)
+
+
+def _guard_filter(entries) -> list[bool]:
+    return [not (e.is_global or e.guard_type in _UNSERIALISABLE
+                 or any(t in _UNSERIALISABLE for t in e.derived_guard_types)) for e in entries]
+
+
+def supported(backend: str) -> bool:
+    """Whether this torch has dynamo's AOT entry point and `backend` produces serialisable code."""
+    try:
+        from torch._dynamo.aot_compile import aot_compile_fullgraph  # noqa: F401
+    except ImportError:
+        return False
+    return backend in ("inductor", "aot_eager") and hasattr(torch.compiler, "load_compiled_function")
+
+
+# -- what identifies a variant ------------------------------------------------------------------------------
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _meta(value: Any) -> Any:
+    """A hashable description of a call argument: tensors by their metadata, plain values as themselves."""
+    if isinstance(value, Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type, value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_meta(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _meta(v)) for k, v in value.items()))
+    if isinstance(value, _PLAIN):
+        return value
+    raise TypeError(f"cannot precompile a region called with a {type(value).__name__}")
+
+
+def _autocast_state(device_type: str) -> tuple[str, torch.dtype, bool]:
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+
+def call_key(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The signature of one call: inputs' metadata, grad mode, autocast state, train/eval."""
+    device_type = next(iter(module.parameters())).device.type
+    return (_meta(args), _meta(kwargs), torch.is_grad_enabled(), _autocast_state(device_type), module.training)
+
+
+def structure(module: nn.Module) -> tuple:
+    """What a compiled region's code depends on besides its inputs: the classes of its modules, their plain
+    attributes, and the metadata of every parameter and buffer (not their values)."""
+    parts = []
+    for name, sub in module.named_modules():
+        attrs = tuple(sorted((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in vars(sub).items()
+                             if not k.startswith("_") and (isinstance(v, _PLAIN)
+                                                           or (isinstance(v, (list, tuple))
+                                                               and all(isinstance(x, _PLAIN) for x in v)))))
+        parts.append((name, type(sub).__module__, type(sub).__qualname__, attrs,
+                      tuple(type(p).__qualname__ for p in (getattr(sub, "processor", None),) if p is not None)))
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        parts.append((name, tuple(t.shape), t.dtype, t.device.type, t.requires_grad))
+    return tuple(parts)
+
+
+def _fingerprint(module: nn.Module, key: tuple, backend: str) -> str:
+    device = next(iter(module.parameters())).device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    text = repr((FORMAT, torch.__version__, backend, capability, structure(module), key))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# -- compiling one variant (in this process or a worker) -----------------------------------------------------
+
+@dataclass
+class Job:
+    path: str
+    module: nn.Module
+    """A weightless copy of the region (meta tensors)."""
+    args: tuple
+    kwargs: dict
+    grad: bool
+    autocast: tuple[str, torch.dtype, bool]
+    device: str
+    backend: str
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are meta tensors (same shapes, dtypes, requires_grad),
+    without this package's wrapper on its forward."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    forward = vars(module).pop("forward", None)
+    try:
+        return copy.deepcopy(module, memo)
+    finally:
+        if forward is not None:
+            module.forward = forward
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                   device="meta").requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def _materialise(value: Any, device: str) -> Any:
+    if isinstance(value, Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                   device=device).requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialise(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialise(v, device) for k, v in value.items()}
+    return value
+
+
+def _backend(name: str):
+    if name == "inductor":
+        return torch._TorchCompileInductorWrapper(None, None, False)
+    return torch._TorchCompileWrapper(name, None, None, False)
+
+
+def compile_job(job: Job) -> float:
+    """Compile one variant and write its file (atomically); returns the seconds it took."""
+    from torch._dynamo.aot_compile import aot_compile_fullgraph
+    from torch._dynamo.hooks import Hooks
+
+    start = time.perf_counter()
+    module = job.module.to_empty(device=job.device)
+    args, kwargs = _materialise(job.args, job.device), _materialise(job.kwargs, job.device)
+    with torch.set_grad_enabled(job.grad):
+        compiled = aot_compile_fullgraph(region_forward, ((module, *job.autocast, *args), kwargs),
+                                         hooks=Hooks(guard_filter_fn=_guard_filter), backend=_backend(job.backend),
+                                         dynamic=False)
+    data = type(compiled).serialize(compiled).serialized_data
+    tmp = f"{job.path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, job.path)
+    return time.perf_counter() - start
+
+
+def _compile_in_worker(job_file: str) -> float:
+    job = torch.load(job_file, weights_only=False)
+    return compile_job(job)
+
+
+def _load(path: str):
+    with open(path, "rb") as f:
+        return torch.compiler.load_compiled_function(f)
+
+
+# -- the regions' calls ----------------------------------------------------------------------------------------
+
+class RegionCall:
+    """Replaces a region's `forward`: dispatches each call to its variant's compiled function, or runs eagerly
+    while the variant waits to be compiled."""
+
+    def __init__(self, compiler: "Precompiler", module: nn.Module):
+        self.compiler, self.module = compiler, module
+        self.variants: dict[tuple, Any] = {}
+        self.fallback = None
+        self._prodistill_owner = module
+
+    def __call__(self, *args, **kwargs):
+        key = call_key(self.module, args, kwargs)
+        fn = self.variants.get(key)
+        if fn is None:
+            fn = self.compiler.resolve(self, key, args, kwargs)
+        if fn == "eager":
+            return type(self.module).forward(self.module, *args, **kwargs)
+        if fn == "jit":
+            if self.fallback is None:
+                self.fallback = torch.compile(type(self.module).forward.__get__(self.module), fullgraph=True,
+                                              dynamic=False, backend=self.compiler.backend)
+            return self.fallback(*args, **kwargs)
+        device_type, dtype, enabled = key[3]
+        with torch.autocast(device_type, enabled=False):
+            return fn(self.module, device_type, dtype, enabled, *args, **kwargs)
+
+
+class Precompiler:
+    """Owns the variant files of one cache folder and the queue of variants still to compile."""
+
+    def __init__(self, cache_dir: Path, backend: str = "inductor", workers: int = 0):
+        self.folder = Path(cache_dir) / "aot"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.backend, self.workers = backend, workers
+        self.loaded: dict[str, Any] = {}
+        self.failed: set[str] = set()
+        self.queue: dict[str, Job] = {}
+        self.waiting: dict[str, list[tuple[RegionCall, tuple]]] = {}
+        self.stats = {"loaded": 0, "compiled": 0, "compile_s": 0.0, "load_s": 0.0, "failed": 0}
+
+    def wrap(self, regions: list[nn.Module]) -> None:
+        for module in regions:
+            if getattr(vars(module).get("forward"), "_prodistill_owner", None) is module:
+                continue
+            module.forward = RegionCall(self, module)
+
+    def resolve(self, call: RegionCall, key: tuple, args: tuple, kwargs: dict):
+        """The compiled function of `call`'s variant `key`; "eager" while it waits for `flush`, "jit" when it
+        could not be precompiled."""
+        path = str(self.folder / f"{type(call.module).__name__}-{_fingerprint(call.module, key, self.backend)}.aot")
+        if path in self.queue:
+            if (call, key) not in self.waiting[path]:  # another module of the same variant: it waits too
+                self.waiting[path].append((call, key))
+                return "eager"
+            self.flush()  # this module calls its variant again (next UNet call, next step): compile the queue now
+        if path in self.failed:
+            fn = "jit"
+        elif path in self.loaded or os.path.exists(path):
+            fn = self._checked(call, path, key, args, kwargs)
+        else:
+            self.queue[path] = Job(path, _skeleton(call.module), _to_meta(args), _to_meta(kwargs), key[2], key[3],
+                                   str(next(iter(call.module.parameters())).device), self.backend)
+            self.waiting.setdefault(path, []).append((call, key))
+            return "eager"
+        call.variants[key] = fn
+        return fn
+
+    def _checked(self, call: RegionCall, path: str, key: tuple, args: tuple, kwargs: dict):
+        try:
+            if path not in self.loaded:
+                start = time.perf_counter()
+                self.loaded[path] = _load(path)
+                self.stats["load_s"] += time.perf_counter() - start
+                self.stats["loaded"] += 1
+            fn = self.loaded[path]
+            device_type, dtype, enabled = key[3]
+            with torch.autocast(device_type, enabled=False):
+                if fn.guard_check(call.module, device_type, dtype, enabled, *args, **kwargs):
+                    return fn
+            log.warning("precompiled %s does not fit %s (its guards fail); compiling it just in time",
+                        Path(path).name, type(call.module).__name__)
+        except Exception as e:  # a file of another torch, a truncated file: compile just in time instead
+            log.warning("could not load precompiled %s (%s: %s); compiling it just in time", Path(path).name,
+                        type(e).__name__, e)
+        self.failed.add(path)
+        return "jit"
+
+    def flush(self) -> None:
+        """Compile every queued variant (in `workers` processes when more than one is queued) and forget the
+        eager placeholders, so the next call of each loads its file."""
+        if not self.queue:
+            return
+        jobs, self.queue = self.queue, {}
+        workers = min(self.workers, len(jobs))
+        start = time.perf_counter()
+        log.info("compiling %d region variants ahead of time in %s (files in %s)...", len(jobs),
+                 f"{workers} processes" if workers > 1 else "this process", self.folder)
+        errors = self._compile_parallel(jobs, workers) if workers > 1 else self._compile_here(jobs)
+        for path, error in errors.items():
+            log.warning("precompiling %s failed (%s); it is compiled just in time instead", Path(path).name, error)
+            self.failed.add(path)
+            self.stats["failed"] += 1
+        wall = time.perf_counter() - start
+        self.stats["compiled"] += len(jobs) - len(errors)
+        self.stats["compile_s"] += wall
+        log.info("compiled %d region variants in %.1f s", len(jobs) - len(errors), wall)
+        for path in jobs:
+            for call, key in self.waiting.pop(path, []):
+                call.variants.pop(key, None)
+
+    def _compile_here(self, jobs: dict[str, Job]) -> dict[str, str]:
+        errors = {}
+        for path, job in _progress(jobs.items(), len(jobs)):
+            try:
+                compile_job(job)
+            except Exception as e:
+                errors[path] = f"{type(e).__name__}: {e}"
+        return errors
+
+    def _compile_parallel(self, jobs: dict[str, Job], workers: int) -> dict[str, str]:
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        env = {"TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
+        files = {}
+        for path, job in jobs.items():
+            files[path] = f"{path}.job"
+            torch.save(job, files[path])
+        errors = {}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the spawned workers inherit it
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_compile_in_worker, files[p]): p for p in jobs}
+                for future in _progress(as_completed(futures), len(futures)):
+                    try:
+                        future.result()
+                    except Exception as e:
+                        errors[futures[future]] = f"{type(e).__name__}: {e}"
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            for f in files.values():
+                Path(f).unlink(missing_ok=True)
+        return errors
+
+
+def _progress(items, total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc="compiling regions", unit="variant", leave=False)

@@ -1,0 +1,138 @@
+"""Ahead-of-time compiled regions (`prodistill.accel.precompile`) on CPU with the aot_eager backend: the same
+code path as inductor on a GPU (dynamo's AOT entry point, serialised guards, files in the compile cache), with
+eager kernels, so results must match the eager step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from conftest import make_trainer, tiny_config
+from prodistill.accel import Speedups, accelerate
+from prodistill.accel import precompile
+from prodistill.training.logger import read_metrics
+
+pytestmark = pytest.mark.skipif(not precompile.supported("aot_eager"),
+                                reason="this torch has no dynamo AOT compile entry point")
+
+
+def _compiler(module) -> precompile.Precompiler:
+    calls = [m.forward for m in module.modules() if isinstance(vars(m).get("forward"), precompile.RegionCall)]
+    assert calls
+    return calls[0].compiler
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss/g_total"], r["loss/d"]) for r in read_metrics(run_dir)]
+
+
+def test_precompiled_teacher_matches_eager_and_a_second_launch_only_loads(tmp_path):
+    """First launch: every teacher region variant met in step 1 is compiled once (queued, then compiled when
+    the teacher's UNet is called again) and written to the cache; the losses equal the eager run's. A second
+    launch on the same cache compiles nothing and loads every file."""
+    cfg = tiny_config(tmp_path)
+    eager, _, models = make_trainer(cfg, tmp_path / "eager", stage=2)
+    eager.fit()
+    speedups = Speedups(compile="teacher", backend="aot_eager", compile_workers=1, cache_dir=tmp_path / "cache")
+    first, method, _ = make_trainer(cfg, tmp_path / "first", stage=2, models=models)
+    accelerate(method, models, speedups)
+    first.fit()
+    stats = _compiler(models.teacher).stats
+    files = sorted((tmp_path / "cache" / "aot").glob("*.aot"))
+    assert stats["compiled"] == len(files) > 4 and stats["failed"] == 0
+    assert {f.name.split("-")[0] for f in files} == {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel",
+                                                       "Downsample2D", "Upsample2D"}
+    for module in models.teacher.modules():  # what a new process would have: plain modules, a fresh Precompiler
+        vars(module).pop("forward", None)
+    second, method, _ = make_trainer(cfg, tmp_path / "second", stage=2, models=models)
+    accelerate(method, models, speedups)
+    second.fit()
+    stats = _compiler(models.teacher).stats
+    assert stats["compiled"] == 0 and stats["loaded"] == len(files)
+    want = _losses(tmp_path / "eager")
+    for run in ("first", "second"):
+        got = _losses(tmp_path / run)
+        assert [s for s, *_ in got] == [s for s, *_ in want]
+        torch.testing.assert_close(torch.tensor([g[1:] for g in got]), torch.tensor([w[1:] for w in want]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _res_block():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from prodistill.models.presets import TINY
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(**TINY.unet)
+    block = unet.down_blocks[0].resnets[0]
+    x = torch.randn(4, block.spatial_res_block.conv1.in_channels, 8, 8)
+    temb = torch.randn(4, unet.time_embedding.linear_2.out_features)
+    return unet, block, (x, temb, torch.zeros(1, 4))
+
+
+def test_variants_compile_in_worker_processes(tmp_path):
+    """Two variants (with and without grad) queued, then compiled in two spawned processes at once from
+    weightless copies; the loaded code gives eager's outputs and gradients."""
+    _, block, args = _res_block()
+    with torch.no_grad():
+        want = block(*args)
+    x = args[0].clone().requires_grad_(True)
+    block(x, *args[1:]).square().sum().backward()
+    want_grad = x.grad.clone()
+    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
+    compiler.wrap([block])
+    with torch.no_grad():
+        block(*args)  # queued, eager
+    x.grad = None
+    block(x, *args[1:]).square().sum().backward()  # queued, eager
+    assert len(compiler.queue) == 2
+    compiler.flush()
+    assert compiler.stats["compiled"] == 2 and len(list((tmp_path / "aot").glob("*.aot"))) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(block(*args), want)
+    x.grad = None
+    block(x, *args[1:]).square().sum().backward()
+    torch.testing.assert_close(x.grad, want_grad)
+    assert compiler.stats["loaded"] == 2 and not compiler.failed
+
+
+def test_variant_identity(tmp_path):
+    """Blocks of one structure share a variant file, another width does not; grad mode, autocast and input
+    shapes are part of the call's signature."""
+    unet, block, args = _res_block()
+
+
+    twin = copy.deepcopy(block)
+    torch.nn.init.normal_(twin.spatial_res_block.conv1.weight)  # values are not part of the variant
+    other = unet.down_blocks[1].resnets[0]
+    key = precompile.call_key(block, args, {})
+    assert precompile.structure(twin) == precompile.structure(block) != precompile.structure(other)
+    with torch.no_grad():
+        assert precompile.call_key(block, args, {}) != key
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert precompile.call_key(block, args, {}) != key
+    assert precompile.call_key(block, (args[0][:2], args[1][:2], args[2][:, :2]), {}) != key
+
+
+def test_an_unloadable_file_falls_back_to_just_in_time_compile(tmp_path, caplog):
+    """A corrupt variant file is reported once and that variant runs through torch.compile instead."""
+    _, block, args = _res_block()
+    with torch.no_grad():
+        want = block(*args)
+    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=1)
+    compiler.wrap([block])
+    with torch.no_grad():
+        block(*args)
+        block(*args)  # compiles and loads
+        (path,) = list((tmp_path / "aot").glob("*.aot"))
+    path.write_bytes(b"not a compiled function")
+    fresh = precompile.Precompiler(tmp_path, "aot_eager", workers=1)
+    vars(block).pop("forward")
+    fresh.wrap([block])
+    with caplog.at_level(logging.WARNING, logger="prodistill"), torch.no_grad():
+        got = block(*args)
+    assert "compiling it just in time" in caplog.text and str(path) in fresh.failed
+    torch.testing.assert_close(got, want)
