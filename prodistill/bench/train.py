@@ -103,8 +103,8 @@ def _sync(device: torch.device) -> None:
 
 def _make_step(name: str, cfg, models, device: torch.device):
     """(a callable running one iteration of configuration `name`, its networks built fresh, on its batch;
-    the FP8 plan of every Linear layer, empty without FP8)."""
-    from prodistill.accel import Speedups, accelerate
+    the FP8 plan of every Linear layer, empty without FP8; the networks it runs)."""
+    from prodistill.accel import Speedups, accelerate, method_networks
     from prodistill.bench.plain import PlainStep
     from prodistill.methods import build_method
     from prodistill.training import distributed
@@ -117,7 +117,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
     torch.manual_seed(cfg.seed)
     if name == "plain":
         step = PlainStep(cfg, models, generator)
-        return lambda: step(cached), []
+        return lambda: step(cached), [], []
     stage = cfg.stages()[0]
     method = build_method(cfg, models, stage, generator)
     base, fp8 = split_config(name)
@@ -128,7 +128,30 @@ def _make_step(name: str, cfg, models, device: torch.device):
     dist.wrap(method, models)
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist)
     batch = pixels if name == "eager-pixels" else cached
-    return lambda: trainer.train_step([batch]), plans
+    # the method's own networks first: a fresh student is wrapped by this configuration's compiler, the shared
+    # teacher by the first configuration's
+    networks = [m for m in method_networks(method, models) if m is not models.teacher] + [models.teacher]
+    return lambda: trainer.train_step([batch]), plans, networks
+
+
+def precompile_stats(networks) -> dict:
+    """The ahead-of-time compiler's counters (variants compiled and loaded, seconds) of the first of `networks`
+    whose regions it wraps, or {} when none is precompiled."""
+    from prodistill.accel.precompile import RegionCall
+
+    for net in networks:
+        for module in net.modules():
+            call = vars(module).get("forward")
+            if isinstance(call, RegionCall):
+                return dict(call.compiler.stats)
+    return {}
+
+
+def _describe_aot(aot: dict) -> str:
+    if not aot:
+        return ""
+    return (f"; ahead of time: {aot['compiled']} variants compiled in {aot['compile_s']:.1f} s, {aot['loaded']} "
+            f"loaded in {aot['load_s']:.1f} s, {aot['failed']} failed")
 
 
 def count_tflop(step) -> float:
@@ -140,7 +163,7 @@ def count_tflop(step) -> float:
 
 
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
-    step, plans = _make_step(name, cfg, models, device)
+    step, plans, networks = _make_step(name, cfg, models, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -150,6 +173,8 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step()
+    _sync(device)
+    startup = time.perf_counter() - t0
     times = []
     for _ in range(iters):
         _sync(device)
@@ -158,7 +183,10 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         _sync(device)
         times.append(time.perf_counter() - t0)
     row = {"config": name, "sec_per_it": statistics.median(times), "sec_min": min(times), "sec_max": max(times),
-           "first_iter_s": first}
+           "first_iter_s": first, "warmup_s": startup}
+    aot = precompile_stats(networks)
+    if aot:
+        row["aot"] = aot
     if device.type == "cuda":
         row["peak_alloc_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         row["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
@@ -168,7 +196,8 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         from prodistill.accel import fp8
 
         row["fp8"], row["fp8_layers"] = fp8.summary(plans), fp8.explain(plans)
-    echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s)")
+    echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s, {warmup} warm-up iterations "
+         f"{startup:.1f} s{_describe_aot(aot)})")
     return row
 
 
@@ -226,7 +255,7 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
         echo("measuring SDPA backends ...")
         out["sdpa"] = measure(svd_attention_shapes(cfg.batch_size, cfg.frames, w, h), device)
     echo(f"profiling {best} ...")
-    step, _ = _make_step(best, cfg, models, device)
+    step, _, _ = _make_step(best, cfg, models, device)
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
