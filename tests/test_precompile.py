@@ -74,28 +74,35 @@ def _res_block():
 
 
 def test_variants_compile_in_worker_processes(tmp_path):
-    """Two variants (with and without grad) queued, then compiled in two spawned processes at once from
-    weightless copies; the loaded code gives eager's outputs and gradients."""
+    """Two variants (with and without grad) met under bf16 autocast, queued, then compiled in two spawned
+    processes at once from weightless copies; the loaded code passes its checks and gives eager's outputs and
+    gradients (bf16 rounding apart)."""
     _, block, args = _res_block()
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), autocast:
         want = block(*args)
     x = args[0].clone().requires_grad_(True)
-    block(x, *args[1:]).square().sum().backward()
+    with autocast:
+        block(x, *args[1:]).float().square().sum().backward()
     want_grad = x.grad.clone()
     compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
     compiler.wrap([block])
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         block(*args)  # queued, eager
     x.grad = None
-    block(x, *args[1:]).square().sum().backward()  # queued, eager
+    with autocast:
+        block(x, *args[1:]).float().square().sum().backward()  # queued, eager
     assert len(compiler.queue) == 2
     compiler.flush()
     assert compiler.stats["compiled"] == 2 and len(list((tmp_path / "aot").glob("*.aot"))) == 2
-    with torch.no_grad():
-        torch.testing.assert_close(block(*args), want)
+    with torch.no_grad(), autocast:
+        got = block(*args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     x.grad = None
-    block(x, *args[1:]).square().sum().backward()
-    torch.testing.assert_close(x.grad, want_grad)
+    with autocast:
+        block(x, *args[1:]).float().square().sum().backward()
+    torch.testing.assert_close(x.grad, want_grad, rtol=2e-2, atol=2e-2)
     assert compiler.stats["loaded"] == 2 and not compiler.failed
 
 

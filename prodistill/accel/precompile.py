@@ -60,9 +60,29 @@ def region_forward(module: nn.Module, device_type: str, dtype: torch.dtype, enab
         return type(module).forward(module, *args, **kwargs)
 
 
+_COVERED_BY_KEY = {"GLOBAL_STATE", "TENSOR_MATCH"}
+
+
 def _guard_filter(entries) -> list[bool]:
-    return [not (e.is_global or e.guard_type in _UNSERIALISABLE
+    """Keep the guards a file can carry and that hold for every module of its variant. Also dropped, because
+    this module checks the same facts itself: dynamo's global-state guard (grad mode, every device's autocast
+    flag and dtype, thread count, TF32 and determinism flags) — the call key carries grad mode and the region's
+    autocast state, the file name the flags that change the code (`_global_flags`), and the thread count
+    differs between the compiling worker and the training process without changing what is computed — and
+    the tensor guards (shape, stride, dtype, device, requires_grad of every input and parameter) — carried by
+    the call key and the module's `structure`. Measured on torch 2.13 (CPU, bf16 autocast) and 2.11 (H100):
+    the serialised tensor guards also compare each tensor's dispatch keys with an autocast key that depends on
+    where the variant was compiled, and failed on every loaded file; dynamo's own guards are therefore not the
+    check here."""
+    return [not (e.is_global or e.guard_type in _UNSERIALISABLE or e.guard_type in _COVERED_BY_KEY
                  or any(t in _UNSERIALISABLE for t in e.derived_guard_types)) for e in entries]
+
+
+def _global_flags() -> tuple:
+    return (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
 
 
 def supported(backend: str) -> bool:
@@ -121,7 +141,7 @@ def structure(module: nn.Module) -> tuple:
 def _fingerprint(module: nn.Module, key: tuple, backend: str) -> str:
     device = next(iter(module.parameters())).device
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    text = repr((FORMAT, torch.__version__, backend, capability, structure(module), key))
+    text = repr((FORMAT, torch.__version__, backend, capability, _global_flags(), structure(module), key))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -138,6 +158,8 @@ class Job:
     autocast: tuple[str, torch.dtype, bool]
     device: str
     backend: str
+    flags: tuple
+    """`_global_flags()` of the training process, set in the worker before compiling."""
 
 
 def _skeleton(module: nn.Module) -> nn.Module:
@@ -191,7 +213,10 @@ def compile_job(job: Job) -> float:
     start = time.perf_counter()
     module = job.module.to_empty(device=job.device)
     args, kwargs = _materialise(job.args, job.device), _materialise(job.kwargs, job.device)
-    with torch.set_grad_enabled(job.grad):
+    for name, value in zip(("matmul", "cudnn", "bf16", "fp16"), job.flags[2:]):
+        _set_flag(name, value)
+    torch.use_deterministic_algorithms(job.flags[1])
+    with torch.set_grad_enabled(job.grad), torch.autocast(job.autocast[0], enabled=False):
         compiled = aot_compile_fullgraph(region_forward, ((module, *job.autocast, *args), kwargs),
                                          hooks=Hooks(guard_filter_fn=_guard_filter), backend=_backend(job.backend),
                                          dynamic=False)
@@ -203,9 +228,29 @@ def compile_job(job: Job) -> float:
     return time.perf_counter() - start
 
 
+def _set_flag(name: str, value: bool) -> None:
+    if name == "matmul":
+        torch.backends.cuda.matmul.allow_tf32 = value
+    elif name == "cudnn":
+        torch.backends.cudnn.allow_tf32 = value
+    elif name == "bf16":
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = value
+    else:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = value
+
+
 def _compile_in_worker(job_file: str) -> float:
     job = torch.load(job_file, weights_only=False)
     return compile_job(job)
+
+
+def _guard_failure(fn, args: tuple, kwargs: dict) -> str:
+    """The first failing guard of `fn` on this call, as dynamo words it (best effort: private API)."""
+    try:
+        info = fn._artifacts.guard_manager.check_verbose(fn.prepare_f_locals(*args, **kwargs))
+        return "; ".join(info.verbose_code_parts)[:500]
+    except Exception:
+        return "reason unavailable"
 
 
 def _load(path: str):
@@ -276,7 +321,7 @@ class Precompiler:
             fn = self._checked(call, path, key, args, kwargs)
         else:
             self.queue[path] = Job(path, _skeleton(call.module), _to_meta(args), _to_meta(kwargs), key[2], key[3],
-                                   str(next(iter(call.module.parameters())).device), self.backend)
+                                   str(next(iter(call.module.parameters())).device), self.backend, _global_flags())
             self.waiting.setdefault(path, []).append((call, key))
             return "eager"
         call.variants[key] = fn
@@ -292,10 +337,12 @@ class Precompiler:
             fn = self.loaded[path]
             device_type, dtype, enabled = key[3]
             with torch.autocast(device_type, enabled=False):
-                if fn.guard_check(call.module, device_type, dtype, enabled, *args, **kwargs):
+                call_args = (call.module, device_type, dtype, enabled, *args)
+                if fn.guard_check(*call_args, **kwargs):
                     return fn
-            log.warning("precompiled %s does not fit %s (its guards fail); compiling it just in time",
-                        Path(path).name, type(call.module).__name__)
+                reason = _guard_failure(fn, call_args, kwargs)
+            log.warning("precompiled %s does not fit %s (its guards fail: %s); compiling it just in time",
+                        Path(path).name, type(call.module).__name__, reason)
         except Exception as e:  # a file of another torch, a truncated file: compile just in time instead
             log.warning("could not load precompiled %s (%s: %s); compiling it just in time", Path(path).name,
                         type(e).__name__, e)
