@@ -83,16 +83,19 @@ def test_graphed_teacher_solve_equals_eager(tmp_path):
     assert len(method.teacher_solve.graphs) == 1  # one capture, replayed
 
 
-def test_compiled_graphed_step_tracks_eager_losses(tmp_path):
-    """Two OSV stage-2 steps with inductor regions + the graphed solve give the eager bf16 losses (bf16
-    tolerance: different kernels and fusion orders)."""
+@pytest.mark.parametrize("workers", [0, 4])
+def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
+    """Three OSV stage-2 steps with inductor regions + the graphed solve give the eager bf16 losses (bf16
+    tolerance: different kernels and fusion orders); just in time (0 workers) and ahead of time in 4 processes,
+    where no variant may fall back."""
     from prodistill.accel import Speedups, accelerate
 
     torch._dynamo.reset()
     losses = {}
     for name, speedups in (("eager", Speedups()),
-                           ("fast", Speedups(compile="all", cuda_graphs=True, cache_dir=tmp_path / "cache"))):
-        cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=2, out=str(tmp_path / name))
+                           ("fast", Speedups(compile="all", cuda_graphs=True, cache_dir=tmp_path / "cache",
+                                             compile_workers=workers))):
+        cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=3, out=str(tmp_path / name))
         dev = torch.device("cuda")
         models = build_models(cfg, dev)
         gen = torch.Generator(dev).manual_seed(0)
@@ -101,7 +104,13 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path):
         accelerate(method, models, speedups)
         run_dir = tmp_path / name
         run_dir.mkdir()
-        Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", 2, gen, MetricsLogger(run_dir)).fit()
+        Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", 3, gen, MetricsLogger(run_dir)).fit()
         losses[name] = [r["loss/g_total"] for r in read_metrics(run_dir)]
+    if workers:
+        from prodistill.bench.train import precompile_stats
+
+        stats = precompile_stats([method.student])
+        assert stats["compiled"] > 10 and stats["failed"] == 0 and stats["loaded"] == stats["compiled"]
+    assert len(losses["fast"]) == len(losses["eager"]) == 3
     for a, b in zip(losses["fast"], losses["eager"]):
         assert a == pytest.approx(b, rel=3e-2)
