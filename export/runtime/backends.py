@@ -55,7 +55,11 @@ class OrtBackend:
             ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels: no torch here to have loaded them
         options = ort.SessionOptions()
         options.log_severity_level = 3  # constant-folding notices about fp16 nodes are not actionable
-        self.sessions = {name: ort.InferenceSession(str(folder / info.file), options, providers=self.providers)
+        # The CUDA arena grows by what a request needs, not to the next power of two (its default): four sessions
+        # share the GPU, and at 14×576×1024 the decoder's 4.2 GB request found no room under the default (H100)
+        providers = [(p, {"arena_extend_strategy": "kSameAsRequested"}) if p == "CUDAExecutionProvider" else p
+                     for p in self.providers]
+        self.sessions = {name: ort.InferenceSession(str(folder / info.file), options, providers=providers)
                          for name, info in manifest.graphs.items()}
 
     def gpu_memory_used(self) -> None:
