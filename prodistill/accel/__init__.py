@@ -163,9 +163,8 @@ def accelerate(method, models, speedups: Speedups) -> list:
         student.enable_gradient_checkpointing()
     compiler = None
     if speedups.compile != "off":
-        from prodistill.accel.compile import compile_regions, use_cache_dir
-
         from prodistill.accel import precompile
+        from prodistill.accel.compile import compile_regions, use_cache_dir
 
         cache = use_cache_dir(speedups.cache_dir)
         nets = [models.teacher] if speedups.compile == "teacher" else method_networks(method, models)

@@ -116,9 +116,16 @@ def _autocast_state(device_type: str) -> tuple[str, torch.dtype, bool]:
     return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
 
+def _device(module: nn.Module, args: tuple = ()) -> torch.device:
+    """Where a region runs: its first parameter's (or buffer's, or input tensor's) device."""
+    for t in (*module.parameters(), *module.buffers(), *(a for a in args if isinstance(a, Tensor))):
+        return t.device
+    return torch.device("cpu")
+
+
 def call_key(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
     """The signature of one call: inputs' metadata, grad mode, autocast state, train/eval."""
-    device_type = next(iter(module.parameters())).device.type
+    device_type = _device(module, args).type
     return (_meta(args), _meta(kwargs), torch.is_grad_enabled(), _autocast_state(device_type), module.training)
 
 
@@ -139,7 +146,7 @@ def structure(module: nn.Module) -> tuple:
 
 
 def _fingerprint(module: nn.Module, key: tuple, backend: str) -> str:
-    device = next(iter(module.parameters())).device
+    device = _device(module)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     text = repr((FORMAT, torch.__version__, backend, capability, _global_flags(), structure(module), key))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -321,7 +328,7 @@ class Precompiler:
             fn = self._checked(call, path, key, args, kwargs)
         else:
             self.queue[path] = Job(path, _skeleton(call.module), _to_meta(args), _to_meta(kwargs), key[2], key[3],
-                                   str(next(iter(call.module.parameters())).device), self.backend, _global_flags())
+                                   str(_device(call.module, args)), self.backend, _global_flags())
             self.waiting.setdefault(path, []).append((call, key))
             return "eager"
         call.variants[key] = fn
