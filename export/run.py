@@ -117,6 +117,18 @@ def graph_shapes(models, cfg) -> dict[str, dict[str, tuple[int, ...]]]:
     }
 
 
+def generator_settings(cfg) -> dict:
+    """The manifest's sampler fields: a method whose student is not a consistency model (AVDM2's few-step
+    generator) is sampled over its --student-steps schedule, as `prodistill sample` does."""
+    from prodistill.methods import method_class
+    from prodistill.sampling import student_sigmas
+
+    if method_class(cfg.method).consistency:
+        return {"sampler": "consistency", "sigmas_generator": []}
+    sigmas, _ = student_sigmas(cfg.student_steps, cfg.num_timesteps)
+    return {"sampler": "generator", "sigmas_generator": [float(s) for s in sigmas]}
+
+
 def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: str, opset: int = OPSET,
                   source: dict | None = None, echo: Callable[[str], None] = print) -> Manifest:
     """Export the four graphs of `models` with the student UNet `unet` (cast in place) at the config's resolution
@@ -139,7 +151,7 @@ def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: s
         clip_size=models.clip_size, clip_mean=models.clip_mean.flatten().tolist(),
         clip_std=models.clip_std.flatten().tolist(), sigma_min=SIGMA_MIN, sigmas_1step=[float(s) for s in sigmas],
         sigmas_tts=[float(sigmas[0]), float(sigmas_next[1])], num_timesteps=cfg.num_timesteps, precision=precision,
-        opset=opset, graphs=infos, source=source or {},
+        opset=opset, graphs=infos, source=source or {}, **generator_settings(cfg),
     )
     manifest.save(folder)
     return manifest

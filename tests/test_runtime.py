@@ -145,3 +145,70 @@ def test_tensorrt_engines_match_onnxruntime(exported, image, tmp_path):
         assert np.abs(first - ort_pipe.generate_pixels(img, noise, tts)).max() < 1e-2  # TF32 tactics allowed
         assert np.array_equal(trt_pipe.generate_pixels(img, noise, tts), first)  # the CUDA-graph replay
     assert json.loads((engines / "manifest.json").read_text())["graphs"]["denoiser"]["engine"] == "denoiser.plan"
+
+
+def _toy_denoise_np(x, sigma):
+    return (x / np.float32(1.0 + sigma * sigma) + np.float32(0.1) * np.tanh(x)).astype(np.float32)
+
+
+def test_generator_sampler_equals_the_torch_generator_sampler():
+    """The numpy k-step generator (AVDM2's sampler in the runtime) equals `consistency_sample(consistency=False)`
+    on the same ε and the same fresh draws between steps (torch draws them from its generator; here they are
+    drawn first from a generator with the same seed)."""
+    from export.runtime.sampler import generator_sample
+    from prodistill.diffusion.samplers import consistency_sample
+    from prodistill.sampling import student_sigmas
+
+    sigmas, _ = student_sigmas(3, 40)
+    shape = (1, 4, 4, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    want = consistency_sample(lambda x, s: torch.from_numpy(_toy_denoise_np(x.numpy(), float(s.flatten()[0]))),
+                              noise, sigmas, torch.Generator().manual_seed(1), consistency=False)
+    replay = torch.Generator().manual_seed(1)
+    fresh = [torch.randn(shape, generator=replay).numpy() for _ in range(2)]
+    got = generator_sample(_toy_denoise_np, noise.numpy(), fresh, [float(s) for s in sigmas])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, generator_sample(_toy_denoise_np, noise.numpy(), fresh[::-1],
+                                                 [float(s) for s in sigmas]))  # the fresh draws matter
+
+
+def test_a_generator_export_is_sampled_over_its_k_steps(tmp_path):
+    """An AVDM2 config exports sampler "generator" with its --student-steps schedule (a consistency method:
+    "consistency", no schedule); the runtime draws k − 1 fresh ε after the seed's first two draws, runs k
+    denoiser calls, and refuses --tts in one sentence."""
+    from conftest import tiny_config
+    from export.run import generator_settings
+    from export.runtime.manifest import Manifest
+    from export.runtime.pipeline import Noise, OneStepPipeline
+    from export.runtime.sampler import generator_sample
+    from prodistill.sampling import student_sigmas
+
+    assert generator_settings(tiny_config(tmp_path)) == {"sampler": "consistency", "sigmas_generator": []}
+    settings = generator_settings(tiny_config(tmp_path, method="avdm2", student_steps=3))
+    assert settings["sampler"] == "generator"
+    assert settings["sigmas_generator"] == [float(s) for s in student_sigmas(3, 10)[0]]
+    base = dict(width=16, height=16, frames=4, fps=7.0, motion_bucket_id=127, noise_aug_strength=0.02,
+                latent_shape=[1, 4, 4, 2, 2], scaling_factor=0.18215, clip_size=32, clip_mean=[0.0] * 3,
+                clip_std=[1.0] * 3, sigma_min=0.002, sigmas_1step=[80.0], sigmas_tts=[80.0, 20.0], num_timesteps=10,
+                precision="fp32", opset=19, graphs={}, source={})
+    consistency, generator = Manifest(**base), Manifest(**base, **settings)
+    plain, noise = Noise.draw(consistency, 5), Noise.draw(generator, 5)
+    assert plain.fresh == [] and len(noise.fresh) == 2
+    np.testing.assert_array_equal(plain.latents, noise.latents)
+    np.testing.assert_array_equal(plain.augmentation, noise.augmentation)
+
+    calls = []
+
+    class ToyBackend:
+        def run(self, graph, inputs):
+            calls.append(float(inputs["sigma"][0]))
+            return {"denoised": _toy_denoise_np(inputs["x"], float(inputs["sigma"][0]))}
+
+    pipe = object.__new__(OneStepPipeline)
+    pipe.manifest, pipe.backend = generator, ToyBackend()
+    got = pipe.sample({}, noise.latents, tts=False, fresh=noise.fresh)
+    assert calls == pytest.approx(settings["sigmas_generator"])
+    np.testing.assert_array_equal(got, generator_sample(_toy_denoise_np, noise.latents, noise.fresh,
+                                                        settings["sigmas_generator"]))
+    with pytest.raises(ValueError, match="generate without --tts"):
+        pipe.sample({}, noise.latents, tts=True, fresh=noise.fresh)

@@ -61,6 +61,11 @@ class Manifest:
     graphs: dict[str, GraphInfo]
     source: dict
     """Where the weights came from: checkpoint folder, weights group, sha256 of each weights file, config."""
+    sampler: str = "consistency"
+    """consistency: a consistency student (1 step, or TTS); generator: a k-step generator whose denoiser output is
+    its clean estimate (AVDM2), sampled over `sigmas_generator` with fresh noise between steps."""
+    sigmas_generator: list[float] = field(default_factory=list)
+    """The generator's k-step σ schedule (descending; the student's --student-steps), empty for consistency."""
     format: int = FORMAT_VERSION
 
     def save(self, folder: Path) -> Path:

@@ -14,7 +14,7 @@ without torch, so parity with `prodistill sample` is tested by feeding both side
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from export.runtime.backends import Backend, open_backend
 from export.runtime.image import clip_pixels, load_image, to_uint8_frames
 from export.runtime.manifest import Manifest
-from export.runtime.sampler import one_step, time_travel
+from export.runtime.sampler import generator_sample, one_step, time_travel
 
 
 @dataclass
@@ -33,12 +33,18 @@ class Noise:
     """(1, 3, H, W) noise added to the conditioning frame (scaled by noise_aug_strength)."""
     latents: np.ndarray
     """(1, F, 4, h, w) ε of the sampler (x = σ_max·ε)."""
+    fresh: list[np.ndarray] = field(default_factory=list)
+    """A k-step generator's fresh ε between steps (k − 1 draws; none for a consistency student)."""
 
     @classmethod
     def draw(cls, manifest: Manifest, seed: int) -> "Noise":
+        """In this order, so a seed's first draws do not depend on the sampler: augmentation, ε, fresh ε."""
         rng = np.random.default_rng(seed)
         aug = rng.standard_normal((1, 3, manifest.height, manifest.width), dtype=np.float32)
-        return cls(aug, rng.standard_normal(tuple(manifest.latent_shape), dtype=np.float32))
+        latents = rng.standard_normal(tuple(manifest.latent_shape), dtype=np.float32)
+        fresh = [rng.standard_normal(tuple(manifest.latent_shape), dtype=np.float32)
+                 for _ in range(max(len(manifest.sigmas_generator) - 1, 0))]
+        return cls(aug, latents, fresh)
 
 
 class OneStepPipeline:
@@ -68,14 +74,21 @@ class OneStepPipeline:
             "added_time_ids": np.array([[fps - 1, motion_bucket_id, m.noise_aug_strength]], np.float32),
         }
 
-    def sample(self, cond: dict[str, np.ndarray], noise_latents: np.ndarray, tts: bool) -> np.ndarray:
-        """Scaled latents (1, F, 4, h, w) from the student: 1 step, or TTS (NFE 2)."""
+    def sample(self, cond: dict[str, np.ndarray], noise_latents: np.ndarray, tts: bool,
+               fresh: list[np.ndarray] | None = None) -> np.ndarray:
+        """Scaled latents (1, F, 4, h, w) from the student: 1 step, or TTS (NFE 2); a few-step generator's k
+        steps with `fresh` noise between them."""
         m = self.manifest
 
         def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
             feeds = {"x": x, "sigma": np.array([sigma], np.float32), **cond}
             return self.backend.run("denoiser", feeds)["denoised"]
 
+        if m.sampler == "generator":
+            if tts:
+                raise ValueError("--tts is the Time Travel Sampler of consistency students (OSV eq. 13); this export "
+                                 f"is a {len(m.sigmas_generator)}-step generator: generate without --tts")
+            return generator_sample(denoise, noise_latents, fresh or [], m.sigmas_generator)
         if tts:
             return time_travel(denoise, noise_latents, *m.sigmas_tts, sigma_min=m.sigma_min)
         return one_step(denoise, noise_latents, m.sigmas_1step[0], sigma_min=m.sigma_min)
@@ -87,7 +100,7 @@ class OneStepPipeline:
     def generate_pixels(self, image_nchw: np.ndarray, noise: Noise, tts: bool = False, fps: float | None = None,
                         motion_bucket_id: int | None = None) -> np.ndarray:
         cond = self.encode(image_nchw, noise.augmentation, fps, motion_bucket_id)
-        return self.decode(self.sample(cond, noise.latents, tts))
+        return self.decode(self.sample(cond, noise.latents, tts, noise.fresh))
 
     def generate(self, image: str | Path, out: str | Path, tts: bool = False, seed: int = 0,
                  noise: Noise | None = None) -> Path:

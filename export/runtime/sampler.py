@@ -1,4 +1,5 @@
-"""The student's 1-step samplers in numpy, twins of `prodistill.diffusion.samplers` at k = 1.
+"""The student's samplers in numpy, twins of `prodistill.diffusion.samplers`: the consistency student's 1 step
+and TTS, and a few-step generator's k steps.
 
 The exported denoiser graph is D(x, σ) (EDM-preconditioned, SVD v-prediction); the consistency
 parameterisation (OSV eq. 4) is applied here, because TTS needs D itself, not only f:
@@ -53,3 +54,18 @@ def time_travel(denoise: Denoise, noise: np.ndarray, sigma_a: float, sigma_b: fl
     eps_b = (noise + (x_b - f_b) / sb) / 2
     c_skip, c_out = consistency_coefficients(sigma_a, sigma_min)
     return c_skip * (f_b + sa * eps_b) + c_out * d_b
+
+
+def generator_sample(denoise: Denoise, noise: np.ndarray, fresh: list[np.ndarray], sigmas: list[float]) -> np.ndarray:
+    """A few-step generator (AVDM2) over `sigmas` (descending, length k), the twin of `consistency_sample(...,
+    consistency=False)`: x = σ_0·ε; at each step the clean estimate is D(x, σ_j) itself, and the next input is
+    x = D + σ_{j+1}·ε_{j+1} with a fresh draw `fresh[j]` (k − 1 of them; NFE k)."""
+    if len(fresh) != len(sigmas) - 1:
+        raise ValueError(f"a {len(sigmas)}-step generator needs {len(sigmas) - 1} fresh noise draws, got {len(fresh)}")
+    x = noise * np.float32(sigmas[0])
+    x0 = x
+    for j, sigma in enumerate(sigmas):
+        x0 = denoise(x, sigma)
+        if j + 1 < len(sigmas):
+            x = x0 + np.float32(sigmas[j + 1]) * fresh[j]
+    return x0
