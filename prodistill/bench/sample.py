@@ -95,7 +95,7 @@ def _runtime_rows(path: str, pipeline, image, device) -> list[dict]:
         for _ in range(2):  # warm-up, then the measured generation
             timer, noise = _Timer(torch.device("cpu")), Noise.draw(pipeline.manifest, 0)
             cond = timer("encode", lambda: pipeline.encode(image_np, noise.augmentation))
-            latents = timer("unet", lambda: pipeline.sample(cond, noise.latents, tts))
+            latents = timer("unet", lambda: pipeline.sample(cond, noise.latents, tts, noise.fresh))
             timer("decode", lambda: pipeline.decode(latents))
         row = _row(path, name, nfe, timer, device)
         row["peak_mem_gb"] = row["peak_mem_gb"] if device.type == "cpu" else None  # not seen by torch's allocator
