@@ -327,8 +327,17 @@ class Precompiler:
         elif path in self.loaded or os.path.exists(path):
             fn = self._checked(call, path, key, args, kwargs)
         else:
-            self.queue[path] = Job(path, _skeleton(call.module), _to_meta(args), _to_meta(kwargs), key[2], key[3],
-                                   str(_device(call.module, args)), self.backend, _global_flags())
+            try:
+                job = Job(path, _skeleton(call.module), _to_meta(args), _to_meta(kwargs), key[2], key[3],
+                          str(_device(call.module, args)), self.backend, _global_flags())
+            except Exception as e:  # a module with no weightless copy (e.g. a tensor subclass weight)
+                log.warning("cannot precompile %s (%s: %s); compiling it just in time", type(call.module).__name__,
+                            type(e).__name__, e)
+                self.failed.add(path)
+                self.stats["failed"] += 1
+                call.variants[key] = "jit"
+                return "jit"
+            self.queue[path] = job
             self.waiting.setdefault(path, []).append((call, key))
             return "eager"
         call.variants[key] = fn
