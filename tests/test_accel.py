@@ -135,9 +135,16 @@ def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
     assert Speedups.from_config(tiny_config(tmp_path, compile="on"), cuda).compile == "all"
     forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
     assert forced.compile == "all" and forced.cache_dir == tmp_path / "c"
-    assert Speedups.from_config(auto, cuda).describe() == "compile (all networks, inductor), CUDA graph teacher solve"
+    assert Speedups.from_config(auto, cuda).describe() == ("compile (all networks, inductor), CUDA graph teacher "
+                                                           "solve, split CFG")
     off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
     assert off.compile == "off" and not off.cuda_graphs and off.describe() == "none (eager)"
+    # --split-cfg auto: on exactly when every network is compiled (the teacher then shares the EMA's variants)
+    assert on_gpu.split_cfg and not off.split_cfg and not Speedups.from_config(auto, cpu).split_cfg
+    assert not Speedups.from_config(tiny_config(tmp_path, compile="teacher"), cuda).split_cfg
+    assert not Speedups.from_config(tiny_config(tmp_path, split_cfg="off"), cuda).split_cfg
+    assert Speedups.from_config(tiny_config(tmp_path, split_cfg="on"), cpu).split_cfg
+    assert tiny_config(tmp_path, split_cfg=True).split_cfg == "on"  # a config.yaml written before auto
     with pytest.raises(SpeedupError, match="--cuda-graphs on needs --device cuda"):
         Speedups.from_config(tiny_config(tmp_path, cuda_graphs="on"), cpu)
 

@@ -47,6 +47,7 @@ def test_precompiled_teacher_matches_eager_and_a_second_launch_only_loads(tmp_pa
                                                        "Downsample2D", "Upsample2D"}
     for module in models.teacher.modules():  # what a new process would have: plain modules, a fresh Precompiler
         vars(module).pop("forward", None)
+    precompile._SHARED.clear()
     second, method, _ = make_trainer(cfg, tmp_path / "second", stage=2, models=models)
     accelerate(method, models, speedups)
     second.fit()
@@ -73,10 +74,10 @@ def _res_block():
     return unet, block, (x, temb, torch.zeros(1, 4))
 
 
-def test_variants_compile_in_worker_processes(tmp_path):
-    """Two variants (with and without grad) met under bf16 autocast, queued, then compiled in two spawned
-    processes at once from weightless copies; the loaded code passes its checks and gives eager's outputs and
-    gradients (bf16 rounding apart)."""
+def test_variants_compile_in_background_worker_processes(tmp_path):
+    """Two variants (with and without grad) met under bf16 autocast are handed at once to two spawned processes
+    compiling from weightless copies; meanwhile their calls run eagerly; once compiled the loaded code passes
+    its checks and gives eager's outputs and gradients (bf16 rounding apart), and the pool is stopped."""
     _, block, args = _res_block()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
@@ -88,13 +89,18 @@ def test_variants_compile_in_worker_processes(tmp_path):
     compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
     compiler.wrap([block])
     with torch.no_grad(), autocast:
-        block(*args)  # queued, eager
+        block(*args)  # submitted, eager
     x.grad = None
     with autocast:
-        block(x, *args[1:]).float().square().sum().backward()  # queued, eager
-    assert len(compiler.queue) == 2
-    compiler.flush()
+        block(x, *args[1:]).float().square().sum().backward()  # submitted, eager
+    assert len(compiler.futures) == 2 and not compiler.queue and compiler.pool is not None
+    with torch.no_grad(), autocast:  # called again while (most likely) still compiling: eager, same result
+        again = block(*args)
+    torch.testing.assert_close(again, want)
+    compiler.flush()  # what the CUDA-graph capture does: wait for the background work
+    assert not compiler.pending() and compiler.pool is None
     assert compiler.stats["compiled"] == 2 and len(list((tmp_path / "aot").glob("*.aot"))) == 2
+    assert not list((tmp_path / "aot").glob("*.job"))
     with torch.no_grad(), autocast:
         got = block(*args)
     assert got.dtype == want.dtype
@@ -104,6 +110,59 @@ def test_variants_compile_in_worker_processes(tmp_path):
         block(x, *args[1:]).float().square().sum().backward()
     torch.testing.assert_close(x.grad, want_grad, rtol=2e-2, atol=2e-2)
     assert compiler.stats["loaded"] == 2 and not compiler.failed
+
+
+def test_background_compile_failure_falls_back_to_just_in_time(tmp_path, monkeypatch, caplog):
+    """A variant whose background compilation fails is reported once and then runs through torch.compile."""
+    _, block, args = _res_block()
+    with torch.no_grad():
+        want = block(*args)
+    compiler = precompile.Precompiler(tmp_path, "no_such_backend", workers=2)
+    monkeypatch.setattr(precompile, "_backend", lambda name: name)  # (in this process only: the worker fails)
+    compiler.wrap([block])
+    with torch.no_grad():
+        block(*args)
+    assert compiler.pending()
+    with caplog.at_level(logging.WARNING, logger="prodistill"):
+        compiler.flush()
+    assert "failed" in caplog.text and compiler.stats["failed"] == 1 and compiler.stats["compiled"] == 0
+    call = vars(block)["forward"]
+    call.fallback = torch.compile(type(block).forward.__get__(block), backend="eager")  # a backend that exists
+    with torch.no_grad():
+        got = block(*args)
+    torch.testing.assert_close(got, want)
+    assert list(call.variants.values()) == ["jit"]
+
+
+def test_graphed_solve_runs_eagerly_until_the_compiler_is_ready():
+    """With `ready`, the first call of a signature and every call while `ready()` is False run the plain solve
+    (no capture, so this runs on the CPU); the capture waits for the background compiler."""
+    from dataclasses import dataclass
+
+    from prodistill.accel.graphs import GraphedSolve
+
+    @dataclass
+    class Cond:
+        c: torch.Tensor
+
+    calls = []
+
+    def solve(x, path, cond, guidance):
+        calls.append(x.shape)
+        return x + cond.c
+
+    state = {"ready": False}
+    graphed = GraphedSolve(solve, ready=lambda: state["ready"])
+    x, cond = torch.zeros(2, 3), Cond(torch.ones(2, 3))
+    for _ in range(3):
+        torch.testing.assert_close(graphed(x, torch.zeros(2), cond, torch.ones(1)), x + 1)
+    assert len(calls) == 3 and not graphed.graphs
+    state["ready"] = True
+    with pytest.raises(Exception):  # ready and seen: it captures, which needs CUDA
+        graphed(x, torch.zeros(2), cond, torch.ones(1))
+    fresh = GraphedSolve(solve, ready=lambda: True)
+    fresh(x, torch.zeros(2), cond, torch.ones(1))  # a new signature's first call is eager even when ready
+    assert len(calls) == 4
 
 
 def test_variant_identity(tmp_path):

@@ -17,8 +17,10 @@ and its teacher solve. The order matters, and is:
    student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads — ahead of
    time in `--compile-workers` processes with the variants saved to disk (`prodistill.accel.precompile`), or
    just in time in this process (`--compile-workers 0`, or where this torch or backend cannot save them).
-   With `--split-cfg` the teacher's guided solve runs its CFG as two batch-B calls, so the compiled teacher
-   reuses the batch-B graphs of the blocks it shares with the EMA target (same classes and shapes, no LoRA).
+   With `--split-cfg` (auto: on when every network is compiled) the teacher's guided solve runs its CFG as two
+   batch-B calls, so the compiled teacher reuses the batch-B graphs of the blocks it shares with the EMA target
+   (same classes and shapes, no LoRA): measured on an H200 at 512², 55 variants instead of 79 to compile and
+   load, and 0.884 s/it against 0.910 with one batch-2B call.
 5. CUDA graph of the frozen teacher's m-step solve (`--cuda-graphs`): last, because it records whatever the
    steps above made of the teacher.
 
@@ -95,7 +97,8 @@ class Speedups:
             workers = 0  # FSDP's sharded parameters have no weightless copy to compile from: just in time
         return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
                    fused_ops=cfg.fused_ops, compile_workers=workers,
-                   grad_checkpointing=cfg.grad_checkpointing, split_cfg=cfg.split_cfg,
+                   grad_checkpointing=cfg.grad_checkpointing,
+                   split_cfg=cfg.split_cfg == "on" or (cfg.split_cfg == "auto" and mode == "all"),
                    cache_dir=Path(cfg.compile_cache).expanduser() if cfg.compile_cache else None,
                    fp8=cfg.fp8, fp8_backend=cfg.fp8_backend,
                    fp8_table=Path(cfg.fp8_table).expanduser() if cfg.fp8_table else None)
@@ -169,7 +172,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
         cache = use_cache_dir(speedups.cache_dir)
         nets = [models.teacher] if speedups.compile == "teacher" else method_networks(method, models)
         if speedups.compile_workers > 0 and precompile.supported(speedups.backend):
-            compiler = precompile.Precompiler(cache, speedups.backend, speedups.compile_workers)
+            compiler = precompile.Precompiler.shared(cache, speedups.backend, speedups.compile_workers)
             regions = compile_regions(nets, backend=speedups.backend, wrap=compiler.wrap)
             how = f"ahead of time, {speedups.compile_workers} process(es)"
         else:
@@ -182,6 +185,8 @@ def accelerate(method, models, speedups: Speedups) -> list:
     if speedups.cuda_graphs and hasattr(method, "teacher_solve"):
         from prodistill.accel.graphs import GraphedSolve
 
-        method.teacher_solve = GraphedSolve(method.teacher_solve, before_capture=compiler.flush if compiler else None)
+        background = compiler is not None and compiler.workers > 1
+        method.teacher_solve = GraphedSolve(method.teacher_solve, before_capture=compiler.flush if compiler else None,
+                                            ready=(lambda: not compiler.pending()) if background else None)
     return plans
 

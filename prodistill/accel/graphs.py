@@ -29,13 +29,17 @@ class GraphedSolve:
     """A drop-in for a `TeacherSolve(x_start, path_bm, cond, guidance)` on CUDA that captures it once per
     input signature and replays it. `cond` is a dataclass of tensors (e.g. `SVDCondition`). `before_capture`
     runs after the first warm-up call, so that what that call prepared (ahead-of-time compiled regions) is what
-    the graph records."""
+    the graph records. With `ready` (regions compiled in the background), the first call of a signature runs
+    eagerly, and so does every later one until `ready()` says nothing is left to compile: the steps go on while
+    the compiler works, and the graph is captured once, from compiled regions."""
 
     max_graphs = 4
     """Signatures kept; past that (a training run has one or two) calls run eagerly, with one warning."""
 
-    def __init__(self, solve: Solve, warmup: int = 2, before_capture: Callable[[], None] | None = None):
-        self.solve, self.warmup, self.before_capture = solve, warmup, before_capture
+    def __init__(self, solve: Solve, warmup: int = 2, before_capture: Callable[[], None] | None = None,
+                 ready: Callable[[], bool] | None = None):
+        self.solve, self.warmup, self.before_capture, self.ready = solve, warmup, before_capture, ready
+        self.seen: set[tuple] = set()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
         self.pool = None
         self._warned = False
@@ -53,6 +57,9 @@ class GraphedSolve:
         key = (type(cond), *((t.shape, t.dtype, t.device) for t in inputs))
         entry = self.graphs.get(key)
         if entry is None:
+            if self.ready is not None and (key not in self.seen or not self.ready()):
+                self.seen.add(key)
+                return self.solve(x_start, path_bm, cond, guidance)
             if len(self.graphs) >= self.max_graphs:
                 if not self._warned:
                     log.warning("teacher solve: more than %d input shapes, running eagerly", self.max_graphs)

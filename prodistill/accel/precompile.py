@@ -10,12 +10,15 @@ strides, dtypes, requires_grad, grad mode, autocast); variants are compiled with
 one file per variant under the compile cache. A later launch loads the file (no tracing) and checks its guards
 once per module and signature.
 
-How a launch goes: the first call of an unknown variant runs eagerly and queues the variant; the queue is
-compiled (`flush`) when a queued variant is called again (the second UNet call of the teacher's solve, the
-second training step) or when the CUDA-graph capture of the teacher's solve asks for it — in `workers` spawned
-processes at once, each given a weightless copy of the region (parameters on the meta device, materialised
-empty there: compiling needs shapes, not values) and empty inputs of the recorded signature. Compiled files
-are then loaded into every module of that variant.
+How a launch goes: the first call of an unknown variant runs eagerly and queues the variant. With more than
+one worker (`workers`, the GPU default) the variant is handed at once to a pool of spawned processes that
+compile in the background while the training steps go on eagerly: each call of a waiting variant runs eagerly
+until its file is written, then loads it (`pending` tells the CUDA-graph capture of the teacher's solve to
+wait until nothing is left to compile, so the graph records compiled regions). With one worker the queue is
+compiled in this process (`flush`) when a queued variant is called again (the second UNet call of the
+teacher's solve, the second training step) or when the graph capture asks for it. A worker is given a
+weightless copy of the region (parameters on the meta device, materialised empty there: compiling needs
+shapes, not values) and empty inputs of the recorded signature.
 
 Autocast: the step calls regions inside `torch.autocast`; dynamo's serialised guards of torch 2.11-2.13 expect
 the inputs' dispatch keys without the autocast key while its global-state guard expects autocast on, so a
@@ -36,8 +39,10 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import weakref
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,8 +299,12 @@ class RegionCall:
             return fn(self.module, device_type, dtype, enabled, *args, **kwargs)
 
 
+_SHARED: dict[tuple[str, str], "Precompiler"] = {}
+
+
 class Precompiler:
-    """Owns the variant files of one cache folder and the queue of variants still to compile."""
+    """Owns the variant files of one cache folder and the variants still to compile: a queue compiled in this
+    process (one worker) or a pool of worker processes compiling in the background (more than one)."""
 
     def __init__(self, cache_dir: Path, backend: str = "inductor", workers: int = 0):
         self.folder = Path(cache_dir) / "aot"
@@ -305,7 +314,23 @@ class Precompiler:
         self.failed: set[str] = set()
         self.queue: dict[str, Job] = {}
         self.waiting: dict[str, list[tuple[RegionCall, tuple]]] = {}
+        self.futures: dict[str, Future] = {}
+        self.pool: ProcessPoolExecutor | None = None
+        self._batch: dict = {}
+        """The background batch under way: its start time and size, for the log line when it ends."""
         self.stats = {"loaded": 0, "compiled": 0, "compile_s": 0.0, "load_s": 0.0, "failed": 0}
+
+    @classmethod
+    def shared(cls, cache_dir: Path, backend: str = "inductor", workers: int = 0) -> "Precompiler":
+        """The one compiler of this process for a cache folder and backend, so that networks accelerated at
+        different times (the teacher shared by several `bench train` configurations) wait on one another's
+        background work and load each file once."""
+        key = (str(Path(cache_dir).resolve()), backend)
+        compiler = _SHARED.get(key)
+        if compiler is None:
+            compiler = _SHARED[key] = cls(cache_dir, backend, workers)
+        compiler.workers = workers
+        return compiler
 
     def wrap(self, regions: list[nn.Module]) -> None:
         for module in regions:
@@ -314,13 +339,16 @@ class Precompiler:
             module.forward = RegionCall(self, module)
 
     def resolve(self, call: RegionCall, key: tuple, args: tuple, kwargs: dict):
-        """The compiled function of `call`'s variant `key`; "eager" while it waits for `flush`, "jit" when it
+        """The compiled function of `call`'s variant `key`; "eager" while it waits to be compiled, "jit" when it
         could not be precompiled."""
         path = str(self.folder / f"{type(call.module).__name__}-{_fingerprint(call.module, key, self.backend)}.aot")
+        if path in self.futures:
+            if not self.futures[path].done():
+                return self._wait(path, call, key)
+            self._collect()
         if path in self.queue:
             if (call, key) not in self.waiting[path]:  # another module of the same variant: it waits too
-                self.waiting[path].append((call, key))
-                return "eager"
+                return self._wait(path, call, key)
             self.flush()  # this module calls its variant again (next UNet call, next step): compile the queue now
         if path in self.failed:
             fn = "jit"
@@ -337,11 +365,19 @@ class Precompiler:
                 self.stats["failed"] += 1
                 call.variants[key] = "jit"
                 return "jit"
-            self.queue[path] = job
-            self.waiting.setdefault(path, []).append((call, key))
-            return "eager"
+            if self.workers > 1:
+                self._submit(path, job)
+            else:
+                self.queue[path] = job
+            return self._wait(path, call, key)
         call.variants[key] = fn
         return fn
+
+    def _wait(self, path: str, call: RegionCall, key: tuple) -> str:
+        waiting = self.waiting.setdefault(path, [])
+        if (call, key) not in waiting:
+            waiting.append((call, key))
+        return "eager"
 
     def _checked(self, call: RegionCall, path: str, key: tuple, args: tuple, kwargs: dict):
         try:
@@ -365,62 +401,133 @@ class Precompiler:
         self.failed.add(path)
         return "jit"
 
+    def pending(self) -> bool:
+        """Whether variants are still being compiled in the background (their calls run eagerly meanwhile)."""
+        if self.futures and all(f.done() for f in self.futures.values()):
+            self._collect()
+        return bool(self.futures)
+
     def flush(self) -> None:
-        """Compile every queued variant (in `workers` processes when more than one is queued) and forget the
-        eager placeholders, so the next call of each loads its file."""
+        """Compile every queued variant now (one worker), or wait for the background pool to finish (several),
+        and forget the eager placeholders, so that the next call of each loads its file."""
+        if self.futures:
+            paths = list(self.futures)
+            log.info("waiting for %d region variants still compiling in the background...", len(paths))
+            done = iter(_progress(self._as_done(), len(paths)))
+            for _ in done:
+                pass
+            self._collect()
         if not self.queue:
             return
         jobs, self.queue = self.queue, {}
-        workers = min(self.workers, len(jobs))
         start = time.perf_counter()
-        log.info("compiling %d region variants ahead of time in %s (files in %s)...", len(jobs),
-                 f"{workers} processes" if workers > 1 else "this process", self.folder)
-        errors = self._compile_parallel(jobs, workers) if workers > 1 else self._compile_here(jobs)
-        for path, error in errors.items():
-            log.warning("precompiling %s failed (%s); it is compiled just in time instead", Path(path).name, error)
-            self.failed.add(path)
-            self.stats["failed"] += 1
-        wall = time.perf_counter() - start
-        self.stats["compiled"] += len(jobs) - len(errors)
-        self.stats["compile_s"] += wall
-        log.info("compiled %d region variants in %.1f s", len(jobs) - len(errors), wall)
-        for path in jobs:
-            for call, key in self.waiting.pop(path, []):
-                call.variants.pop(key, None)
-
-    def _compile_here(self, jobs: dict[str, Job]) -> dict[str, str]:
+        log.info("compiling %d region variants ahead of time in this process (files in %s)...", len(jobs),
+                 self.folder)
         errors = {}
         for path, job in _progress(jobs.items(), len(jobs)):
             try:
                 compile_job(job)
             except Exception as e:
                 errors[path] = f"{type(e).__name__}: {e}"
-        return errors
+        self._finish(list(jobs), errors, time.perf_counter() - start)
 
-    def _compile_parallel(self, jobs: dict[str, Job], workers: int) -> dict[str, str]:
-        threads = max(1, (os.cpu_count() or 2) // workers)
-        env = {"TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
-        files = {}
-        for path, job in jobs.items():
-            files[path] = f"{path}.job"
-            torch.save(job, files[path])
-        errors = {}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the spawned workers inherit it
+    def _as_done(self):
+        remaining = set(self.futures.values())
+        while remaining:
+            done, remaining = wait(remaining, return_when="FIRST_COMPLETED")
+            yield from done
+
+    def _submit(self, path: str, job: Job) -> None:
+        if self.pool is None:
+            threads = max(1, (os.cpu_count() or 2) // self.workers)
+            old = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # the spawned workers inherit it
+            try:
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                _close_at_exit(self)
+            finally:
+                if old is None:
+                    os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS")
+                else:
+                    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = old
+        if not self._batch:
+            self._batch = {"start": time.perf_counter(), "size": 0}
+            log.info("compiling region variants ahead of time in %d background processes (files in %s); the "
+                     "steps run eagerly until they are ready", self.workers, self.folder)
+        self._batch["size"] += 1
+        torch.save(job, f"{path}.job")
+        self.futures[path] = self.pool.submit(_compile_in_worker, f"{path}.job")
+
+    def _collect(self) -> None:
+        """Take in the finished background compilations; when none is left, log the batch and free the pool."""
+        errors, finished = {}, []
+        for path, future in list(self.futures.items()):
+            if not future.done():
+                continue
+            del self.futures[path]
+            Path(f"{path}.job").unlink(missing_ok=True)
+            finished.append(path)
+            if future.exception() is not None:
+                e = future.exception()
+                errors[path] = f"{type(e).__name__}: {e}"
+        if finished:
+            self._finish(finished, errors, None)
+        if not self.futures and self._batch:
+            wall = time.perf_counter() - self._batch["start"]
+            self.stats["compile_s"] += wall
+            log.info("compiled %d region variants in the background in %.1f s", self._batch["size"], wall)
+            self._batch = {}
+            self.close()
+
+    def _finish(self, paths: list[str], errors: dict[str, str], wall: float | None) -> None:
+        for path, error in errors.items():
+            log.warning("precompiling %s failed (%s); it is compiled just in time instead", Path(path).name, error)
+            self.failed.add(path)
+            self.stats["failed"] += 1
+        self.stats["compiled"] += len(paths) - len(errors)
+        if wall is not None:
+            self.stats["compile_s"] += wall
+            log.info("compiled %d region variants in %.1f s", len(paths) - len(errors), wall)
+        for path in paths:
+            for call, key in self.waiting.pop(path, []):
+                call.variants.pop(key, None)
+
+    def close(self) -> None:
+        """Stop the worker processes (at the end of a batch, or with compilations cut short at exit)."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        if self.futures:  # cut short: the workers would otherwise finish their variants before the exit
+            for process in processes:
+                process.terminate()
+            for path in self.futures:
+                Path(f"{path}.job").unlink(missing_ok=True)
+            self.futures = {}
+
+    def __del__(self):
         try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_compile_in_worker, files[p]): p for p in jobs}
-                for future in _progress(as_completed(futures), len(futures)):
-                    try:
-                        future.result()
-                    except Exception as e:
-                        errors[futures[future]] = f"{type(e).__name__}: {e}"
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-            for f in files.values():
-                Path(f).unlink(missing_ok=True)
-        return errors
+            self.close()
+        except Exception:
+            pass
+
+
+def _close_at_exit(compiler: Precompiler) -> None:
+    """Stop `compiler`'s workers when the interpreter exits (an interrupted run): before concurrent.futures'
+    own exit hook, which would wait for every running compilation to end (threading's exit hooks run last
+    registered first)."""
+    ref = weakref.ref(compiler)
+
+    def close():
+        if (c := ref()) is not None:
+            c.close()
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        register(close) if register else None
+    except RuntimeError:  # already exiting
+        pass
 
 
 def _progress(items, total: int):

@@ -105,6 +105,9 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
               help="Untimed iterations first (the first one compiles).")
 @click.option("--grad-checkpointing", is_flag=True, help="Checkpoint the student's activations (prodistill configs).")
 @click.option("--compile-cache", default=None, help="torch.compile cache folder (default: the user cache).")
+@click.option("--compile-workers", type=int, default=-1, show_default=True,
+              help="As for train: processes compiling region variants ahead of time, in the background when more "
+                   "than one (-1: auto; 0: just in time).")
 @click.option("--explain", is_flag=True, help="Add dynamo graph/recompile counts, the SDPA backend table, a "
                                               "profiler table of the last configuration's top kernels, and for "
                                               "each +fp8 configuration every Linear layer's FP8 decision and why.")
@@ -116,7 +119,7 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
                    "scaling efficiency against one process, in the same run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-train.json", show_default=True)
 def train_command(preset, resolution, frames, batch_size, method, stage, configs, iters, warmup, grad_checkpointing,
-                  compile_cache, explain, fp8_table, device, nproc, json_path) -> None:
+                  compile_cache, compile_workers, explain, fp8_table, device, nproc, json_path) -> None:
     """Seconds per iteration, peak memory, TFLOP and MFU of the training step: plain script vs prodistill eager
     vs CUDA-graph teacher solve vs compiled (+ graphs), in one process (SPEC §6); with --nproc N, also on N
     processes under torchrun with samples/s and scaling efficiency."""
@@ -130,13 +133,13 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
 
     options = dict(preset=preset, resolution=resolution, frames=frames, batch_size=batch_size, method=method,
                    stage=stage, configs=configs, iters=iters, warmup=warmup, grad_checkpointing=grad_checkpointing,
-                   compile_cache=compile_cache, fp8_table=fp8_table, device=device)
+                   compile_cache=compile_cache, compile_workers=compile_workers, fp8_table=fp8_table, device=device)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = build_config({"preset": preset, "resolution": resolution, "frames": frames, "method": method,
                                 "stage": stage, "batch_size": batch_size, "device": device, "out": tmp,
                                 "grad_checkpointing": grad_checkpointing, "compile_cache": compile_cache,
-                                "fp8_table": fp8_table})
+                                "compile_workers": compile_workers, "fp8_table": fp8_table})
             dev = resolve_device(cfg.device)
             names = parse_configs(configs, dev)
             if launched_by_torchrun():  # one of the --nproc processes (prodistill.bench.scaling)

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
-           "compile+graphs+fused", "compile+graphs+split")
-"""`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+split`: the
-teacher's CFG as two batch-B calls (`--split-cfg`) on top of compile+graphs."""
+           "compile+graphs+fused", "compile+graphs+cfg2b")
+"""`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+cfg2b`: the
+teacher's CFG as one batch-2B call (`--split-cfg off`) where compiling every network otherwise splits it into
+two batch-B calls (`--split-cfg auto`)."""
 FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
 """Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
@@ -123,7 +124,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
     base, fp8 = split_config(name)
     scope = "teacher" if "teacher" in base else "all" if base.startswith("compile") else "off"
     speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs="graphs" in base,
-                       fused_ops="fused" in base, split_cfg="split" in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
+                       fused_ops="fused" in base,
+                       split_cfg=scope == "all" and "cfg2b" not in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist)
@@ -134,17 +136,22 @@ def _make_step(name: str, cfg, models, device: torch.device):
     return lambda: trainer.train_step([batch]), plans, networks
 
 
-def precompile_stats(networks) -> dict:
-    """The ahead-of-time compiler's counters (variants compiled and loaded, seconds) of the first of `networks`
-    whose regions it wraps, or {} when none is precompiled."""
+def precompiler(networks):
+    """The ahead-of-time compiler wrapping regions of the first of `networks` it wraps, or None."""
     from prodistill.accel.precompile import RegionCall
 
     for net in networks:
         for module in net.modules():
             call = vars(module).get("forward")
             if isinstance(call, RegionCall):
-                return dict(call.compiler.stats)
-    return {}
+                return call.compiler
+    return None
+
+
+def precompile_stats(networks) -> dict:
+    """The ahead-of-time compiler's counters (variants compiled and loaded, seconds), or {} when none is used."""
+    compiler = precompiler(networks)
+    return dict(compiler.stats) if compiler is not None else {}
 
 
 def _describe_aot(aot: dict) -> str:
@@ -164,6 +171,7 @@ def count_tflop(step) -> float:
 
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
     step, plans, networks = _make_step(name, cfg, models, device)
+    before = precompile_stats(networks)  # the compiler is shared by the configurations of one run
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -171,6 +179,11 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
     step()
     _sync(device)
     first = time.perf_counter() - t0
+    compiler = precompiler(networks)
+    eager_steps = 0
+    while compiler is not None and compiler.pending():  # compiling in the background: the steps run eagerly
+        step()
+        eager_steps += 1
     for _ in range(warmup - 1):
         step()
     _sync(device)
@@ -183,8 +196,8 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         _sync(device)
         times.append(time.perf_counter() - t0)
     row = {"config": name, "sec_per_it": statistics.median(times), "sec_min": min(times), "sec_max": max(times),
-           "first_iter_s": first, "warmup_s": startup}
-    aot = precompile_stats(networks)
+           "first_iter_s": first, "warmup_s": startup, "eager_steps_while_compiling": eager_steps}
+    aot = {k: v - before.get(k, 0) for k, v in precompile_stats(networks).items()}
     if aot:
         row["aot"] = aot
     if device.type == "cuda":
@@ -196,8 +209,9 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         from prodistill.accel import fp8
 
         row["fp8"], row["fp8_layers"] = fp8.summary(plans), fp8.explain(plans)
-    echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s, {warmup} warm-up iterations "
-         f"{startup:.1f} s{_describe_aot(aot)})")
+    during = f", {eager_steps} eager steps while compiling" if eager_steps else ""
+    echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s, at speed after {startup:.1f} s: "
+         f"{warmup} warm-up iterations{during}{_describe_aot(aot)})")
     return row
 
 
@@ -273,16 +287,16 @@ def format_train_table(r: dict) -> str:
     lines = [f"bench train: {r['method']} stage {r['stage']}, {r['preset']}, {r['resolution']}, {r['frames']} frames, "
              f"batch {r['batch_size']}, m={r['solver_steps']}, LoRA r={r['lora_rank']} on {r['device']} "
              f"(torch {r['torch']})",
-             f"{'config':{width}}{'s/it':>9}{'×plain':>8}{'TFLOP/it':>10}{'MFU':>7}{'peak GB':>9}{'reserved':>10}"
-             f"{'1st it s':>10}"]
+             f"{'config':{width}}{'s/it':>9}{'×plain':>8}{'TFLOP/it':>10}{'MFU':>8}{'peak GB':>9}{'reserved':>10}"
+             f"{'1st it s':>10}{'steady s':>10}"]
     for row in r["rows"]:
-        def fmt(key, spec, scale=1.0):
+        def fmt(key, width, digits, scale=1.0, unit=""):
             v = row.get(key)
-            return format(v * scale, spec) if v is not None else "-"
+            return f"{v * scale:.{digits}f}{unit}".rjust(width) if v is not None else "-".rjust(width)
 
-        lines.append(f"{row['config']:{width}}{fmt('sec_per_it', '9.3f')}{fmt('speedup_vs_plain', '8.2f')}"
-                     f"{fmt('tflop_per_it', '10.1f')}{fmt('mfu', '6.1f', 100):>6}%{fmt('peak_alloc_gb', '9.1f')}"
-                     f"{fmt('peak_reserved_gb', '10.1f')}{fmt('first_iter_s', '10.1f')}")
+        lines.append(f"{row['config']:{width}}{fmt('sec_per_it', 9, 3)}{fmt('speedup_vs_plain', 8, 2)}"
+                     f"{fmt('tflop_per_it', 10, 1)}{fmt('mfu', 8, 1, 100, '%')}{fmt('peak_alloc_gb', 9, 1)}"
+                     f"{fmt('peak_reserved_gb', 10, 1)}{fmt('first_iter_s', 10, 1)}{fmt('warmup_s', 10, 1)}")
     lines += [f"{row['config']}: {row['fp8']}" for row in r["rows"] if "fp8" in row]
     if r["peak_tflops"] is None:
         lines.append("MFU: no bf16 peak known for this device (CPU times only show that the harness runs)")
