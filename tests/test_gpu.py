@@ -86,16 +86,19 @@ def test_graphed_teacher_solve_equals_eager(tmp_path):
 @pytest.mark.parametrize("workers", [0, 4])
 def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     """Three OSV stage-2 steps with inductor regions + the graphed solve give the eager bf16 losses (bf16
-    tolerance: different kernels and fusion orders); just in time (0 workers) and ahead of time in 4 processes,
-    where no variant may fall back."""
+    tolerance: different kernels and fusion orders); just in time (0 workers) and ahead of time in 4 background
+    processes, where no variant may fall back. Ahead of time, a one-step run first fills the cache (its steps
+    run eagerly while the variants compile), so that the compared run is compiled from its first step."""
     from prodistill.accel import Speedups, accelerate
+    from prodistill.bench.train import precompile_stats, precompiler
 
     torch._dynamo.reset()
     losses = {}
-    for name, speedups in (("eager", Speedups()),
-                           ("fast", Speedups(compile="all", cuda_graphs=True, cache_dir=tmp_path / "cache",
-                                             compile_workers=workers))):
-        cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=3, out=str(tmp_path / name))
+    fast = Speedups(compile="all", cuda_graphs=True, split_cfg=True, cache_dir=tmp_path / "cache",
+                    compile_workers=workers)
+    runs = (("eager", Speedups(), 3), *((("prime", fast, 1),) if workers else ()), ("fast", fast, 3))
+    for name, speedups, steps in runs:
+        cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=steps, out=str(tmp_path / name))
         dev = torch.device("cuda")
         models = build_models(cfg, dev)
         gen = torch.Generator(dev).manual_seed(0)
@@ -104,11 +107,11 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
         accelerate(method, models, speedups)
         run_dir = tmp_path / name
         run_dir.mkdir()
-        Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", 3, gen, MetricsLogger(run_dir)).fit()
+        Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", steps, gen, MetricsLogger(run_dir)).fit()
         losses[name] = [r["loss/g_total"] for r in read_metrics(run_dir)]
+        if name == "prime":
+            precompiler([method.student]).flush()
     if workers:
-        from prodistill.bench.train import precompile_stats
-
         stats = precompile_stats([method.student])
         assert stats["compiled"] > 10 and stats["failed"] == 0 and stats["loaded"] == stats["compiled"]
     assert len(losses["fast"]) == len(losses["eager"]) == 3

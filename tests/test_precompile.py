@@ -202,3 +202,35 @@ def test_an_unloadable_file_falls_back_to_just_in_time_compile(tmp_path, caplog)
         got = block(*args)
     assert "compiling it just in time" in caplog.text and str(path) in fresh.failed
     torch.testing.assert_close(got, want)
+
+
+class Scaled(torch.nn.Linear):
+    """A Linear of another class (at module level: dynamo saves classes by their import path)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_swapped_layers_are_a_new_variant_once_forgotten(tmp_path):
+    """A region whose layers are swapped after it ran compiled (what FP8 conversion does to the teacher shared by
+    `bench train` configurations) fails dynamo's guards with its cached function; `forget_variants` (called by
+    `accelerate` after the FP8 step) makes it resolve a new variant, which gives the new layers' result."""
+    _, block, args = _res_block()
+    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=1)
+    compiler.wrap([block])
+    with torch.no_grad():
+        block(*args)
+        block(*args)  # compiled and loaded
+    old = block.spatial_res_block.time_emb_proj
+    new = Scaled(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    block.spatial_res_block.time_emb_proj = new
+    with torch.no_grad():
+        want = type(block).forward(block, *args)
+        with pytest.raises(RuntimeError, match="[Gg]uard"):
+            block(*args)
+        precompile.forget_variants(block)
+        block(*args)
+        got = block(*args)  # the new variant, compiled and loaded
+    torch.testing.assert_close(got, want)
+    assert compiler.stats["compiled"] == 2 and not compiler.failed

@@ -144,6 +144,9 @@ def accelerate(method, models, speedups: Speedups) -> list:
             fp8.restore(net)
         else:
             plans += fp8.convert(net, name, role, compiled, speedups.fp8_backend, table)
+        from prodistill.accel.precompile import forget_variants
+
+        forget_variants(net)  # layers were swapped: a region wrapped by an earlier call has a new structure
     if table is not None:
         if speedups.fp8_backend == "te" and speedups.compile != "off":
             log.warning("--fp8-backend te leaves the compiled networks (--compile %s) in bf16: te.Linear is a graph "

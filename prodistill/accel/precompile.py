@@ -302,6 +302,16 @@ class RegionCall:
 _SHARED: dict[tuple[str, str], "Precompiler"] = {}
 
 
+def forget_variants(network: nn.Module) -> None:
+    """Make every ahead-of-time wrapped region of `network` look up its variants afresh: after its layers were
+    swapped (FP8 conversion, or its undoing), a cached compiled function may belong to another structure."""
+    for module in network.modules():
+        call = vars(module).get("forward")
+        if isinstance(call, RegionCall):
+            call.variants.clear()
+            call.fallback = None
+
+
 class Precompiler:
     """Owns the variant files of one cache folder and the variants still to compile: a queue compiled in this
     process (one worker) or a pool of worker processes compiling in the background (more than one)."""
