@@ -139,6 +139,46 @@ def sample(ckpt, image, out_path, steps, tts, teacher_steps, cfg_scale, weights,
     click.echo(f"wrote {path}")
 
 
+@main.command("eval")
+@click.option("--ckpt", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder of `prodistill train` (its last stage's latest checkpoint) or a checkpoint folder.")
+@click.option("--data", required=True, help="Held-out videos: a folder or a .csv/.jsonl manifest (as for train); "
+                                            "each clip's first frame conditions the generations.")
+@click.option("--video-root", default=None, help="Folder that relative paths in a --data manifest are relative to.")
+@click.option("--num-videos", type=click.IntRange(2), default=16, show_default=True,
+              help="Clips to evaluate (the papers report FVD on 1,000; a few dozen show trends only).")
+@click.option("--steps", type=click.IntRange(1, 4), default=None,
+              help="Student steps [default: the run's --student-steps for AVDM2, else 1].")
+@click.option("--tts/--no-tts", default=False, show_default=True, help="Student with the Time Travel Sampler.")
+@click.option("--teacher-steps", type=click.IntRange(0, 1000), default=25, show_default=True,
+              help="The teacher's Euler steps on the same clips and noise (0: no teacher row).")
+@click.option("--cfg", "cfg_scale", type=float, default=3.0, show_default=True, help="Teacher CFG (last frame's).")
+@click.option("--weights", type=click.Choice(["student", "ema"]), default="student", show_default=True)
+@click.option("--i3d", default=None, help="I3D TorchScript file for FVD (i3d_torchscript.pt); nothing is downloaded. "
+                                          "Without it a random-init stand-in runs (FVD comparable only between runs).")
+@click.option("--clip", default=None, help="transformers CLIPVisionModelWithProjection folder [default: the "
+                                           "teacher's own image encoder].")
+@click.option("--real-stats", default=None, help="File of the real clips' feature statistics: read when it exists "
+                                                 "(and was made with the same settings), else written.")
+@click.option("--out", default="eval", show_default=True, help="Folder for eval.json and grid.mp4 (real | teacher | student).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def eval_command(ckpt, data, video_root, num_videos, steps, tts, teacher_steps, cfg_scale, weights, i3d, clip,
+                 real_stats, out, seed, device) -> None:
+    """Score the student (and the teacher) on held-out videos: FVD, CLIP similarity to the conditioning image,
+    temporal consistency; a JSON, a table and a side-by-side mp4."""
+    from prodistill.eval.run import EvalOptions, evaluate, format_eval_table
+
+    opts = EvalOptions(Path(ckpt), data, Path(out), video_root, num_videos, steps, tts, teacher_steps, cfg_scale,
+                       weights, i3d, clip, real_stats, seed, device)
+    try:
+        result = evaluate(opts, echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_eval_table(result))
+    click.echo(f"wrote {Path(out) / 'eval.json'}" + (f" and {result['grid']}" if "grid" in result else ""))
+
+
 main.add_command(bench)
 
 

@@ -7,6 +7,7 @@ SVD's own recipe: Euler on the PF-ODE over Karras σ with per-frame linear CFG.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,22 @@ def checkpoint_stage(ckpt_dir: Path, tensors: dict) -> int:
     return int(read_meta(ckpt_dir).get("stage", 2 if "ema" in tensors else 1))
 
 
-def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None, tts: bool = False,
-                   teacher_steps: int | None = None, cfg_scale: float = 3.0, weights: str = "student",
-                   seed: int = 0, device: str = "auto") -> Path:
-    """`prodistill sample`: one video from one image, with the run's student (or its teacher). `steps`
-    defaults to the method's choice (AVDM2: the run's `--student-steps`, which its generator is trained for; 1
-    otherwise)."""
+@dataclass
+class LoadedRun:
+    """A trained run ready to sample: its config, models, method class, the student (eval mode) or None
+    without a checkpoint, and its default number of student steps."""
+
+    cfg: object
+    models: SVDModels
+    method: type
+    student: torch.nn.Module | None
+    steps: int
+
+
+def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student: bool = True) -> LoadedRun:
+    """The run behind `ckpt` (a run folder or one of its checkpoint folders), with its `weights` (student or
+    EMA) loaded into a fresh student; student=False builds only the models (sampling the teacher)."""
     from prodistill.config import build_config
-    from prodistill.data.video import write_mp4
     from prodistill.methods import method_class
     from prodistill.models.student import load_trainable
     from prodistill.training.checkpoint import load_weights
@@ -113,26 +122,39 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None,
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
     cfg = build_config({"device": device}, run_dir / "config.yaml")
     method = method_class(cfg.method)
-    if steps is None:
-        steps = method.default_sample_steps(cfg)
-    dev = resolve_device(cfg.device)
+    models = build_models(cfg, resolve_device(cfg.device))
+    net = None
+    if student:
+        tensors = load_weights(ckpt_dir, models.device)
+        group = "ema" if weights == "ema" else "student"
+        if group not in tensors:
+            raise ValueError(f"{ckpt_dir} has no {group} weights (EMA exists in stage 2 only): use --weights student")
+        net = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
+        load_trainable(net, tensors[group])
+        net.eval()
+    return LoadedRun(cfg, models, method, net, method.default_sample_steps(cfg))
+
+
+def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None, tts: bool = False,
+                   teacher_steps: int | None = None, cfg_scale: float = 3.0, weights: str = "student",
+                   seed: int = 0, device: str = "auto") -> Path:
+    """`prodistill sample`: one video from one image, with the run's student (or its teacher). `steps`
+    defaults to the method's choice (AVDM2: the run's `--student-steps`, which its generator is trained for; 1
+    otherwise)."""
+    from prodistill.data.video import write_mp4
+
+    run = load_run(ckpt, device, weights, student=teacher_steps is None)
+    cfg, models = run.cfg, run.models
     width, height = cfg.size()
     cond_image = load_image(image, width, height)
-    models = build_models(cfg, dev)
-    generator = torch.Generator(dev).manual_seed(seed)
+    generator = torch.Generator(models.device).manual_seed(seed)
     cond = models.condition(cond_image, cfg.frames, cfg.fps, generator)
     shape = models.latent_shape(1, cfg.frames, width, height)
     if teacher_steps is not None:
         latents = sample_teacher(models, cond, shape, teacher_steps, 1.0, cfg_scale, generator)
     else:
-        tensors = load_weights(ckpt_dir, dev)
-        group = "ema" if weights == "ema" else "student"
-        if group not in tensors:
-            raise ValueError(f"{ckpt_dir} has no {group} weights (EMA exists in stage 2 only): use --weights student")
-        student = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
-        load_trainable(student, tensors[group])
-        denoise = bind(models.denoiser(student.eval()), cond)
-        latents = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, generator, dev,
-                                 consistency=method.consistency)
+        denoise = bind(models.denoiser(run.student), cond)
+        latents = sample_student(denoise, shape, steps or run.steps, tts, cfg.num_timesteps, generator,
+                                 models.device, consistency=run.method.consistency)
     pixels = models.decode(latents)
     return write_mp4(out, to_uint8_frames(pixels[0]), cfg.fps)
