@@ -188,6 +188,14 @@ class TrainConfig:
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
     keep_ckpts: int = _f(3, "Checkpoints kept per stage.")
     sample_every: int = _f(1000, "Steps between preview videos (0: only at the end of a stage).")
+    val_data: str | None = _f(None, "Held-out videos (folder or manifest) to validate on: the student's FVD, CLIP "
+                              "similarity to the conditioning image and temporal consistency, logged as val/* "
+                              "metrics; the best checkpoint by FVD is marked (RUN/val/best.json).")
+    val_every: int = _f(0, "Steps between validations with --val-data (0: only at the end of each stage); a "
+                        "validation step that is not a checkpoint step writes one.")
+    val_videos: int = _f(8, "Clips of --val-data in the fixed validation set.")
+    val_i3d: str | None = _f(None, "I3D TorchScript file for the validation FVD (default: the random-init stand-in "
+                             "of `prodistill eval`, comparable only within a run).")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
 
     # ------------------------------------------------------------------------------------------------
@@ -213,6 +221,12 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         self.size()
+        if self.val_every < 0:
+            raise ValueError(f"--val-every must be 0 or more, got {self.val_every}")
+        if self.val_every and not self.val_data:
+            raise ValueError("--val-every needs --val-data: pass a folder or manifest of held-out videos")
+        if self.val_data and self.val_videos < 2:
+            raise ValueError(f"--val-videos must be at least 2 (FVD compares two sets of videos), got {self.val_videos}")
         positive = ("frames", "batch_size", "grad_accum", "num_timesteps", "solver_steps", "log_every",
                     "ckpt_every", "keep_ckpts", "disc_upscale", "stage1_steps", "stage2_steps")
         for name in positive:

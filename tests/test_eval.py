@@ -132,3 +132,57 @@ def test_real_i3d_file_is_called_the_standard_way(tmp_path):
     assert net.standard and net.size == 224
     feats = net(torch.zeros(2, 5, 3, 32, 48))
     np.testing.assert_allclose(feats, [[0, 5, 224], [0, 5, 224]])
+
+
+# -- validation during training ------------------------------------------------------------------------------------
+TINY = ["--preset", "tiny", "--resolution", "32x32", "--frames", "4", "--lora-rank", "2", "--disc-head-channels", "8",
+        "--num-timesteps", "10", "--solver-steps", "2", "--device", "cpu", "--sample-every", "0"]
+
+
+def test_validation_during_training_logs_metrics_and_marks_the_best_checkpoint(tmp_path, one_thread):
+    """OSV stage 2 for 3 steps, validating every step on 2 held-out clips, checkpoints every 2 steps keeping 1:
+    val/* rows at steps 1-3, a checkpoint written for each validation step, best.json naming the checkpoint with
+    the lowest FVD, which holds the BEST marker and survives pruning; validating the same weights twice gives the
+    same numbers."""
+    from prodistill.training.logger import read_metrics
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--out", str(run), "--stage", "2", "--max-steps", "3",
+                                       "--ckpt-every", "2", "--keep-ckpts", "1", "--val-data", _clips(),
+                                       "--val-every", "1", "--val-videos", "2", *TINY])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in read_metrics(run) if "val/fvd" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["val/fvd"] >= 0 and -1 <= r["val/clip_image_similarity"] <= 1 for r in rows)
+    best = json.loads((run / "val" / "best.json").read_text())
+    fvds = {r["step"]: r["val/fvd"] for r in rows}
+    assert best["step"] == min(fvds, key=fvds.get) and best["fvd"] == pytest.approx(min(fvds.values()))
+    kept = sorted(p.name for p in (run / "stage2").glob("ckpt-*"))
+    assert f"ckpt-{best['step']:07d}" in kept and "ckpt-0000003" in kept
+    assert [p.parent.name for p in (run / "stage2").glob("ckpt-*/BEST")] == [f"ckpt-{best['step']:07d}"]
+    assert (run / "val" / "real-stats.npz").is_file()
+
+
+def test_a_validation_is_reproducible(tmp_path, one_thread):
+    from conftest import make_trainer, tiny_config
+    from prodistill.data.dataset import list_videos
+    from prodistill.eval.validate import Validator
+
+    cfg = tiny_config(tmp_path, frames=4, val_data=_clips(), val_videos=2)
+    _, method, models = make_trainer(cfg, tmp_path / "run", stage=2)
+    validator = Validator(cfg, models, tmp_path / "run", list_videos(cfg.val_data))
+    assert validator(method) == validator(method)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-every", "2"], "--val-every needs --val-data"),
+    (["--val-data", "/nonexistent/held-out"], "--val-data /nonexistent/held-out"),
+    (["--val-data", "CLIPS", "--val-i3d", "/nonexistent/i3d.pt"], "--val-i3d /nonexistent/i3d.pt: no such file"),
+])
+def test_bad_validation_input_is_one_sentence(tmp_path, args, message, monkeypatch):
+    import prodistill.training.run
+
+    monkeypatch.setattr(prodistill.training.run, "build_models", lambda *a, **k: pytest.fail("models were built"))
+    args = [_clips() if a == "CLIPS" else a for a in args]
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), *TINY, *args])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

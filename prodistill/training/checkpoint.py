@@ -47,7 +47,7 @@ def save_checkpoint(stage_dir: Path, step: int, weights: dict[str, dict[str, Ten
         raise
     atomic_write_text(stage_dir / LATEST, final.name)
     for old in sorted(p for p in stage_dir.glob("ckpt-*") if p.is_dir())[:-keep or None]:
-        if old != final:
+        if old != final and not (old / "BEST").exists():  # the best by validation FVD (prodistill.eval.validate)
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -37,7 +37,8 @@ class MetricsLogger:
             return {}
         keys = sorted(rows[-1][1])
         device_keys = [k for k in keys if isinstance(rows[-1][1][k], Tensor)]
-        fetched = torch.stack([torch.stack([r[k].float() for k in device_keys]) for _, r in rows]).cpu().tolist()
+        fetched = (torch.stack([torch.stack([r[k].float() for k in device_keys]) for _, r in rows]).cpu().tolist()
+                   if device_keys else [[] for _ in rows])
         values = [[dict(zip(device_keys, dev)).get(k, r.get(k)) for k in keys] for (_, r), dev in zip(rows, fetched)]
         with self.path.open("a") as f:
             for (step, _), vals in zip(rows, values):

@@ -142,6 +142,7 @@ def run_training(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     speedups = Speedups.from_config(cfg, device)
     source = training_source(cfg, device)
+    val_videos = _validation_videos(cfg)
     method_class(cfg.method).check(cfg)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
@@ -158,7 +159,7 @@ def run_training(cfg: TrainConfig) -> Path:
         logger = MetricsLogger(run_dir, cfg.tensorboard and dist.is_main)
         try:
             for stage in cfg.stages():
-                _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups)
+                _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_videos)
         finally:
             logger.close()
     finally:
@@ -166,7 +167,26 @@ def run_training(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups) -> None:
+def _validation_videos(cfg) -> list:
+    """The --val-data videos (checked before any model is built), or [] without validation."""
+    if not cfg.val_data:
+        return []
+    from prodistill.data.dataset import list_videos
+
+    try:
+        videos = list_videos(cfg.val_data)
+        if cfg.val_i3d is not None:
+            from prodistill.eval.features import load_video_features
+
+            load_video_features(cfg.val_i3d, torch.device("cpu"))
+    except ValueError as e:
+        raise RunError(str(e).replace("--data", "--val-data").replace("--i3d", "--val-i3d")) from None
+    if len(videos) < 2:
+        raise RunError(f"--val-data {cfg.val_data} holds {len(videos)} video; validation FVD needs at least 2")
+    return videos
+
+
+def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_videos=()) -> None:
     from prodistill.accel import accelerate
 
     device = dist.device
@@ -186,8 +206,14 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups) -> N
         log.info("stage %d speed-ups: %s", stage, speedups.describe())
     loader = make_loader(cfg, source, device, dist.rank, dist.world_size)
     preview = lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed, write=dist.is_main)  # noqa: E731
+    validator = None
+    if val_videos:
+        from prodistill.eval.validate import Validator
+
+        validator = Validator(cfg, models, run_dir, list(val_videos))
     trainer = Trainer(cfg, method, loader, stage, stage_dir, steps, generator, logger, preview_fn=preview,
-                      announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models)
+                      announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models,
+                      validator=validator)
     if ckpt is not None:
         trainer.resume(ckpt)
     else:

@@ -107,13 +107,15 @@ def warmup_schedule(warmup_steps: int):
 class Trainer:
     def __init__(self, cfg, method: Method, loader, stage: int, stage_dir: Path, total_steps: int,
                  generator: torch.Generator, logger: MetricsLogger, preview_fn=None, announce_first_step=False,
-                 dist: Distributed | None = None, models=None):
+                 dist: Distributed | None = None, models=None, validator=None):
         self.cfg, self.method, self.loader, self.stage = cfg, method, loader, stage
         self.dist = dist or Distributed(device=generator.device)
         self.models = models
         """The method's models (only needed with --parallel fsdp, to name the sharded optimizer state)."""
         self.stage_dir, self.total_steps, self.generator, self.logger = stage_dir, total_steps, generator, logger
         self.preview_fn = preview_fn
+        self.validator = validator
+        """`prodistill.eval.validate.Validator` (--val-data), run every --val-every steps and at the stage's end."""
         self.announce_first_step = announce_first_step
         """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.step = 0
@@ -206,6 +208,16 @@ class Trainer:
             logs["perf/sec_per_step"], logs["perf/peak_mem_gib"] = per_step, peak
             logs.update(extra)
 
+    def _validate(self, ckpt: Path | None, main: bool) -> None:
+        """Validation metrics of the current student into the metrics (rank 0), the best checkpoint by FVD marked;
+        every rank generates (as for the preview: FSDP's forward needs them all)."""
+        metrics = self.validator(self.method, score=main)
+        if main:
+            self.logger.write(self.stage, [(self.step, metrics)])
+            self.validator.mark_if_best(metrics, self.stage, self.step, ckpt)
+            log.info("stage %d step %d validation: %s", self.stage, self.step,
+                     ", ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in metrics.items()))
+
     def _sync(self) -> None:
         if self.generator.device.type == "cuda":
             torch.cuda.synchronize(self.generator.device)
@@ -283,8 +295,10 @@ class Trainer:
                     shown = self.logger.write(self.stage, pending)
                     progress.report(self.step, shown["perf/sec_per_step"], shown)
                 pending, clock = [], time.perf_counter()
-            if self.step % cfg.ckpt_every == 0 or last or interrupted:
-                self.save()
+            ckpt = None
+            saved = self.step % cfg.ckpt_every == 0 or last or interrupted
+            if saved:
+                ckpt = self.save()
             if interrupted and not last:
                 progress.close()
                 cause = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
@@ -292,4 +306,6 @@ class Trainer:
                                           "checkpoint was saved: rerun with --resume to continue")
             if self.preview_fn is not None and ((cfg.sample_every and self.step % cfg.sample_every == 0) or last):
                 self.preview_fn(method, micro[0], self.stage, self.step)
+            if self.validator is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or last):
+                self._validate(ckpt if saved else self.save(), main)
         progress.close()
