@@ -150,6 +150,7 @@ def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: s
         noise_aug_strength=cfg.noise_aug_strength, latent_shape=latent_shape, scaling_factor=models.scaling_factor,
         clip_size=models.clip_size, clip_mean=models.clip_mean.flatten().tolist(),
         clip_std=models.clip_std.flatten().tolist(), sigma_min=SIGMA_MIN, sigmas_1step=[float(s) for s in sigmas],
+        cm_sigma_data=float(cfg.cm_sigma_data), cm_scale=float(cfg.cm_scale),
         sigmas_tts=[float(sigmas[0]), float(sigmas_next[1])], num_timesteps=cfg.num_timesteps, precision=precision,
         opset=opset, graphs=infos, source=source or {}, **generator_settings(cfg),
     )

@@ -188,6 +188,12 @@ class TrainConfig:
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
     keep_ckpts: int = _f(3, "Checkpoints kept per stage.")
     sample_every: int = _f(1000, "Steps between preview videos (0: only at the end of a stage).")
+    cm_scale: float = _f(1.0, "Timestep scaling s of the consistency coefficients (LCM's form): c_skip = "
+                         "σd²/((s(σ−σmin))²+σd²), c_out = σd·s(σ−σmin)/√((sσ)²+σd²); the boundary f(x, σmin) = x "
+                         "stays exact, larger s hands the few-step samplers' σ to the network sooner (LCM's code "
+                         "uses 10, MCM's 4). 1: Song et al.'s coefficients.")
+    cm_sigma_data: float = _f(1.0, "σ_data of the consistency coefficients (1: SVD's latents, whose EDM "
+                              "preconditioning uses σ_data = 1).")
     val_data: str | None = _f(None, "Held-out videos (folder or manifest) to validate on: the student's FVD, CLIP "
                               "similarity to the conditioning image and temporal consistency, logged as val/* "
                               "metrics; the best checkpoint by FVD is marked (RUN/val/best.json).")
@@ -221,6 +227,9 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         self.size()
+        if self.cm_scale <= 0 or self.cm_sigma_data <= 0:
+            raise ValueError(f"--cm-scale and --cm-sigma-data must be positive, got {self.cm_scale} and "
+                             f"{self.cm_sigma_data}")
         if self.val_every < 0:
             raise ValueError(f"--val-every must be 0 or more, got {self.val_every}")
         if self.val_every and not self.val_data:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prodistill.diffusion.consistency import Denoiser
+from prodistill.diffusion.consistency import SONG, ConsistencyParam, Denoiser
 from prodistill.diffusion.edm import karras_sigmas, sampler_indices, training_grid
 from prodistill.diffusion.samplers import consistency_sample, time_travel_sample
 from prodistill.diffusion.solvers import bind, edm_euler_sample, frame_guidance, guided_denoiser
@@ -31,7 +31,7 @@ def student_sigmas(steps: int, num_timesteps: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def sample_student(denoise: Denoiser, shape: tuple[int, ...], steps: int, tts: bool, num_timesteps: int,
                    generator: torch.Generator | None, device: torch.device, noise: Tensor | None = None,
-                   consistency: bool = True) -> Tensor:
+                   consistency: bool = True, param: ConsistencyParam = SONG) -> Tensor:
     """Latents from a consistency student in `steps` steps (TTS: 2·steps network calls). `noise` (shape
     `shape`) replaces the initial draw, so a runtime without torch's RNG can be compared on the same ε.
     consistency=False: a few-step generator whose denoiser output is its clean estimate (`Method.consistency`)."""
@@ -42,8 +42,8 @@ def sample_student(denoise: Denoiser, shape: tuple[int, ...], steps: int, tts: b
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=device)
     if tts:
-        return time_travel_sample(denoise, noise.to(device), sigmas, sigmas_next)
-    return consistency_sample(denoise, noise.to(device), sigmas, generator, consistency=consistency)
+        return time_travel_sample(denoise, noise.to(device), sigmas, sigmas_next, param)
+    return consistency_sample(denoise, noise.to(device), sigmas, generator, consistency=consistency, param=param)
 
 
 @torch.no_grad()
@@ -155,6 +155,7 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None,
     else:
         denoise = bind(models.denoiser(run.student), cond)
         latents = sample_student(denoise, shape, steps or run.steps, tts, cfg.num_timesteps, generator,
-                                 models.device, consistency=run.method.consistency)
+                                 models.device, consistency=run.method.consistency,
+                                 param=ConsistencyParam.from_config(cfg))
     pixels = models.decode(latents)
     return write_mp4(out, to_uint8_frames(pixels[0]), cfg.fps)

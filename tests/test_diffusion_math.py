@@ -54,6 +54,24 @@ def test_consistency_boundary_condition_and_values():
     assert torch.equal(out, x)  # f(x, σ_min) = x exactly
 
 
+def test_timestep_scaled_consistency_coefficients():
+    """--cm-scale s: c_skip = σd²/((sΔ)²+σd²), c_out = σd·sΔ/√((sσ)²+σd²) (Δ = σ − σmin), by hand; s = 1 is Song et
+    al.'s form; the boundary stays exact for any s and σd; larger s leaves less of x at a few-step sampler's σ."""
+    from prodistill.diffusion.consistency import SONG, ConsistencyParam
+
+    sigma = T([1.002, 0.5], dtype=torch.float64)
+    c_skip, c_out = ConsistencyParam(sigma_data=0.5, scale=10.0).coefficients(sigma)
+    delta = sigma - 0.002
+    assert c_skip.tolist() == pytest.approx((0.25 / ((10 * delta) ** 2 + 0.25)).tolist())
+    assert c_out.tolist() == pytest.approx((0.5 * 10 * delta / ((10 * sigma) ** 2 + 0.25).sqrt()).tolist())
+    assert c_skip[0].item() == pytest.approx(0.25 / 100.25)
+    assert [t.tolist() for t in SONG.coefficients(sigma)] == [t.tolist() for t in consistency_coefficients(sigma)]
+    for param in (ConsistencyParam(0.5, 10.0), ConsistencyParam(1.0, 4.0)):
+        b_skip, b_out = param.coefficients(T([0.002]))
+        assert b_skip.item() == 1.0 and b_out.item() == 0.0
+    assert ConsistencyParam(1.0, 10.0).coefficients(sigma)[0][1] < SONG.coefficients(sigma)[0][1] / 20  # 0.039 vs 0.80
+
+
 def test_pseudo_huber_and_c():
     x = T([[3.0, 4.0], [0.0, 0.0]])
     d = pseudo_huber(x, torch.zeros_like(x), c=1.0)

@@ -55,8 +55,9 @@ def test_merge_equals_the_unmerged_student_and_leaves_the_teacher_untouched(tmp_
 
 
 def test_every_graph_matches_pytorch_within_tolerance(exported):
-    _, _, engines, log = exported
+    cfg, _, engines, log = exported
     manifest = json.loads((engines / "manifest.json").read_text())
+    assert (manifest["cm_sigma_data"], manifest["cm_scale"]) == (cfg.cm_sigma_data, cfg.cm_scale)  # for the runtime
     for name in GRAPHS:
         parity = manifest["graphs"][name]["parity"]
         assert parity["tolerance"] == 1e-4 and parity["rel"] <= 1e-4 and parity["max_abs"] < 1e-3, (name, parity)

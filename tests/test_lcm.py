@@ -86,3 +86,19 @@ def test_lcm_resume_reproduces_the_uninterrupted_losses(tmp_path):
     t_b.fit()
     losses = lambda d: [(r["step"], r["loss/g_total"]) for r in read_metrics(d)]  # noqa: E731
     assert losses(interrupted) == losses(straight) and len(losses(straight)) == 4
+
+
+def test_cm_scale_reaches_the_loss(tmp_path, monkeypatch):
+    """--cm-scale changes the consistency pair: target and prediction use the scaled coefficients."""
+    import prodistill.methods.consistency as mc
+
+    seen = []
+    original = mc.consistency_from_denoised
+    monkeypatch.setattr(mc, "consistency_from_denoised", lambda *a: seen.append(a[3]) or original(*a))
+    for scale in (1.0, 10.0):
+        cfg = tiny_config(tmp_path, method="lcm", max_steps=1, cm_scale=scale, out=str(tmp_path / f"s{scale}"))
+        trainer, _, _ = make_trainer(cfg, tmp_path / f"s{scale}")
+        trainer.fit()
+    assert {p.scale for p in seen} == {1.0, 10.0}
+    losses = [read_metrics(tmp_path / f"s{s}")[0]["loss/distance"] for s in (1.0, 10.0)]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)

@@ -56,6 +56,15 @@ def test_numpy_samplers_match_the_torch_samplers():
     assert np.abs(got_one - ref_one.numpy()).max() < 1e-5
     assert np.abs(got_tts - ref_tts.numpy()).max() < 1e-5
     assert np.abs(got_tts - got_one).max() > 1e-2  # TTS is a different sampler, so the check above can fail
+    from prodistill.diffusion.consistency import ConsistencyParam
+
+    param = ConsistencyParam(sigma_data=0.5, scale=10.0)  # --cm-sigma-data 0.5 --cm-scale 10, as a manifest holds
+    ref_one = consistency_sample(denoise_torch, torch.from_numpy(noise), sigmas, param=param)
+    ref_tts = time_travel_sample(denoise_torch, torch.from_numpy(noise), sigmas, sigmas_next, param)
+    got_one = one_step(denoise_np, noise, float(sigmas[0]), 0.002, (0.5, 10.0))
+    got_tts = time_travel(denoise_np, noise, float(sigmas[0]), float(sigmas_next[1]), 0.002, (0.5, 10.0))
+    assert np.abs(got_one - ref_one.numpy()).max() < 1e-5
+    assert np.abs(got_tts - ref_tts.numpy()).max() < 1e-5
 
 
 @pytest.mark.parametrize("tts", [False, True])

@@ -66,6 +66,9 @@ class Manifest:
     its clean estimate (AVDM2), sampled over `sigmas_generator` with fresh noise between steps."""
     sigmas_generator: list[float] = field(default_factory=list)
     """The generator's k-step σ schedule (descending; the student's --student-steps), empty for consistency."""
+    cm_sigma_data: float = 1.0
+    cm_scale: float = 1.0
+    """σ_data and timestep scaling of the consistency coefficients the student was trained with (--cm-*)."""
     format: int = FORMAT_VERSION
 
     def save(self, folder: Path) -> Path:

@@ -89,9 +89,10 @@ class OneStepPipeline:
                 raise ValueError("--tts is the Time Travel Sampler of consistency students (OSV eq. 13); this export "
                                  f"is a {len(m.sigmas_generator)}-step generator: generate without --tts")
             return generator_sample(denoise, noise_latents, fresh or [], m.sigmas_generator)
+        param = (m.cm_sigma_data, m.cm_scale)
         if tts:
-            return time_travel(denoise, noise_latents, *m.sigmas_tts, sigma_min=m.sigma_min)
-        return one_step(denoise, noise_latents, m.sigmas_1step[0], sigma_min=m.sigma_min)
+            return time_travel(denoise, noise_latents, *m.sigmas_tts, sigma_min=m.sigma_min, param=param)
+        return one_step(denoise, noise_latents, m.sigmas_1step[0], sigma_min=m.sigma_min, param=param)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents → pixels (1, F, 3, H, W) in [−1, 1]."""

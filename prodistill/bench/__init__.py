@@ -34,8 +34,12 @@ def bench() -> None:
 @click.option("--students", default=None,
               help="Comma-separated students to train (default: all): lcm, osv, osv-m1, osv-no-stage1, mcm. Each "
                    "student's rows equal those of the full run.")
+@click.option("--cm-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Timestep scaling of the consistency coefficients of every consistency student (train's --cm-scale).")
+@click.option("--cm-sigma-data", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="σ_data of the consistency coefficients (train's --cm-sigma-data).")
 def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: int, threads: int,
-                    students: str | None) -> None:
+                    students: str | None, cm_scale: float, cm_sigma_data: float) -> None:
     """Distil LCM, OSV and MCM students on a Gaussian-mixture video distribution with an exact teacher and
     report each sampler's distance to the true distribution (table, JSON, PNG)."""
     from prodistill.bench.quality import (format_table, run_quality_bench, save_plot, select_students,
@@ -46,7 +50,10 @@ def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: in
         select_students(keys)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    result = run_quality_bench(settings_for(quick), seed=seed, threads=threads, echo=click.echo, students=keys)
+    from dataclasses import replace
+
+    settings = replace(settings_for(quick), cm_scale=cm_scale, cm_sigma_data=cm_sigma_data)
+    result = run_quality_bench(settings, seed=seed, threads=threads, echo=click.echo, students=keys)
     click.echo(format_table(result))
     click.echo(f"results: {write_json(result, Path(json_path))}")
     png = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from prodistill.bench.analytic import AnalyticModels, ClassCondition, MixtureLoader, MixtureSpec, VideoGaussianMixture
+from prodistill.diffusion.consistency import ConsistencyParam
 from prodistill.diffusion.edm import karras_sigmas
 from prodistill.diffusion.solvers import bind, edm_euler_sample
 
@@ -72,6 +73,10 @@ class BenchSettings:
     """Directions of the sliced Wasserstein distance."""
     noise_pairs: int = 4
     """Extra exact sample sets drawn to estimate the metrics' sampling noise."""
+    cm_scale: float = 1.0
+    """Timestep scaling of the consistency coefficients (`--cm-scale`) of every consistency student."""
+    cm_sigma_data: float = 1.0
+    """σ_data of the consistency coefficients (`--cm-sigma-data`)."""
 
 
 QUICK = BenchSettings("quick", batch_size=16, stage1_steps=40, stage2_steps=150, eval_samples=1000)
@@ -190,6 +195,7 @@ def _config(settings: BenchSettings, spec: MixtureSpec, seed: int, out: Path, me
         solver_steps=solver_steps, lr=settings.lr, disc_lr=settings.lr, warmup_steps=0,
         guidance_min=1.0, guidance_max=1.0, disc_head_channels=settings.disc_head_channels,
         log_every=50, ckpt_every=10**9, keep_ckpts=1, sample_every=0, student_steps=student_steps,
+        cm_scale=settings.cm_scale, cm_sigma_data=settings.cm_sigma_data,
     ))
 
 
@@ -317,7 +323,8 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
             denoise = bind(method.student_d, cond)
             for steps, tts in student.samplers:
                 samples = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, noise_seed(),
-                                         models.device, consistency=method.consistency)
+                                         models.device, consistency=method.consistency,
+                                         param=ConsistencyParam.from_config(cfg))
                 suffix = "+tts" if tts else ""
                 add(f"{student.key}/{steps}{suffix}", f"{student.label}, {steps} step{'s' * (steps > 1)}"
                     f"{' + TTS' if tts else ''}", student.key, steps, steps * (2 if tts else 1), samples,

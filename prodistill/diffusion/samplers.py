@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prodistill.diffusion.consistency import Denoiser, consistency_coefficients, consistency_from_denoised
+from prodistill.diffusion.consistency import SONG, ConsistencyParam, Denoiser, consistency_from_denoised
 from prodistill.diffusion.edm import append_dims
 
 
@@ -21,7 +21,7 @@ def _full(x: Tensor, value: Tensor) -> Tensor:
 
 def consistency_sample(
     denoise: Denoiser, noise: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-    stop: int | None = None, consistency: bool = True,
+    stop: int | None = None, consistency: bool = True, param: ConsistencyParam = SONG,
 ) -> Tensor:
     """k-step consistency sampling over `sigmas` (descending, length k), starting at x = σ_0·noise.
 
@@ -37,14 +37,15 @@ def consistency_sample(
         sigma = _full(x, s)
         x0 = denoise(x, sigma)
         if consistency:
-            x0 = consistency_from_denoised(x, sigma, x0)
+            x0 = consistency_from_denoised(x, sigma, x0, param)
         if j + 1 < len(sigmas):
             fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x0 + float(sigmas[j + 1]) * fresh
     return x0
 
 
-def time_travel_sample(denoise: Denoiser, noise: Tensor, sigmas_k: Tensor, sigmas_k1: Tensor) -> Tensor:
+def time_travel_sample(denoise: Denoiser, noise: Tensor, sigmas_k: Tensor, sigmas_k1: Tensor,
+                       param: ConsistencyParam = SONG) -> Tensor:
     """OSV eq. 13. sigmas_k: the k-step schedule (descending); sigmas_k1: the (k+1)-step schedule.
 
     With t^k_0 = 0 and ascending indices, step i (from k−1 down to 0) goes from σ_a = t^k_{i+1} via the lower
@@ -63,13 +64,13 @@ def time_travel_sample(denoise: Denoiser, noise: Tensor, sigmas_k: Tensor, sigma
     x = noise * t_k[k]
     for i in range(k - 1, -1, -1):
         sa, sb = _full(x, t_k[i + 1]), _full(x, t_k1[i + 1])
-        f_a = consistency_from_denoised(x, sa, denoise(x, sa))
+        f_a = consistency_from_denoised(x, sa, denoise(x, sa), param)
         eps_a = (eps0 + (x - f_a) / t_k[i + 1]) / 2
         x_b = f_a + t_k1[i + 1] * eps_a
         d_b = denoise(x_b, sb)
-        f_b = consistency_from_denoised(x_b, sb, d_b)
+        f_b = consistency_from_denoised(x_b, sb, d_b, param)
         eps_b = (eps0 + (x_b - f_b) / t_k1[i + 1]) / 2
-        c_skip, c_out = consistency_coefficients(sa)
+        c_skip, c_out = param.coefficients(sa)
         x = (
             append_dims(c_skip, x.ndim) * (f_b + t_k[i + 1] * eps_b)
             + append_dims(c_out, x.ndim) * d_b

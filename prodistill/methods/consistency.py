@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prodistill.diffusion.consistency import consistency_from_denoised
+from prodistill.diffusion.consistency import SONG, ConsistencyParam, consistency_from_denoised
 from prodistill.diffusion.losses import default_huber_c
 from prodistill.diffusion.solvers import ConditionalDenoiser, bind, guided_denoiser, teacher_solve
 from prodistill.sampling import sample_student
@@ -37,8 +37,8 @@ class TeacherSolve:
 
 
 def consistency_pair(student_d: ConditionalDenoiser, ema_d: ConditionalDenoiser, solve: TeacherSolve,
-                     x0: Tensor, eps: Tensor, cond, path_bm: Tensor, guidance: Tensor
-                     ) -> tuple[Tensor, Tensor]:
+                     x0: Tensor, eps: Tensor, cond, path_bm: Tensor, guidance: Tensor,
+                     param: ConsistencyParam = SONG) -> tuple[Tensor, Tensor]:
     """The consistency-distillation pair (target, prediction) for clean latents x0 (B, F, C, h, w).
 
     x_{t_{n+m}} = x0 + σ_{n+m}·ε; `solve` runs the guided teacher along `path_bm` (OSV eq. 8); target =
@@ -48,8 +48,8 @@ def consistency_pair(student_d: ConditionalDenoiser, ema_d: ConditionalDenoiser,
     x_start = x0 + sigma_start.view(-1, *([1] * (x0.ndim - 1))) * eps
     with torch.no_grad():
         x_phi = solve(x_start, path_bm, cond, guidance)  # OSV eq. 8
-        target = consistency_from_denoised(x_phi, sigma_end, ema_d(x_phi, sigma_end, cond))
-    prediction = consistency_from_denoised(x_start, sigma_start, student_d(x_start, sigma_start, cond))
+        target = consistency_from_denoised(x_phi, sigma_end, ema_d(x_phi, sigma_end, cond), param)
+    prediction = consistency_from_denoised(x_start, sigma_start, student_d(x_start, sigma_start, cond), param)
     return target, prediction
 
 
@@ -64,5 +64,5 @@ def preview_student(cfg, models, student_d: ConditionalDenoiser, batch: dict, ge
     """A `steps`-step student generation (pixels) conditioned on `batch`, drawing only from `generator`."""
     x0, cond = models.prepare_batch(batch, cfg.fps, generator)
     latents = sample_student(bind(student_d, cond), tuple(x0.shape), steps, False, cfg.num_timesteps, generator,
-                             models.device, consistency=consistency)
+                             models.device, consistency=consistency, param=ConsistencyParam.from_config(cfg))
     return models.decode(latents)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prodistill.diffusion.consistency import ConsistencyParam
 from prodistill.diffusion.edm import training_grid
 from prodistill.diffusion.losses import pseudo_huber
 from prodistill.diffusion.solvers import frame_guidance
@@ -56,7 +57,8 @@ class LCM(Method):
         n = torch.randint(0, self.cfg.num_timesteps - m, (b,), generator=self.generator, device=self.grid.device)
         guidance = frame_guidance(self.cfg.guidance_min, self.cfg.guidance_max, b, x0.shape[1], x0.device)
         target, prediction = consistency_pair(self.student_d, self.ema_d, self.teacher_solve, x0, eps, cond,
-                                              solver_path(self.grid, n, m), guidance)
+                                              solver_path(self.grid, n, m), guidance,
+                                              ConsistencyParam.from_config(self.cfg))
         loss = pseudo_huber(target, prediction, huber_c(self.cfg, x0)).mean()  # λ(t_n) = 1
         return StepOutput(loss, {"loss/distance": loss.detach(), "loss/g_total": loss.detach()})
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from prodistill.data.images import ImageFolder, list_images
+from prodistill.diffusion.consistency import ConsistencyParam
 from prodistill.diffusion.losses import clipped_wgan_d_loss, critic_g_loss, hinge_d_loss, pseudo_huber
 from prodistill.diffusion.solvers import bind, frame_guidance
 from prodistill.methods.base import StepOutput
@@ -107,7 +108,7 @@ class MCM(LCM):
         if lam >= 1 or (lam > 0 and self._rand().item() < lam):
             return x0, False
         sample = sample_student(bind(self.student_d, cond), tuple(x0.shape), 1, False, self.cfg.num_timesteps,
-                                self.generator, x0.device)
+                                self.generator, x0.device, param=ConsistencyParam.from_config(self.cfg))
         return sample.to(x0.dtype), True
 
     def motion(self, latents: Tensor, target: bool = False) -> Tensor:
@@ -140,7 +141,8 @@ class MCM(LCM):
         n = torch.randint(0, cfg.num_timesteps - 1, (b,), generator=self.generator, device=self.grid.device)
         guidance = frame_guidance(cfg.guidance_min, cfg.guidance_max, b, x0.shape[1], x0.device)
         target, prediction = consistency_pair(self.student_d, self.ema_d, self.teacher_solve, start, eps, cond,
-                                              solver_path(self.grid, n, 1), guidance)
+                                              solver_path(self.grid, n, 1), guidance,
+                                              ConsistencyParam.from_config(self.cfg))
         with torch.no_grad():
             target_m = self.motion(target, target=True)
         prediction_m = self.motion(prediction)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from prodistill.diffusion.consistency import consistency_from_denoised
+from prodistill.diffusion.consistency import ConsistencyParam, consistency_from_denoised
 from prodistill.diffusion.edm import training_grid
 from prodistill.diffusion.losses import hinge_d_loss, hinge_g_loss, pseudo_huber
 from prodistill.diffusion.solvers import frame_guidance
@@ -69,14 +69,16 @@ class OSV(Method):
             n = self._randint(self.cfg.num_timesteps, b)
             sigma = self.grid[n]
             x_t = x0 + sigma.view(-1, 1, 1, 1, 1) * eps
-            fake = consistency_from_denoised(x_t, sigma, self.student_d(x_t, sigma, cond))  # f_θ(x_tn, t_n)
+            fake = consistency_from_denoised(x_t, sigma, self.student_d(x_t, sigma, cond),
+                                             ConsistencyParam.from_config(self.cfg))  # f_θ(x_tn, t_n)
             real, lam = x0, self.cfg.lambda_lgp  # eq. 6-7: the real latents are the GAN's real and d's target
         else:
             m = self.cfg.solver_steps
             n = self._randint(self.cfg.num_timesteps - m, b)
             guidance = frame_guidance(self.cfg.guidance_min, self.cfg.guidance_max, b, x0.shape[1], x0.device)
             real, fake = consistency_pair(self.student_d, self.ema_d, self.teacher_solve, x0, eps, cond,
-                                          solver_path(self.grid, n, m), guidance)  # eq. 8, m teacher steps
+                                          solver_path(self.grid, n, m), guidance,
+                                          ConsistencyParam.from_config(self.cfg))  # eq. 8, m teacher steps
             lam = self.cfg.lambda_acd  # eq. 9-10: the EMA target's output is the GAN's real
         g_adv = hinge_g_loss(self._disc_logits(fake))
         distance = pseudo_huber(real, fake, huber_c(self.cfg, x0)).mean()  # λ(t_n) = 1
