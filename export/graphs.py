@@ -108,6 +108,21 @@ class DecoderGraph(nn.Module):
         return self.vae.decode(z, num_frames=f).sample.float().unflatten(0, (b, f)).clamp(-1, 1)
 
 
+class TinyDecoderGraph(nn.Module):
+    """The distilled tiny temporal decoder (`prodistill.models.tiny_decoder`) in place of the VAE's: same input
+    and output as `DecoderGraph`, so the runtime does not tell them apart."""
+
+    inputs = ("latents",)
+    outputs = ("pixels",)
+
+    def __init__(self, decoder: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.decoder, self.dtype = decoder, dtype
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.decoder(latents.to(self.dtype)).float().clamp(-1, 1)
+
+
 class Fp32GroupNorm(nn.GroupNorm):
     """GroupNorm computing its statistics and affine in float32 inside a low-precision graph (input and the
     weight and bias cast up, output cast back), as torch's autocast does for normalisation. The parameters stay
@@ -140,10 +155,12 @@ def keep_group_norms_fp32(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str) -> dict[str, nn.Module]:
+def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str,
+                 tiny_decoder: nn.Module | None = None) -> dict[str, nn.Module]:
     """The four graph modules in `precision`. The encoders and the VAE are cast on copies (the caller's
     models stay as they are); `merged_unet`, already a copy, is cast in place. Below float32, group norms keep
-    float32 statistics (`Fp32GroupNorm`), replaced after the cast."""
+    float32 statistics (`Fp32GroupNorm`), replaced after the cast. With `tiny_decoder` (`--decoder tiny`) the
+    decoder graph is that network's (cast on a copy)."""
     dtype = PRECISIONS[precision]
 
     def cast(m: nn.Module) -> nn.Module:
@@ -155,5 +172,6 @@ def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str) -> d
         "image_encoder": ImageEncoderGraph(cast(copy.deepcopy(models.image_encoder)), dtype).eval(),
         "vae_encoder": VaeEncoderGraph(vae, dtype).eval(),
         "denoiser": DenoiserGraph(cast(merged_unet), dtype).eval(),
-        "decoder": DecoderGraph(vae, models.scaling_factor, dtype).eval(),
+        "decoder": (DecoderGraph(vae, models.scaling_factor, dtype) if tiny_decoder is None
+                    else TinyDecoderGraph(cast(copy.deepcopy(tiny_decoder)), dtype)).eval(),
     }

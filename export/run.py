@@ -39,6 +39,8 @@ class ExportOptions:
     """Frames of the exported graphs; default: the run's."""
     weights: str = "student"
     decoder: str = "full"
+    tiny_decoder: Path | None = None
+    """The folder `prodistill train-decoder` wrote (RUN/decoder), for --decoder tiny."""
     device: str = "auto"
     opset: int = OPSET
     workspace_gib: float = 8.0
@@ -57,9 +59,6 @@ def _check_options(opts: ExportOptions):
     from prodistill.config import build_config
     from prodistill.sampling import _resolve_checkpoint
 
-    if opts.decoder == "tiny":
-        raise ExportError("--decoder tiny is not available yet (the distilled tiny temporal decoder is its own "
-                          "issue); use --decoder full")
     if opts.decoder not in DECODERS:
         raise ExportError(f"--decoder must be one of {', '.join(DECODERS)}, got {opts.decoder!r}")
     if not opts.ckpt.is_dir():
@@ -76,6 +75,10 @@ def _check_options(opts: ExportOptions):
         raise ExportError(f"{ckpt_dir} has no {opts.weights} weights (EMA exists in stage 2 only): use --weights student")
     overrides = {"device": opts.device, "dtype": "fp32", "resolution": opts.resolution, "frames": opts.frames}
     cfg = build_config(overrides, run_dir / "config.yaml")
+    if opts.decoder == "tiny":
+        check_tiny_decoder(opts.tiny_decoder, cfg.frames)
+    elif opts.tiny_decoder is not None:
+        raise ExportError("--tiny-decoder is used with --decoder tiny: add --decoder tiny, or leave --tiny-decoder out")
     if opts.onnx or opts.trt:
         import_onnx()
     if opts.trt:
@@ -88,6 +91,21 @@ def _check_options(opts: ExportOptions):
             raise ExportError("--precision bf16 cannot be checked here: ONNX Runtime's CPU provider has no bf16 "
                               "kernels; use fp16 or fp32, or install onnxruntime-gpu on a GPU machine")
     return cfg, ckpt_dir
+
+
+def check_tiny_decoder(folder: Path | None, frames: int) -> None:
+    """--decoder tiny needs the folder of a tiny decoder built for the export's frames."""
+    import json
+
+    from prodistill.models.tiny_decoder import CONFIG_FILE
+
+    if folder is None or not (Path(folder) / CONFIG_FILE).is_file():
+        raise ExportError(f"--decoder tiny needs --tiny-decoder DIR, the decoder folder `prodistill train-decoder` "
+                          f"writes (RUN/decoder){'' if folder is None else f'; {folder} holds no {CONFIG_FILE}'}")
+    built = json.loads((Path(folder) / CONFIG_FILE).read_text())["frames"]
+    if built != frames:
+        raise ExportError(f"the tiny decoder in {folder} was trained for {built} frames, the export has {frames}: "
+                          f"export with --frames {built}, or train a decoder with --frames {frames}")
 
 
 def merged_student(cfg, models, ckpt_dir: Path, weights: str) -> torch.nn.Module:
@@ -130,7 +148,8 @@ def generator_settings(cfg) -> dict:
 
 
 def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: str, opset: int = OPSET,
-                  source: dict | None = None, echo: Callable[[str], None] = print) -> Manifest:
+                  source: dict | None = None, echo: Callable[[str], None] = print,
+                  tiny_decoder: torch.nn.Module | None = None) -> Manifest:
     """Export the four graphs of `models` with the student UNet `unet` (cast in place) at the config's resolution
     and frames, check them, and write `folder/manifest.json`. Shared by `prodistill export` and the bench."""
     from export.graphs import build_graphs
@@ -143,7 +162,7 @@ def export_graphs(models, unet: torch.nn.Module, cfg, folder: Path, precision: s
     sigmas, sigmas_next = student_sigmas(1, cfg.num_timesteps)
     time_ids = [cfg.fps - 1, float(cfg.motion_bucket_id), cfg.noise_aug_strength]
     shapes = graph_shapes(models, cfg)
-    graphs = build_graphs(models, unet, precision)
+    graphs = build_graphs(models, unet, precision, tiny_decoder)
     infos = export_all(graphs, shapes, folder, precision, time_ids, float(sigmas[0]), opset, echo)
     manifest = Manifest(
         width=width, height=height, frames=cfg.frames, fps=cfg.fps, motion_bucket_id=cfg.motion_bucket_id,
@@ -190,8 +209,14 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Mani
     source = {"checkpoint": str(ckpt_dir.resolve()), "weights": opts.weights, "sha256": sha256(weights_file),
               "method": cfg.method, "preset": cfg.preset, "teacher": cfg.teacher, "lora_rank": cfg.lora_rank,
               "train_modules": cfg.train_modules, "decoder": opts.decoder}
+    tiny = None
+    if opts.decoder == "tiny":
+        from prodistill.models.tiny_decoder import TinyTemporalDecoder
+
+        tiny = TinyTemporalDecoder.load(opts.tiny_decoder, device)
+        source["tiny_decoder"] = str(Path(opts.tiny_decoder).resolve())
     out = Path(opts.out)
-    manifest = export_graphs(models, unet, cfg, out, opts.precision, opts.opset, source, echo)
+    manifest = export_graphs(models, unet, cfg, out, opts.precision, opts.opset, source, echo, tiny)
     if opts.trt:
         build_engines(manifest, out, opts.workspace_gib, echo)
     echo(f"wrote {out / 'manifest.json'} ({time.perf_counter() - start:.1f} s in all)")

@@ -55,6 +55,28 @@ def main(verbose: bool) -> None:
 @train_options
 def train(config_file: str | None, **flags) -> None:
     """Distil the teacher into a few-step student (default: OSV, both stages, tiny preset, built-in clips)."""
+    _train(config_file, flags)
+
+
+@main.command("train-decoder")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of options (keys as the flags without dashes); flags override it.")
+@train_options
+def train_decoder(config_file: str | None, **flags) -> None:
+    """Distil a tiny temporal VAE decoder from the teacher's full one (`train --method decoder`; widths with
+    --decoder-channels); writes RUN/decoder for `export --decoder tiny --tiny-decoder` and `eval-decoder`."""
+    if flags.get("method") not in (None, "decoder"):
+        raise click.ClickException("train-decoder trains the decoder only: leave --method out (or use `train`)")
+    flags["method"] = "decoder"
+    flags["out"] = flags.get("out") or "runs/decoder"
+    run_dir = _train(config_file, flags)
+    if run_dir is not None and os.environ.get("RANK", "0") == "0":
+        from prodistill.methods.decoder import save_decoder_folder
+
+        click.echo(f"tiny decoder: {save_decoder_folder(run_dir)}")
+
+
+def _train(config_file: str | None, flags: dict) -> Path | None:
     from prodistill.training.run import run_training
     from prodistill.training.trainer import TrainingInterrupted
 
@@ -72,6 +94,7 @@ def train(config_file: str | None, **flags) -> None:
         raise SystemExit(130) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per rank
         click.echo(f"done: {run_dir}")
+    return run_dir
 
 
 @main.group()
@@ -199,7 +222,9 @@ main.add_command(bench)
 @click.option("--frames", type=click.IntRange(2), default=None, help="Frames of the exported graphs (default: the run's).")
 @click.option("--weights", type=click.Choice(["student", "ema"]), default="student", show_default=True)
 @click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
-              help="full: the VAE temporal decoder; tiny: a distilled decoder (not available yet).")
+              help="full: the VAE temporal decoder; tiny: the decoder of `prodistill train-decoder` (--tiny-decoder).")
+@click.option("--tiny-decoder", type=click.Path(path_type=Path), default=None,
+              help="The folder `prodistill train-decoder` wrote (RUN/decoder), for --decoder tiny.")
 @click.option("--opset", type=click.Choice(["18", "19", "20"]), default="19", show_default=True)
 @click.option("--workspace-gib", type=float, default=8.0, show_default=True, help="TensorRT workspace limit.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

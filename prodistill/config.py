@@ -39,7 +39,8 @@ class TrainConfig:
     method: str = _f("osv", "Distillation method: osv (two stages), lcm (the plain latent consistency distillation "
                      "baseline), mcm (motion consistency model: LCM on a motion representation + a frame "
                      "discriminator + mixed trajectories), avdm2 (few-step generator: video adversarial + 2D score "
-                     "distribution matching).", choices=tuple(METHODS))
+                     "distribution matching), decoder (not a student: a tiny temporal VAE decoder distilled from the "
+                     "teacher's, as `prodistill train-decoder` runs it).", choices=tuple(METHODS))
     stage: str = _f("both", "OSV stage to train: 1 (latent GAN pretraining), 2 (adversarial consistency "
                     "distillation) or both in sequence. Single-stage methods ignore it.",
                     choices=("1", "2", "both"))
@@ -188,6 +189,10 @@ class TrainConfig:
     ckpt_every: int = _f(500, "Steps between checkpoints (one is always written at the end of a stage).")
     keep_ckpts: int = _f(3, "Checkpoints kept per stage.")
     sample_every: int = _f(1000, "Steps between preview videos (0: only at the end of a stage).")
+    decoder_channels: str = _f("64,64,64,32", "--method decoder (`prodistill train-decoder`): widths of the tiny "
+                               "temporal decoder's four stages (8× upsampling).")
+    decoder_temporal_weight: float = _f(1.0, "--method decoder: weight of the temporal-difference term (keeps the "
+                                        "tiny decoder from flickering).")
     cm_scale: float = _f(1.0, "Timestep scaling s of the consistency coefficients (LCM's form): c_skip = "
                          "σd²/((s(σ−σmin))²+σd²), c_out = σd·s(σ−σmin)/√((sσ)²+σd²); the boundary f(x, σmin) = x "
                          "stays exact, larger s hands the few-step samplers' σ to the network sooner (LCM's code "

@@ -121,6 +121,9 @@ def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
     cfg = build_config({"device": device}, run_dir / "config.yaml")
+    if cfg.method == "decoder":
+        raise ValueError(f"{run_dir} trained a tiny decoder, not a student: use it with `prodistill eval-decoder` "
+                         "or `prodistill export --decoder tiny --tiny-decoder`")
     method = method_class(cfg.method)
     models = build_models(cfg, resolve_device(cfg.device))
     net = None

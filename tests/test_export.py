@@ -180,7 +180,9 @@ def test_an_export_over_tolerance_fails_loudly(exported, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "{tmp}/nothing"], "no such folder"),
     (["--resolution", "30x32"], "multiples of 16"),
-    (["--decoder", "tiny"], "not available yet"),
+    (["--decoder", "tiny"], "--decoder tiny needs --tiny-decoder DIR"),
+    (["--decoder", "tiny", "--tiny-decoder", "{tmp}"], "holds no tiny_decoder.json"),
+    (["--tiny-decoder", "{tmp}"], "add --decoder tiny"),
     (["--weights", "ema"], "no ema weights"),
     (["--opset", "21"], "'21' is not one of"),
 ])

@@ -14,6 +14,7 @@ METHODS = {
     "lcm": "prodistill.methods.lcm:LCM",
     "mcm": "prodistill.methods.mcm:MCM",
     "avdm2": "prodistill.methods.avdm2:AVDM2",
+    "decoder": "prodistill.methods.decoder:DecoderDistill",
 }
 """Two-stage methods (OSV) train stage 1 and/or 2; single-stage methods run as stage 2 (consistency
 distillation with an EMA target), so their checkpoints live in RUN/stage2/."""
