@@ -202,6 +202,30 @@ def eval_command(ckpt, data, video_root, num_videos, steps, tts, teacher_steps, 
     click.echo(f"wrote {Path(out) / 'eval.json'}" + (f" and {result['grid']}" if "grid" in result else ""))
 
 
+@main.command("eval-decoder")
+@click.option("--decoder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The folder `prodistill train-decoder` wrote (RUN/decoder) or its run folder.")
+@click.option("--data", required=True, help="Held-out videos (folder or manifest).")
+@click.option("--num-videos", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--time-resolution", default=None, help="WxH at which both decoders are timed (default: the run's; "
+                                                      "1024x576 for SVD-XT's serving size).")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed decodes each (median).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-decoder"), show_default=True)
+def eval_decoder_command(decoder, data, num_videos, time_resolution, repeats, seed, device, out) -> None:
+    """The tiny decoder against the full one: PSNR, SSIM, flicker, decode time and memory of both."""
+    from prodistill.eval.decoder import DecoderEvalOptions, evaluate_decoder, format_decoder_table
+
+    try:
+        result = evaluate_decoder(DecoderEvalOptions(decoder, data, num_videos, time_resolution, repeats, seed, device,
+                                                     out), echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_decoder_table(result))
+    click.echo(f"wrote {out / 'eval-decoder.json'}")
+
+
 main.add_command(bench)
 
 

@@ -85,3 +85,36 @@ def test_tiny_decoder_exports_with_onnx_runtime_parity(tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "eng" / "decoder.onnx")).graph.node}
     assert "Conv" in ops and "GroupNormalization" not in ops  # the tiny network, not the VAE's decoder
+
+
+def test_decoder_metrics_by_hand():
+    """PSNR of a constant 0.1 offset on [−1, 1] frames: 10·log10(4/0.01) dB; SSIM of a clip with itself 1 and with
+    noise below 1; flicker 0 for a constant offset (the frames move alike) and |2a| for alternating offsets ±a."""
+    from prodistill.eval.decoder import flicker, psnr, ssim
+
+    x = torch.rand(2, 5, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert psnr(x + 0.1, x) == pytest.approx(10 * torch.log10(torch.tensor(400.0)).item(), rel=1e-5)
+    assert ssim(x[0], x[0]) == pytest.approx(1.0, abs=1e-6)
+    assert ssim(x[0] + 0.3 * torch.randn(x[0].shape, generator=torch.Generator().manual_seed(1)), x[0]) < 0.9
+    assert flicker(x + 0.1, x) == pytest.approx(0.0, abs=1e-6)
+    sign = torch.tensor([1.0, -1, 1, -1, 1]).view(1, 5, 1, 1, 1)
+    assert flicker(x + 0.05 * sign, x) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_eval_decoder_end_to_end(tmp_path, one_thread):
+    """`prodistill eval-decoder` on a freshly trained tiny decoder: quality against the full decoder, timing of both
+    in one run, a JSON; a folder without a decoder is one sentence."""
+    from prodistill.data.builtin import ensure_builtin_clips
+
+    run = tmp_path / "run"
+    assert CliRunner().invoke(main, ["train-decoder", "--out", str(run), *TINY, "--max-steps", "2"]).exit_code == 0
+    result = CliRunner().invoke(main, ["eval-decoder", "--decoder", str(run / "decoder"), "--data",
+                                       str(ensure_builtin_clips()), "--num-videos", "2", "--repeats", "1",
+                                       "--device", "cpu", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "ev" / "eval-decoder.json").read_text())
+    assert r["num_videos"] == 2 and 0 < r["quality"]["psnr"] < 100 and -1 <= r["quality"]["ssim"] <= 1
+    assert r["timing"]["full"]["seconds"] > 0 and r["timing"]["tiny"]["seconds"] > 0
+    assert "PSNR" in result.output and "decode 4x32x32" in result.output
+    bad = CliRunner().invoke(main, ["eval-decoder", "--decoder", str(tmp_path), "--data", str(ensure_builtin_clips())])
+    assert bad.exit_code != 0 and "no tiny decoder there" in bad.output and "Traceback" not in bad.output
