@@ -17,7 +17,8 @@ def test_bench_sample_tiny_cpu(tmp_path):
     data = json.loads(out.read_text())
     rows = {(r["path"], r["generation"]): r for r in data["rows"]}
     assert set(rows) == {("torch eager", "teacher 2-step CFG"), ("torch eager", "student 1 step"),
-                         ("torch eager", "student TTS"), ("onnxruntime", "student 1 step"), ("onnxruntime", "student TTS")}
+                         ("torch eager", "student TTS"), ("torch eager", "student 1 step, tiny decoder"),
+                         ("onnxruntime", "student 1 step"), ("onnxruntime", "student TTS")}
     assert [rows[("torch eager", g)]["nfe"] for g in ("teacher 2-step CFG", "student 1 step", "student TTS")] == [4, 1, 2]
     for r in rows.values():
         assert r["encode_s"] > 0 and r["unet_s"] > 0 and r["decode_s"] > 0 and r["peak_mem_gb"] > 0

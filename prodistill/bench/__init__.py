@@ -228,8 +228,11 @@ def torch_cuda_sm90() -> bool:
 @click.option("--paths", default="eager,compile,ort,trt", show_default=True,
               help="Comma-separated inference paths to time (eager, compile, ort, trt); eager always runs (the "
                    "teacher's generation is the baseline); a path that cannot run here is listed as skipped.")
+@click.option("--tiny-decoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A `prodistill train-decoder` folder for the tiny-decoder rows (default: a random-init tiny decoder "
+                   "of the default widths: its time is the same, its frames are not meant to be looked at).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-sample.json", show_default=True)
-def sample_command(preset, teacher, resolution, frames, teacher_steps, device, paths, json_path) -> None:
+def sample_command(preset, teacher, resolution, frames, teacher_steps, device, paths, tiny_decoder, json_path) -> None:
     """Teacher 25-step CFG vs student 1 step and TTS: torch eager, torch.compile, ONNX Runtime, TensorRT;
     encode / UNet / decode timed separately, peak memory (fp16 on GPU, fp32 on CPU)."""
     from prodistill.bench.sample import format_sample_table, parse_sample_paths, run_sample_bench, write_sample_json
@@ -240,7 +243,8 @@ def sample_command(preset, teacher, resolution, frames, teacher_steps, device, p
         dev = resolve_device(device)
         cfg = build_config({"preset": preset, "teacher": teacher, "resolution": resolution, "frames": frames,
                             "device": dev.type, "dtype": "fp16" if dev.type == "cuda" else "fp32"})
-        result = run_sample_bench(cfg, dev, teacher_steps, paths=parse_sample_paths(paths), echo=click.echo)
+        result = run_sample_bench(cfg, dev, teacher_steps, paths=parse_sample_paths(paths), echo=click.echo,
+                                  tiny_decoder=tiny_decoder)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_sample_table(result))

@@ -129,8 +129,24 @@ def _release_gpu_memory(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
+def tiny_decode(cfg, models, device: torch.device, folder: Path | None = None) -> Callable:
+    """The tiny temporal decoder as a `decode(latents)`: `prodistill train-decoder`'s from `folder`, or (timing
+    only) a random-init one of the default widths for the config's frames."""
+    from prodistill.models.tiny_decoder import TinyTemporalDecoder
+
+    if folder is not None:
+        net = TinyTemporalDecoder.load(folder, device)
+        if net.frames != cfg.frames:
+            raise ValueError(f"--tiny-decoder {folder} was trained for {net.frames} frames; run the bench with "
+                             f"--frames {net.frames}")
+    else:
+        net = TinyTemporalDecoder(frames=cfg.frames, latent_channels=models.latent_channels).to(device).eval()
+    net = net.to(models.dtype)
+    return lambda latents: net(latents.to(models.dtype)).float().clamp(-1, 1)
+
+
 def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: set[str] | frozenset = frozenset(PATHS),
-                     echo: Callable[[str], None] = print) -> dict:
+                     echo: Callable[[str], None] = print, tiny_decoder: Path | None = None) -> dict:
     from export.onnx_export import ExportError, import_onnx
     from export.run import build_engines, export_graphs
     from export.runtime.pipeline import OneStepPipeline
@@ -146,6 +162,9 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: 
     rows, skipped = [], {}
     echo("torch eager...")
     rows += _torch_rows("torch eager", models, models.unet, models.decode, image, cfg, device, generations, teacher_steps)
+    decode_tiny = tiny_decode(cfg, models, device, tiny_decoder)
+    tiny_rows = [("student 1 step, tiny decoder", 1, "one")]
+    rows += _torch_rows("torch eager", models, models.unet, decode_tiny, image, cfg, device, tiny_rows, teacher_steps)
 
     if "compile" not in paths:
         skipped["torch.compile"] = "not in --paths"
@@ -155,7 +174,10 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: 
         decode = torch.compile(models.decode, mode="reduce-overhead")
         rows += _torch_rows("torch.compile", models, unet, decode, image, cfg, device, generations[1:],
                             teacher_steps, warmups=2)  # CUDA graph trees record on the second call, replay after
-        del unet, decode
+        decode_tiny = torch.compile(decode_tiny, mode="reduce-overhead")
+        rows += _torch_rows("torch.compile", models, unet, decode_tiny, image, cfg, device, tiny_rows, teacher_steps,
+                            warmups=2)
+        del unet, decode, decode_tiny
     else:
         skipped["torch.compile"] = "GPU only (CUDA graphs)"
     _release_gpu_memory(device)
