@@ -3,7 +3,7 @@ run, on every inference path present: torch eager, torch.compile (GPU only), ONN
 
 Each generation is timed in three parts — encode (CLIP + VAE encoder of the conditioning frame), UNet (all
 network calls of the sampler) and decode (the temporal VAE decoder) — with the device synchronised around each
-part, after one untimed warm-up generation. Peak memory is the CUDA allocator's peak on GPU (torch paths), and
+part, after one untimed warm-up generation (two for torch.compile and the runtimes). Peak memory is the CUDA allocator's peak on GPU (torch paths), and
 the process's resident high-water mark on CPU (cumulative over the run, so it only grows row to row).
 
 Weights are random (the preset's architecture, or `--teacher`); a merged LoRA student has exactly the teacher
@@ -92,7 +92,8 @@ def _runtime_rows(path: str, pipeline, image, device) -> list[dict]:
     image_np = image.cpu().numpy().astype(np.float32)
     rows = []
     for name, nfe, tts in (("student 1 step", 1, False), ("student TTS", 2, True)):
-        for _ in range(2):  # warm-up, then the measured generation
+        for _ in range(3):  # two warm-ups (one left ONNX Runtime's 1-step UNet at 0.88 s on an H200, slower than its
+            # two TTS calls, 0.70 s: first-run work), then the measured generation
             timer, noise = _Timer(torch.device("cpu")), Noise.draw(pipeline.manifest, 0)
             cond = timer("encode", lambda: pipeline.encode(image_np, noise.augmentation))
             latents = timer("unet", lambda: pipeline.sample(cond, noise.latents, tts, noise.fresh))
