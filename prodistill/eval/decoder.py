@@ -35,7 +35,8 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
 def ssim(x: Tensor, y: Tensor, data_range: float = 2.0) -> float:
     """Mean SSIM of frames (N, C, H, W) (each channel on its own, valid windows only)."""
     x, y = x.float().flatten(0, 1)[:, None], y.float().flatten(0, 1)[:, None]
-    w = _gaussian_window().to(x)
+    size = min(11, *x.shape[-2:])
+    w = _gaussian_window(size - (size + 1) % 2).to(x)  # an odd window no larger than the frames
     mx, my = F.conv2d(x, w), F.conv2d(y, w)
     vx, vy = F.conv2d(x * x, w) - mx**2, F.conv2d(y * y, w) - my**2
     cov = F.conv2d(x * y, w) - mx * my
