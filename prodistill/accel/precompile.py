@@ -465,8 +465,8 @@ class Precompiler:
             log.info("compiling region variants ahead of time in %d background processes (files in %s); the "
                      "steps run eagerly until they are ready", self.workers, self.folder)
         self._batch["size"] += 1
-        torch.save(job, f"{path}.job")
-        self.futures[path] = self.pool.submit(_compile_in_worker, f"{path}.job")
+        torch.save(job, _job_file(path))
+        self.futures[path] = self.pool.submit(_compile_in_worker, _job_file(path))
 
     def _collect(self) -> None:
         """Take in the finished background compilations; when none is left, log the batch and free the pool."""
@@ -475,7 +475,7 @@ class Precompiler:
             if not future.done():
                 continue
             del self.futures[path]
-            Path(f"{path}.job").unlink(missing_ok=True)
+            Path(_job_file(path)).unlink(missing_ok=True)
             finished.append(path)
             if future.exception() is not None:
                 e = future.exception()
@@ -513,7 +513,7 @@ class Precompiler:
             for process in processes:
                 process.terminate()
             for path in self.futures:
-                Path(f"{path}.job").unlink(missing_ok=True)
+                Path(_job_file(path)).unlink(missing_ok=True)
             self.futures = {}
 
     def __del__(self):
@@ -521,6 +521,11 @@ class Precompiler:
             self.close()
         except Exception:
             pass
+
+
+def _job_file(path: str) -> str:
+    """Where a variant's job waits for its worker: per process, as ranks of one run share the compile cache."""
+    return f"{path}.{os.getpid()}.job"
 
 
 def _close_at_exit(compiler: Precompiler) -> None:
