@@ -135,3 +135,22 @@ def test_bench_is_deterministic_and_plot_skips_without_matplotlib(tmp_path, monk
     assert {c["row"] for c in subset["claims"]} == {"mcm/1", "mcm/2", "mcm/4"}
     refused = CliRunner().invoke(bench, ["quality", "--students", "lcm,dmd"])
     assert refused.exit_code != 0 and "unknown student(s) dmd" in refused.output
+
+
+def test_set_overrides_reach_every_students_config(tmp_path):
+    """`bench quality --set KEY=VALUE` (and --cm-scale) reach the students' training config, typed as YAML; unknown
+    keys and the options the benchmark fixes itself are one sentence."""
+    from dataclasses import replace
+
+    from prodistill.bench.analytic import MixtureSpec
+    from prodistill.bench.quality import QUICK, _config, parse_overrides
+
+    pairs = parse_overrides(("huber_c=0.01", "ema-decay=0.99"))
+    assert pairs == (("huber_c", 0.01), ("ema_decay", 0.99))
+    settings = replace(QUICK, overrides=pairs, cm_scale=10.0)
+    cfg = _config(settings, MixtureSpec(), 0, tmp_path, "lcm", 1, 10)
+    assert (cfg.huber_c, cfg.ema_decay, cfg.cm_scale) == (0.01, 0.99, 10.0)
+    for bad, message in (("nokey=1", "training option"), ("seed=3", "sets seed itself"),
+                         ("cm_scale=4", "use --cm-scale")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides((bad,))

@@ -38,21 +38,25 @@ def bench() -> None:
               help="Timestep scaling of the consistency coefficients of every consistency student (train's --cm-scale).")
 @click.option("--cm-sigma-data", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="σ_data of the consistency coefficients (train's --cm-sigma-data).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any other training option of every student, as in a config file (repeatable): e.g. "
+                   "--set huber_c=0.01 --set ema_decay=0.99.")
 def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: int, threads: int,
-                    students: str | None, cm_scale: float, cm_sigma_data: float) -> None:
+                    students: str | None, cm_scale: float, cm_sigma_data: float, overrides: tuple[str, ...]) -> None:
     """Distil LCM, OSV and MCM students on a Gaussian-mixture video distribution with an exact teacher and
     report each sampler's distance to the true distribution (table, JSON, PNG)."""
-    from prodistill.bench.quality import (format_table, run_quality_bench, save_plot, select_students,
-                                          settings_for, write_json)
+    from prodistill.bench.quality import (format_table, parse_overrides, run_quality_bench, save_plot,
+                                          select_students, settings_for, write_json)
 
     keys = tuple(k.strip() for k in students.split(",") if k.strip()) if students else None
     try:
         select_students(keys)
+        pairs = parse_overrides(overrides)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     from dataclasses import replace
 
-    settings = replace(settings_for(quick), cm_scale=cm_scale, cm_sigma_data=cm_sigma_data)
+    settings = replace(settings_for(quick), cm_scale=cm_scale, cm_sigma_data=cm_sigma_data, overrides=pairs)
     result = run_quality_bench(settings, seed=seed, threads=threads, echo=click.echo, students=keys)
     click.echo(format_table(result))
     click.echo(f"results: {write_json(result, Path(json_path))}")

@@ -77,6 +77,8 @@ class BenchSettings:
     """Timestep scaling of the consistency coefficients (`--cm-scale`) of every consistency student."""
     cm_sigma_data: float = 1.0
     """σ_data of the consistency coefficients (`--cm-sigma-data`)."""
+    overrides: tuple[tuple[str, object], ...] = ()
+    """Other training options of every student (`--set KEY=VALUE`, e.g. huber_c=0.01, ema_decay=0.99)."""
 
 
 QUICK = BenchSettings("quick", batch_size=16, stage1_steps=40, stage2_steps=150, eval_samples=1000)
@@ -195,7 +197,7 @@ def _config(settings: BenchSettings, spec: MixtureSpec, seed: int, out: Path, me
         solver_steps=solver_steps, lr=settings.lr, disc_lr=settings.lr, warmup_steps=0,
         guidance_min=1.0, guidance_max=1.0, disc_head_channels=settings.disc_head_channels,
         log_every=50, ckpt_every=10**9, keep_ckpts=1, sample_every=0, student_steps=student_steps,
-        cm_scale=settings.cm_scale, cm_sigma_data=settings.cm_sigma_data,
+        cm_scale=settings.cm_scale, cm_sigma_data=settings.cm_sigma_data, **dict(settings.overrides),
     ))
 
 
@@ -415,6 +417,33 @@ def write_json(result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+FIXED = ("method", "preset", "device", "dtype", "seed", "out", "frames", "batch_size", "stage1_steps", "stage2_steps",
+         "solver_steps", "student_steps", "cm_scale", "cm_sigma_data")
+"""Options the benchmark sets itself (or has its own flag for): not open to `--set`."""
+
+
+def parse_overrides(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    """`("huber_c=0.01", "ema_decay=0.99")` → ((key, typed value), ...), values read as YAML; unknown or fixed keys
+    are one sentence."""
+    import yaml
+
+    from prodistill.config import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise ValueError(f"--set {item}: give KEY=VALUE with KEY a training option (see `prodistill train --help`, "
+                             "dashes or underscores)")
+        if key in FIXED:
+            raise ValueError(f"--set {item}: the benchmark sets {key} itself" +
+                             (f"; use --{key.replace('_', '-')}" if key.startswith("cm_") else ""))
+        pairs.append((key, yaml.safe_load(value)))
+    return tuple(pairs)
 
 
 def settings_for(quick: bool) -> BenchSettings:
