@@ -118,3 +118,21 @@ def test_eval_decoder_end_to_end(tmp_path, one_thread):
     assert "PSNR" in result.output and "decode 4x32x32" in result.output
     bad = CliRunner().invoke(main, ["eval-decoder", "--decoder", str(tmp_path), "--data", str(ensure_builtin_clips())])
     assert bad.exit_code != 0 and "no tiny decoder there" in bad.output and "Traceback" not in bad.output
+
+
+def test_train_decoder_from_the_latent_cache_matches_training_from_videos(tmp_path, one_thread):
+    """The latent cache works as input: the same seed gives the same losses from the cache as from the videos
+    (the encoders ran in other batch compositions: equal up to float rounding)."""
+    from prodistill.training.logger import read_metrics
+
+    common = ["--resolution", "32x32", "--frames", "4", "--device", "cpu"]
+    cache = tmp_path / "cache"
+    assert CliRunner().invoke(main, ["data", "cache", "--out", str(cache), *common]).exit_code == 0
+    losses = {}
+    for name, extra in (("videos", []), ("cached", ["--data", str(cache)])):
+        result = CliRunner().invoke(main, ["train-decoder", "--out", str(tmp_path / name), *TINY, "--max-steps", "3",
+                                           *extra])
+        assert result.exit_code == 0, result.output
+        losses[name] = [r["loss/g_total"] for r in read_metrics(tmp_path / name)]
+    assert len(losses["videos"]) == 3
+    assert losses["cached"] == pytest.approx(losses["videos"], rel=1e-5)
