@@ -421,10 +421,8 @@ class Precompiler:
         """Compile every queued variant now (one worker), or wait for the background pool to finish (several),
         and forget the eager placeholders, so that the next call of each loads its file."""
         if self.futures:
-            paths = list(self.futures)
-            log.info("waiting for %d region variants still compiling in the background...", len(paths))
-            done = iter(_progress(self._as_done(), len(paths)))
-            for _ in done:
+            log.info("waiting for %d region variants still compiling in the background...", len(self.futures))
+            for _ in _progress(self._as_done(), len(self.futures)):
                 pass
             self._collect()
         if not self.queue:
@@ -539,8 +537,10 @@ def _close_at_exit(compiler: Precompiler) -> None:
             c.close()
 
     register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        return
     try:
-        register(close) if register else None
+        register(close)
     except RuntimeError:  # already exiting
         pass
 

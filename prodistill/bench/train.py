@@ -171,7 +171,8 @@ def count_tflop(step) -> float:
 
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
     step, plans, networks = _make_step(name, cfg, models, device)
-    before = precompile_stats(networks)  # the compiler is shared by the configurations of one run
+    compiler = precompiler(networks)
+    before = dict(compiler.stats) if compiler is not None else {}  # shared by the configurations of one run
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -179,7 +180,6 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
     step()
     _sync(device)
     first = time.perf_counter() - t0
-    compiler = precompiler(networks)
     eager_steps = 0
     while compiler is not None and compiler.pending():  # compiling in the background: the steps run eagerly
         step()
@@ -197,7 +197,7 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         times.append(time.perf_counter() - t0)
     row = {"config": name, "sec_per_it": statistics.median(times), "sec_min": min(times), "sec_max": max(times),
            "first_iter_s": first, "warmup_s": startup, "eager_steps_while_compiling": eager_steps}
-    aot = {k: v - before.get(k, 0) for k, v in precompile_stats(networks).items()}
+    aot = {k: v - before[k] for k, v in compiler.stats.items()} if compiler is not None else {}
     if aot:
         row["aot"] = aot
     if device.type == "cuda":

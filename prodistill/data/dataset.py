@@ -29,9 +29,10 @@ class DataError(ValueError):
     """The data argument cannot be used as given."""
 
 
-def list_videos(data: str | Path | None, video_root: str | Path | None = None) -> list[VideoEntry]:
+def list_videos(data: str | Path | None, video_root: str | Path | None = None, flag: str = "--data") -> list[VideoEntry]:
     """The videos to train on: the built-in clips (None), every video file under a folder, or the rows of
-    a manifest (.csv / .jsonl). Manifest rows whose file is missing are warned about and left out."""
+    a manifest (.csv / .jsonl). Manifest rows whose file is missing are warned about and left out. `flag` names
+    the option in errors (e.g. --val-data)."""
     if data is None:
         from prodistill.data.builtin import ensure_builtin_clips
 
@@ -44,12 +45,12 @@ def list_videos(data: str | Path | None, video_root: str | Path | None = None) -
                           f"files and are left out, e.g. {missing[0]}", stacklevel=2)
         return entries
     if not path.is_dir():
-        raise DataError(f"--data {data}: not a folder or a manifest; pass a folder of video files "
+        raise DataError(f"{flag} {data}: not a folder or a manifest; pass a folder of video files "
                         f"({', '.join(VIDEO_SUFFIXES)}) or a .csv/.jsonl manifest")
     files = sorted(p for p in path.rglob("*")
                    if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file() and not p.name.startswith("."))  # ._x.mp4, temp files
     if not files:
-        raise DataError(f"--data {data}: the folder holds no video files ({', '.join(VIDEO_SUFFIXES)})")
+        raise DataError(f"{flag} {data}: the folder holds no video files ({', '.join(VIDEO_SUFFIXES)})")
     return [VideoEntry(p) for p in files]
 
 

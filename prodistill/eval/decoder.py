@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -109,8 +109,7 @@ def evaluate_decoder(opts: DecoderEvalOptions, echo=print) -> dict:
     folder, run = _folders(opts.decoder)
     videos = list_videos(opts.data)
     cfg = build_config({"device": opts.device}, run / "config.yaml")
-    time_size = opts.time_resolution or cfg.resolution
-    build_config({"resolution": time_size, "preset": cfg.preset})  # checks WxH before any model is built
+    tw, th = replace(cfg, resolution=opts.time_resolution or cfg.resolution).size()  # checked before any model
     device = resolve_device(cfg.device)
     models = build_models(cfg, device)
     tiny = TinyTemporalDecoder.load(folder, device)
@@ -131,7 +130,6 @@ def evaluate_decoder(opts: DecoderEvalOptions, echo=print) -> dict:
         sums["psnr_full_vs_real"] += psnr(full[0], real)
         sums["psnr_tiny_vs_real"] += psnr(small[0], real)
     quality = {k: v / n for k, v in sums.items()}
-    tw, th = (int(v) for v in time_size.lower().split("x"))
     latents = torch.randn(models.latent_shape(1, cfg.frames, tw, th), generator=generator, device=device)
     echo(f"timing both decoders at {cfg.frames}x{th}x{tw} on {device}...")
     full_s, full_gb = time_decoder(models.decode, latents, opts.repeats)

@@ -56,15 +56,21 @@ class VideoFeatures:
         return out.float().flatten(1).cpu().numpy().astype(np.float64)
 
 
+def check_i3d(path: str | Path, flag: str = "--i3d") -> Path:
+    """The I3D file `path`, which must exist (one sentence otherwise; `flag` names the option)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{flag} {path}: no such file; put the I3D TorchScript file of FVD (i3d_torchscript.pt, "
+                         f"as used by StyleGAN-V) there, or leave {flag} out to run with a random-init stand-in")
+    return file
+
+
 def load_video_features(path: str | Path | None, device: torch.device) -> VideoFeatures:
     """I3D from a local TorchScript file, or the random-init stand-in when `path` is None."""
     if path is None:
         net = TinyVideoNet().to(device).eval()
         return VideoFeatures(net, TinyVideoNet.size, "tiny random-init stand-in (not I3D)", False, device)
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ValueError(f"--i3d {path}: no such file; put the I3D TorchScript file of FVD (i3d_torchscript.pt, "
-                         "as used by StyleGAN-V) there, or leave --i3d out to run with a random-init stand-in")
+    file = check_i3d(path)
     try:
         net = torch.jit.load(str(file), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
@@ -85,15 +91,21 @@ class ClipEmbeddings:
         return F.normalize(torch.cat(out).flatten(1), dim=-1)
 
 
-def load_clip(path: str | Path | None, models) -> ClipEmbeddings:
-    """The teacher's image encoder (`path` None) or a local transformers CLIP vision folder."""
-    if path is None:
-        return ClipEmbeddings(lambda x: models.encode_image_embeds(x.to(models.device)), "the teacher's image encoder")
+def check_clip_folder(path: str | Path) -> Path:
+    """The CLIP folder `path`, which must hold a transformers config (one sentence otherwise)."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ValueError(f"--clip {path}: not a transformers model folder (no config.json); pass a "
                          "CLIPVisionModelWithProjection folder saved with save_pretrained, or leave --clip out to "
                          "use the teacher's image encoder")
+    return folder
+
+
+def load_clip(path: str | Path | None, models) -> ClipEmbeddings:
+    """The teacher's image encoder (`path` None) or a local transformers CLIP vision folder."""
+    if path is None:
+        return ClipEmbeddings(lambda x: models.encode_image_embeds(x.to(models.device)), "the teacher's image encoder")
+    folder = check_clip_folder(path)
     from transformers import CLIPVisionModelWithProjection
 
     model = CLIPVisionModelWithProjection.from_pretrained(folder).to(models.device).eval()

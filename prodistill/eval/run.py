@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prodistill.eval.features import clip_scores, load_clip, load_video_features
+from prodistill.eval.features import check_clip_folder, check_i3d, clip_scores, load_clip, load_video_features
 from prodistill.eval.frechet import GaussianStats, frechet_distance
 
 
@@ -49,20 +49,21 @@ def check_inputs(opts: EvalOptions) -> list:
     if opts.num_videos < 2:
         raise ValueError(f"--num-videos {opts.num_videos}: FVD compares feature distributions, it needs at least 2 "
                          "videos (published figures use hundreds or more)")
-    if opts.i3d is not None and not Path(opts.i3d).expanduser().is_file():
-        load_video_features(opts.i3d, torch.device("cpu"))  # raises its one-sentence error
-    if opts.clip is not None and not (Path(opts.clip).expanduser() / "config.json").is_file():
-        load_clip(opts.clip, None)
+    if opts.i3d is not None:
+        check_i3d(opts.i3d)
+    if opts.clip is not None:
+        check_clip_folder(opts.clip)
     videos = list_videos(opts.data, opts.video_root)
     if len(videos) < 2:
         raise ValueError(f"--data {opts.data} holds {len(videos)} video; FVD needs at least 2")
     return videos
 
 
-def _real_meta(opts: EvalOptions, cfg, extractor: str, n: int) -> dict:
+def real_set_meta(cfg, extractor: str, data: str, n: int, seed: int) -> dict:
+    """What a real set's feature statistics depend on (kept with them, compared before they are reused)."""
     w, h = cfg.size()
     return {"extractor": extractor, "frames": cfg.frames, "fps": cfg.fps, "resolution": f"{w}x{h}",
-            "data": str(opts.data), "num_videos": n, "seed": opts.seed}
+            "data": str(data), "num_videos": n, "seed": seed}
 
 
 def _load_real_stats(path: str | None, meta: dict) -> GaussianStats | None:
@@ -97,7 +98,7 @@ def evaluate(opts: EvalOptions, echo=print) -> dict:
     n = min(opts.num_videos, len(videos))
     width, height = cfg.size()
     dataset = VideoClipDataset(videos, cfg.frames, cfg.fps, (width, height), seed=opts.seed)
-    meta = _real_meta(opts, cfg, video_net.name, n)
+    meta = real_set_meta(cfg, video_net.name, opts.data, n, opts.seed)
     real_stats = _load_real_stats(opts.real_stats, meta)
     names = ["student"] + (["teacher"] if opts.teacher_steps > 0 else [])
     feats = {k: [] for k in ["real", *names]}

@@ -20,6 +20,7 @@ import torch
 
 from prodistill.eval.features import clip_scores, load_clip, load_video_features
 from prodistill.eval.frechet import GaussianStats, frechet_distance
+from prodistill.eval.run import real_set_meta
 
 log = logging.getLogger("prodistill")
 
@@ -35,9 +36,7 @@ class Validator:
         self.dataset = VideoClipDataset(videos[: cfg.val_videos], cfg.frames, cfg.fps, (width, height), seed=cfg.seed)
         self.video_net = load_video_features(cfg.val_i3d, models.device)
         self.clip = load_clip(None, models)
-        self.meta = {"extractor": self.video_net.name, "frames": cfg.frames, "fps": cfg.fps,
-                     "resolution": f"{width}x{height}", "data": str(cfg.val_data), "num_videos": len(self.dataset),
-                     "seed": cfg.seed}
+        self.meta = real_set_meta(cfg, self.video_net.name, cfg.val_data, len(self.dataset), cfg.seed)
         self.real: GaussianStats | None = None
 
     def _clips(self):
@@ -45,15 +44,12 @@ class Validator:
             j, real, _ = self.dataset.first_good(i, self.dataset.load)
             yield i, real, self.dataset.cond_noise(j)
 
-    def _real_stats(self) -> GaussianStats:
+    def _cached_real_stats(self) -> GaussianStats | None:
+        """The real clips' statistics of an earlier validation of this run (this process, or its file)."""
         path = self.folder / "real-stats.npz"
         if self.real is None and path.is_file():
             stats = GaussianStats.load(path)
             self.real = stats if stats.meta == self.meta else None
-        if self.real is None:
-            feats = [self.video_net(real[None])[0] for _, real, _ in self._clips()]
-            self.real = GaussianStats.of(np.stack(feats), self.meta)
-            self.real.save(path)
         return self.real
 
     @torch.no_grad()
@@ -61,7 +57,8 @@ class Validator:
         """The validation metrics of `method`'s current student; score=False (ranks other than 0) generates the
         videos only, as every rank must with FSDP."""
         dev = self.models.device
-        feats, scores = [], []
+        feats, scores, real_feats = [], [], []
+        real_stats = self._cached_real_stats() if score else None
         for i, real, noise in self._clips():
             generator = torch.Generator(dev).manual_seed(self.cfg.seed * 1_000_003 + i)
             batch = {"pixels": real[None].to(dev), "cond_noise": noise[None].to(dev)}
@@ -70,10 +67,15 @@ class Validator:
                 continue
             feats.append(self.video_net(video[None])[0])
             scores.append(clip_scores(video, real[0], self.clip))
+            if real_stats is None:  # the first validation: the real clips' features from the clips read here
+                real_feats.append(self.video_net(real[None])[0])
         if not score:
             return {}
+        if real_stats is None:
+            real_stats = self.real = GaussianStats.of(np.stack(real_feats), self.meta)
+            self.real.save(self.folder / "real-stats.npz")
         s = np.array(scores)
-        return {"val/fvd": frechet_distance(self._real_stats(), GaussianStats.of(np.stack(feats))),
+        return {"val/fvd": frechet_distance(real_stats, GaussianStats.of(np.stack(feats))),
                 "val/clip_image_similarity": float(s[:, 0].mean()), "val/temporal_consistency": float(s[:, 1].mean())}
 
     def mark_if_best(self, metrics: dict[str, float], stage: int, step: int, checkpoint: Path | None) -> bool:

@@ -174,13 +174,13 @@ def _validation_videos(cfg) -> list:
     from prodistill.data.dataset import list_videos
 
     try:
-        videos = list_videos(cfg.val_data)
+        videos = list_videos(cfg.val_data, flag="--val-data")
         if cfg.val_i3d is not None:
-            from prodistill.eval.features import load_video_features
+            from prodistill.eval.features import check_i3d
 
-            load_video_features(cfg.val_i3d, torch.device("cpu"))
+            check_i3d(cfg.val_i3d, flag="--val-i3d")
     except ValueError as e:
-        raise RunError(str(e).replace("--data", "--val-data").replace("--i3d", "--val-i3d")) from None
+        raise RunError(str(e)) from None
     if len(videos) < 2:
         raise RunError(f"--val-data {cfg.val_data} holds {len(videos)} video; validation FVD needs at least 2")
     return videos
