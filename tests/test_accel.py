@@ -135,8 +135,10 @@ def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
     assert Speedups.from_config(tiny_config(tmp_path, compile="on"), cuda).compile == "all"
     forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
     assert forced.compile == "all" and forced.cache_dir == tmp_path / "c"
-    assert Speedups.from_config(auto, cuda).describe() == ("compile (all networks, inductor), CUDA graph teacher "
-                                                           "solve, split CFG")
+    assert Speedups.from_config(auto, cuda).describe() == ("compile (all networks, inductor), CUDA graphs: teacher "
+                                                           "solve + EMA target, split CFG")
+    assert on_gpu.graph_ema and not on_gpu.channels_last
+    assert Speedups.from_config(tiny_config(tmp_path, channels_last=True), cpu).channels_last
     off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
     assert off.compile == "off" and not off.cuda_graphs and off.describe() == "none (eager)"
     # --split-cfg auto: on exactly when every network is compiled (the teacher then shares the EMA's variants)
@@ -276,3 +278,58 @@ def test_split_cfg_reaches_the_teacher_solve_and_keeps_the_losses(tmp_path):
     assert batches and set(batches) == {cfg.batch_size}
     for a, b in zip(_losses(tmp_path / "batched"), _losses(tmp_path / "split")):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_the_tensors_an_ema_target_graph_reads_keep_their_storage(tmp_path):
+    """A CUDA graph of the EMA target (`--cuda-graphs`) reads θ (the student's trainable parameters), θ⁻ and the
+    swap buffer at the addresses of its capture: the optimiser step, the EMA update, a checkpoint load and the
+    swap itself must all work in place, or the replays would read stale values."""
+    cfg = tiny_config(tmp_path, max_steps=2)
+    trainer, osv, models = make_trainer(cfg, tmp_path / "run", stage=2)
+
+    def addresses(method):
+        return ([p.data_ptr() for p in method.trainable.values()], [t.data_ptr() for t in method.ema.params.values()],
+                [t.data_ptr() for t in method.ema._saved or []])
+
+    x0, cond = models.prepare_batch(next(RandomClips(1, cfg.frames, 32)), cfg.fps, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        osv.ema_d(x0, torch.tensor([2.0]), cond)  # allocates the swap buffer, as the warm-up before a capture
+    before, values = addresses(osv), [t.clone() for t in osv.ema.params.values()]
+    trainer.fit()
+    assert addresses(osv) == before
+    assert any(not torch.equal(a, b) for a, b in zip(values, osv.ema.params.values()))  # θ⁻ did move
+    again, fresh, _ = make_trainer(cfg, tmp_path / "run2", stage=2, models=models)
+    with torch.no_grad():
+        fresh.ema_d(x0, torch.tensor([2.0]), cond)
+    before = addresses(fresh)
+    again.resume(latest_checkpoint(tmp_path / "run" / "stage2"))
+    assert addresses(fresh) == before
+
+
+def test_graphed_call_flattens_and_rebuilds_its_arguments():
+    from prodistill.accel.graphs import GraphedCall
+    from prodistill.models.svd import SVDCondition
+
+    cond = SVDCondition(*(torch.full((1,), float(i)) for i in range(len(SVDCondition.__dataclass_fields__))))
+    x, sigma = torch.zeros(2), torch.ones(1)
+    structure, tensors = GraphedCall._flatten((x, sigma, cond))
+    assert structure == (None, None, SVDCondition) and len(tensors) == 2 + len(cond.astuple())
+    assert tensors[2] is cond.astuple()[0]  # the caller's tensors, not copies
+    x2, sigma2, cond2 = GraphedCall._rebuild(structure, tensors)
+    assert x2 is x and sigma2 is sigma and all(a is b for a, b in zip(cond2.astuple(), cond.astuple()))
+
+
+def test_channels_last_weights_keep_the_losses_and_are_undone(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2)
+    plain, _, models = make_trainer(cfg, tmp_path / "plain", stage=2)
+    plain.fit()
+    nhwc, method, _ = make_trainer(cfg, tmp_path / "nhwc", stage=2, models=models)
+    accelerate(method, models, Speedups(channels_last=True))
+    conv = models.teacher.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert method.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc.fit()
+    for (_, a, b), (_, c, d) in zip(_losses(tmp_path / "nhwc"), _losses(tmp_path / "plain")):
+        assert a == pytest.approx(c, rel=1e-4) and b == pytest.approx(d, rel=1e-4)
+    accelerate(method, models, Speedups())  # another configuration on the same networks: contiguous again
+    assert conv.is_contiguous()

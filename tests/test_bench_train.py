@@ -28,6 +28,8 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     assert rows["eager"]["speedup_vs_plain"] == pytest.approx(rows["plain"]["sec_per_it"] / rows["eager"]["sec_per_it"])
     assert "mfu" not in rows["eager"]  # no peak for a CPU
     assert result["explain"]["dynamo"]["graph_breaks"] == 0 and "profile" in result["explain"]
+    for phase in ("teacher solve", "student forward", "EMA target", "discriminator forward"):  # profiler ranges
+        assert f"phase: {phase}" in result["explain"]["profile"]
     table = format_train_table(result)
     assert "compile" in table and "plain" in table and "no bf16 peak" in table
 
@@ -48,3 +50,44 @@ def test_derive_takes_the_flop_count_of_plain_when_eager_did_not_run():
     _derive(result)
     fast = result["rows"][1]
     assert fast["tflop_per_it"] == 200.0 and fast["mfu"] == pytest.approx(0.2) and fast["speedup_vs_plain"] == 2.0
+
+
+def test_phase_ranges_put_every_callable_back():
+    from types import SimpleNamespace
+
+    from prodistill.bench.profile import phase_ranges
+
+    disc = torch.nn.Linear(2, 2)
+    solve = lambda x: x + 1  # noqa: E731
+    method = SimpleNamespace(teacher_solve=solve, student_d=None, disc=disc)
+    with phase_ranges(method), torch.profiler.profile() as prof:
+        assert method.teacher_solve(torch.ones(1)).item() == 2 and method.teacher_solve is not solve
+        disc(torch.ones(2))
+    names = {e.name for e in prof.events()}
+    assert {"phase: teacher solve", "phase: discriminator forward"} <= names and "phase: student forward" not in names
+    assert method.teacher_solve is solve and "forward" not in vars(disc) and method.student_d is None
+
+
+def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
+    from types import SimpleNamespace
+
+    from prodistill.bench.profile import breakdown, family
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def kernel(name, start, end):
+        return SimpleNamespace(name=name, device_type=cuda, time_range=SimpleNamespace(
+            start=start, end=end, elapsed_us=lambda: end - start))
+
+    events = [kernel("sm90_xmma_gemm_bf16", 0, 400), kernel("triton_poi_fused_add_0", 300, 500),  # overlap 100
+              kernel("flash_fwd_kernel", 1000, 1600), kernel("Memcpy HtoD", 1600, 1700),
+              SimpleNamespace(name="phase: teacher solve", device_type=cpu, time_range=None),  # CPU side: ignored
+              SimpleNamespace(name="phase: teacher solve", device_type=cuda,
+                              time_range=SimpleNamespace(start=250, end=1650))]  # GPU side: starts 300-1600
+    b = breakdown(SimpleNamespace(events=lambda: events), wall_s=0.002)
+    assert b["gpu_busy_ms"] == pytest.approx(1.2) and b["gpu_busy_share"] == pytest.approx(0.6)  # 0-500, 1000-1700
+    assert b["kernel_ms"] == pytest.approx(1.3) and b["kernels"] == 4
+    assert b["phases_ms"] == pytest.approx({"teacher solve": 0.9, "rest": 0.4})  # triton 0.2 + flash 0.6 + memcpy 0.1
+    assert b["families_ms"] == pytest.approx({"GEMM": 0.4, "inductor fused": 0.2, "attention": 0.6,
+                                              "memcpy/memset": 0.1})
+    assert family("implicit_convolve_sgemm") == "convolution" and family("elementwise_kernel") == "other"

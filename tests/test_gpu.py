@@ -90,11 +90,12 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     processes, where no variant may fall back. Ahead of time, a one-step run first fills the cache (its steps
     run eagerly while the variants compile), so that the compared run is compiled from its first step."""
     from prodistill.accel import Speedups, accelerate
+    from prodistill.accel.graphs import GraphedCall
     from prodistill.bench.train import precompile_stats, precompiler
 
     torch._dynamo.reset()
     losses = {}
-    fast = Speedups(compile="all", cuda_graphs=True, split_cfg=True, cache_dir=tmp_path / "cache",
+    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, split_cfg=True, cache_dir=tmp_path / "cache",
                     compile_workers=workers)
     runs = (("eager", Speedups(), 3), *((("prime", fast, 1),) if workers else ()), ("fast", fast, 3))
     for name, speedups, steps in runs:
@@ -105,6 +106,7 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
         torch.manual_seed(2000)
         method = build_method(cfg, models, 2, gen)
         accelerate(method, models, speedups)
+        assert isinstance(method.ema_d, GraphedCall) == (speedups is fast)  # the EMA target's forward graphed too
         run_dir = tmp_path / name
         run_dir.mkdir()
         Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", steps, gen, MetricsLogger(run_dir)).fit()

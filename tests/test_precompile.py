@@ -176,6 +176,11 @@ def test_variant_identity(tmp_path):
     other = unet.down_blocks[1].resnets[0]
     key = precompile.call_key(block, args, {})
     assert precompile.structure(twin) == precompile.structure(block) != precompile.structure(other)
+    from prodistill.accel.layout import set_conv_layout
+
+    assert set_conv_layout([twin], True) == 2  # the spatial res-block's two Conv2d (the temporal one's are Conv3d)
+    assert precompile.structure(twin) != precompile.structure(block)  # channels-last weights compile to other code
+    assert set_conv_layout([twin], False) == 2 and precompile.structure(twin) == precompile.structure(block)
     with torch.no_grad():
         assert precompile.call_key(block, args, {}) != key
     with torch.autocast("cpu", dtype=torch.bfloat16):

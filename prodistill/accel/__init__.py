@@ -11,9 +11,11 @@ and its teacher solve. The order matters, and is:
    `ops/` Triton kernels (custom ops, so compiled regions keep them as single nodes). Off by default: measured
    on an H100 (README), the fused upsampler is 2.2-2.6× slower than eager torch and the fused pseudo-Huber
    within ±10 % of it.
-3. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
+3. Channels-last convolution weights (`--channels-last`, `prodistill.accel.layout`): before compile, so the
+   regions are traced on the layout they will run.
+4. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
    compiled regions contain the recomputation instead of storing activations.
-4. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
+5. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
    student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads — ahead of
    time in `--compile-workers` processes with the variants saved to disk (`prodistill.accel.precompile`), or
    just in time in this process (`--compile-workers 0`, or where this torch or backend cannot save them).
@@ -21,8 +23,9 @@ and its teacher solve. The order matters, and is:
    batch-B calls, so the compiled teacher reuses the batch-B graphs of the blocks it shares with the EMA target
    (same classes and shapes, no LoRA): measured on an H200 at 512², 55 variants instead of 79 to compile and
    load, and 0.884 s/it against 0.910 with one batch-2B call.
-5. CUDA graph of the frozen teacher's m-step solve (`--cuda-graphs`): last, because it records whatever the
-   steps above made of the teacher.
+6. CUDA graphs (`--cuda-graphs`) of the frozen teacher's m-step solve and, in a single process, of the EMA
+   target's forward (`prodistill.accel.graphs`): last, because they record whatever the steps above made of
+   the networks.
 
 `PRODISTILL_COMPILE_BACKEND` (default `inductor`) names the dynamo backend; tests use `aot_eager` or `eager`
 to check tracing and numerics on CPU in seconds.
@@ -53,6 +56,10 @@ class Speedups:
     """off, teacher (only the frozen teacher's regions: one forward-only variant, minutes less to compile) or
     all (every network's regions)."""
     cuda_graphs: bool = False
+    graph_ema: bool = False
+    """With cuda_graphs: the EMA target's forward is a CUDA graph too (single process only: DDP/FSDP forwards
+    communicate)."""
+    channels_last: bool = False
     fused_ops: bool = False
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
@@ -95,7 +102,9 @@ class Speedups:
             workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1
         if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             workers = 0  # FSDP's sharded parameters have no weightless copy to compile from: just in time
-        return cls(compile=mode, cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
+        graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
+        return cls(compile=mode, cuda_graphs=graphs, graph_ema=graphs and int(os.environ.get("WORLD_SIZE", "1")) == 1,
+                   channels_last=cfg.channels_last,
                    fused_ops=cfg.fused_ops, compile_workers=workers,
                    grad_checkpointing=cfg.grad_checkpointing,
                    split_cfg=cfg.split_cfg == "on" or (cfg.split_cfg == "auto" and mode == "all"),
@@ -107,7 +116,9 @@ class Speedups:
         scope = "teacher" if self.compile == "teacher" else "all networks"
         parts = [f"FP8 ({self.fp8_backend}) where measured faster" if self.fp8 else None,
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
-                 "CUDA graph teacher solve" if self.cuda_graphs else None,
+                 ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")) if self.cuda_graphs
+                 else None,
+                 "channels-last convs" if self.channels_last else None,
                  "fused ops" if self.fused_ops else None,
                  "grad checkpointing" if self.grad_checkpointing else None,
                  "split CFG" if self.split_cfg else None]
@@ -144,9 +155,6 @@ def accelerate(method, models, speedups: Speedups) -> list:
             fp8.restore(net)
         else:
             plans += fp8.convert(net, name, role, compiled, speedups.fp8_backend, table)
-        from prodistill.accel.precompile import forget_variants
-
-        forget_variants(net)  # layers were swapped: a region wrapped by an earlier call has a new structure
     if table is not None:
         if speedups.fp8_backend == "te" and speedups.compile != "off":
             log.warning("--fp8-backend te leaves the compiled networks (--compile %s) in bf16: te.Linear is a graph "
@@ -163,6 +171,13 @@ def accelerate(method, models, speedups: Speedups) -> list:
         for module in net.modules():
             if hasattr(module, "fused") and type(module).__name__ == "LatentUpsampler":
                 module.fused = speedups.fused_ops
+    from prodistill.accel.layout import set_conv_layout
+
+    from prodistill.accel.precompile import forget_variants
+
+    set_conv_layout(method_networks(method, models), speedups.channels_last)
+    for net in method_networks(method, models):
+        forget_variants(net)  # layers or layouts changed: a region wrapped by an earlier call has a new structure
     if speedups.grad_checkpointing:
         if not hasattr(student, "enable_gradient_checkpointing"):
             raise SpeedupError("--grad-checkpointing needs a diffusers UNet student")
@@ -188,8 +203,13 @@ def accelerate(method, models, speedups: Speedups) -> list:
     if speedups.cuda_graphs and hasattr(method, "teacher_solve"):
         from prodistill.accel.graphs import GraphedSolve
 
+        from prodistill.accel.graphs import GraphedCall
+
         background = compiler is not None and compiler.workers > 1
-        method.teacher_solve = GraphedSolve(method.teacher_solve, before_capture=compiler.flush if compiler else None,
-                                            ready=(lambda: not compiler.pending()) if background else None)
+        hooks = dict(before_capture=compiler.flush if compiler else None,
+                     ready=(lambda: not compiler.pending()) if background else None)
+        method.teacher_solve = GraphedSolve(method.teacher_solve, **hooks)
+        if speedups.graph_ema and getattr(method, "ema_d", None) is not None:
+            method.ema_d = GraphedCall(method.ema_d, name="EMA target", **hooks)
     return plans
 

@@ -136,7 +136,8 @@ def call_key(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 def structure(module: nn.Module) -> tuple:
     """What a compiled region's code depends on besides its inputs: the classes of its modules, their plain
-    attributes, and the metadata of every parameter and buffer (not their values)."""
+    attributes, and the metadata of every parameter and buffer (shape, strides — channels-last weights compile to
+    other code —, dtype; not their values)."""
     parts = []
     for name, sub in module.named_modules():
         attrs = tuple(sorted((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in vars(sub).items()
@@ -146,7 +147,7 @@ def structure(module: nn.Module) -> tuple:
         parts.append((name, type(sub).__module__, type(sub).__qualname__, attrs,
                       tuple(type(p).__qualname__ for p in (getattr(sub, "processor", None),) if p is not None)))
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        parts.append((name, tuple(t.shape), t.dtype, t.device.type, t.requires_grad))
+        parts.append((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device.type, t.requires_grad))
     return tuple(parts)
 
 

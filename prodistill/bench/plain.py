@@ -28,6 +28,9 @@ class PlainStep:
         self.stage = 1 if (cfg.method == "osv" and cfg.stages()[0] == 1) else 2
         self.m = 1 if cfg.method == "lcm" else cfg.solver_steps
         self.unet = models.teacher
+        from prodistill.accel.layout import set_conv_layout
+
+        set_conv_layout([self.unet], False)  # a plain script's NCHW weights, whatever an earlier configuration set
         self.student = models.make_student(cfg, self.stage)
         self.lora = trainable_parameters(self.student)
         self.ema = {k: p.detach().clone() for k, p in self.lora.items()}

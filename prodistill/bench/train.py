@@ -22,6 +22,7 @@ the harness works; the figures that count are on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -30,11 +31,14 @@ from pathlib import Path
 
 import torch
 
+from prodistill.bench.profile import breakdown, format_breakdown, phase_ranges
+
 CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
-           "compile+graphs+fused", "compile+graphs+cfg2b")
+           "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc", "compile+graphs+solve-graph")
 """`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+cfg2b`: the
 teacher's CFG as one batch-2B call (`--split-cfg off`) where compiling every network otherwise splits it into
-two batch-B calls (`--split-cfg auto`)."""
+two batch-B calls (`--split-cfg auto`); `+nhwc`: channels-last conv weights (`--channels-last`); `+solve-graph`:
+only the teacher's solve graphed, the EMA target's forward eager."""
 FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
 """Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
@@ -104,7 +108,7 @@ def _sync(device: torch.device) -> None:
 
 def _make_step(name: str, cfg, models, device: torch.device):
     """(a callable running one iteration of configuration `name`, its networks built fresh, on its batch;
-    the FP8 plan of every Linear layer, empty without FP8; the networks it runs)."""
+    the FP8 plan of every Linear layer, empty without FP8; the networks it runs; the method, None for plain)."""
     from prodistill.accel import Speedups, accelerate, method_networks
     from prodistill.bench.plain import PlainStep
     from prodistill.methods import build_method
@@ -118,13 +122,15 @@ def _make_step(name: str, cfg, models, device: torch.device):
     torch.manual_seed(cfg.seed)
     if name == "plain":
         step = PlainStep(cfg, models, generator)
-        return lambda: step(cached), [], []
+        return lambda: step(cached), [], [], None
     stage = cfg.stages()[0]
     method = build_method(cfg, models, stage, generator)
     base, fp8 = split_config(name)
     scope = "teacher" if "teacher" in base else "all" if base.startswith("compile") else "off"
-    speedups = replace(Speedups.from_config(cfg, device), compile=scope, cuda_graphs="graphs" in base,
-                       fused_ops="fused" in base,
+    defaults = Speedups.from_config(cfg, device)
+    speedups = replace(defaults, compile=scope, cuda_graphs="graphs" in base,
+                       graph_ema="graphs" in base and "solve-graph" not in base and defaults.graph_ema,
+                       channels_last=defaults.channels_last or "nhwc" in base, fused_ops="fused" in base,
                        split_cfg=scope == "all" and "cfg2b" not in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
@@ -133,7 +139,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
     # the method's own networks first: a fresh student is wrapped by this configuration's compiler, the shared
     # teacher by the first configuration's
     networks = [m for m in method_networks(method, models) if m is not models.teacher] + [models.teacher]
-    return lambda: trainer.train_step([batch]), plans, networks
+    return lambda: trainer.train_step([batch]), plans, networks, method
 
 
 def precompiler(networks):
@@ -170,7 +176,7 @@ def count_tflop(step) -> float:
 
 
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
-    step, plans, networks = _make_step(name, cfg, models, device)
+    step, plans, networks, _ = _make_step(name, cfg, models, device)
     compiler = precompiler(networks)
     before = dict(compiler.stats) if compiler is not None else {}  # shared by the configurations of one run
     if device.type == "cuda":
@@ -235,7 +241,8 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
         if on_row is not None:
             on_row(result)
     if explain:
-        result["explain"] = explain_step(cfg, models, device, configs[-1], echo)
+        best = min(result["rows"], key=lambda r: r["sec_per_it"])["config"]
+        result["explain"] = explain_step(cfg, models, device, best, echo)
         result["explain"]["fp8"] = {r["config"]: r["fp8_layers"] for r in result["rows"] if "fp8_layers" in r}
     return result
 
@@ -269,16 +276,27 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
         echo("measuring SDPA backends ...")
         out["sdpa"] = measure(svd_attention_shapes(cfg.batch_size, cfg.frames, w, h), device)
     echo(f"profiling {best} ...")
-    step, _, _ = _make_step(best, cfg, models, device)
+    step, _, networks, method = _make_step(best, cfg, models, device)
+    compiler = precompiler(networks)
+    step()
+    while compiler is not None and compiler.pending():  # profile the compiled step, not the eager stand-in
+        step()
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
+    with phase_ranges(method) if method is not None else contextlib.nullcontext():
         _sync(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            wall = time.perf_counter() - t0
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    out["profile"] = prof.key_averages().table(sort_by=sort, row_limit=20)
+    out["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25)
+    if device.type == "cuda":
+        out["breakdown"] = breakdown(prof, wall)
+        echo(format_breakdown(out["breakdown"]))
     return out
 
 

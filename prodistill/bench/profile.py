@@ -1,0 +1,112 @@
+"""Where the time of one training step goes (`bench train --explain`): GPU time per phase of the step, per kernel
+family, and the share of the step's wall time the GPU is busy at all.
+
+The phases are profiler ranges put around the method's callables for the profiled step only (the methods know
+nothing of them): the teacher's m-step solve, the student's forward, the EMA target's forward and the
+discriminator's forwards; what is left (backward passes, optimiser, EMA update, losses) is `rest`. A GPU busy
+well under 100 % means the step waits on the CPU (Python, launches, a synchronisation); a phase's share says which
+network to make faster first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+PHASES = (("teacher solve", "teacher_solve"), ("student forward", "student_d"), ("EMA target", "ema_d"))
+"""(phase name, the method attribute called for it)."""
+PREFIX = "phase: "
+
+KERNEL_FAMILIES = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|efficient", re.I)),
+    ("convolution", re.compile(r"conv|implicit|winograd|wgrad|dgrad|nchw|nhwc|cudnn", re.I)),
+    ("GEMM", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|splitk", re.I)),
+    ("memcpy/memset", re.compile(r"memcpy|memset", re.I)),
+    ("inductor fused", re.compile(r"^triton_", re.I)),
+    ("other", re.compile(r"")),
+)
+"""Kernel families by name, first match wins (cuDNN's conv kernels can be GEMM-named, so convolution first)."""
+
+
+def _ranged(name: str, fn):
+    def call(*args, **kwargs):
+        with torch.profiler.record_function(PREFIX + name):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def phase_ranges(method):
+    """Inside the block the method's teacher solve, student, EMA target and discriminator run in named profiler
+    ranges; everything is put back on exit."""
+    patched: list[tuple[object, str, object, bool]] = []
+    targets = [(method, attr, name) for name, attr in PHASES if getattr(method, attr, None) is not None]
+    disc = getattr(method, "disc", None)
+    if isinstance(disc, torch.nn.Module):
+        targets.append((disc, "forward", "discriminator forward"))
+    try:
+        for obj, attr, name in targets:
+            had = attr in vars(obj)
+            old = getattr(obj, attr)
+            patched.append((obj, attr, vars(obj).get(attr), had))
+            setattr(obj, attr, _ranged(name, old))
+        yield
+    finally:
+        for obj, attr, old, had in reversed(patched):
+            if had:
+                setattr(obj, attr, old)
+            else:
+                delattr(obj, attr)
+
+
+def family(kernel_name: str) -> str:
+    return next(name for name, pattern in KERNEL_FAMILIES if pattern.search(kernel_name))
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def breakdown(prof, wall_s: float) -> dict:
+    """From a profiler run of one step that took `wall_s`: GPU milliseconds per phase (the kernels that start
+    inside the phase's GPU-side range; `rest` the others), per kernel family, the kernel count, and the GPU-busy
+    share of the wall time."""
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(PREFIX)]
+    busy_ms = _union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3
+    total_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    phases: dict[str, float] = {}
+    ranges = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith(PREFIX)]
+    for r in ranges:  # the GPU side of a phase's range spans its kernels, CUDA-graph replays included
+        name = r.name.removeprefix(PREFIX)
+        inside = sum(k.time_range.elapsed_us() for k in kernels
+                     if r.time_range.start <= k.time_range.start < r.time_range.end)
+        phases[name] = phases.get(name, 0.0) + inside / 1e3
+    phases["rest"] = max(0.0, total_ms - sum(phases.values()))
+    families: dict[str, float] = {}
+    for e in kernels:
+        f = family(e.name)
+        families[f] = families.get(f, 0.0) + e.time_range.elapsed_us() / 1e3
+    return {"wall_ms": wall_s * 1e3, "gpu_busy_ms": busy_ms, "gpu_busy_share": busy_ms / (wall_s * 1e3),
+            "kernel_ms": total_ms, "kernels": len(kernels),
+            "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
+            "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1]))}
+
+
+def format_breakdown(b: dict) -> str:
+    lines = [f"step wall {b['wall_ms']:.1f} ms, GPU busy {b['gpu_busy_ms']:.1f} ms ({100 * b['gpu_busy_share']:.0f} %), "
+             f"{b['kernels']} kernels, {b['kernel_ms']:.1f} ms of kernel time"]
+    for title, key in (("by phase", "phases_ms"), ("by kernel family", "families_ms")):
+        total = sum(b[key].values()) or 1.0
+        lines.append(f"  {title}: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f} %)" for k, v in b[key].items()))
+    return "\n".join(lines)
