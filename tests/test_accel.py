@@ -151,16 +151,23 @@ def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
         Speedups.from_config(tiny_config(tmp_path, cuda_graphs="on"), cpu)
 
 
-def test_grad_checkpointing_keeps_the_losses(tmp_path):
+def _beside_plain(tmp_path, speedups: Speedups, rel: float):
+    """Two 2-step OSV stage-2 runs on the same networks, without and with `speedups`, whose losses must agree
+    within `rel`; returns the second run's (method, models), accelerated before it trained."""
     cfg = tiny_config(tmp_path, max_steps=2)
     plain, _, models = make_trainer(cfg, tmp_path / "plain", stage=2)
     plain.fit()
-    ckpt, method, _ = make_trainer(cfg, tmp_path / "ckpt", stage=2, models=models)
-    accelerate(method, models, Speedups(grad_checkpointing=True))
+    fast, method, _ = make_trainer(cfg, tmp_path / "fast", stage=2, models=models)
+    accelerate(method, models, speedups)
+    fast.fit()
+    for (_, a, b), (_, c, d) in zip(_losses(tmp_path / "fast"), _losses(tmp_path / "plain")):
+        assert a == pytest.approx(c, rel=rel) and b == pytest.approx(d, rel=rel)
+    return method, models
+
+
+def test_grad_checkpointing_keeps_the_losses(tmp_path):
+    method, models = _beside_plain(tmp_path, Speedups(grad_checkpointing=True), rel=1e-5)
     assert method.student.is_gradient_checkpointing and not models.unet.is_gradient_checkpointing
-    ckpt.fit()
-    for (_, a, b), (_, c, d) in zip(_losses(tmp_path / "ckpt"), _losses(tmp_path / "plain")):
-        assert a == pytest.approx(c, rel=1e-5) and b == pytest.approx(d, rel=1e-5)
 
 
 def test_cli_train_with_compile_on_cpu(tmp_path, monkeypatch):
@@ -320,16 +327,9 @@ def test_graphed_call_flattens_and_rebuilds_its_arguments():
 
 
 def test_channels_last_weights_keep_the_losses_and_are_undone(tmp_path):
-    cfg = tiny_config(tmp_path, max_steps=2)
-    plain, _, models = make_trainer(cfg, tmp_path / "plain", stage=2)
-    plain.fit()
-    nhwc, method, _ = make_trainer(cfg, tmp_path / "nhwc", stage=2, models=models)
-    accelerate(method, models, Speedups(channels_last=True))
+    method, models = _beside_plain(tmp_path, Speedups(channels_last=True), rel=1e-4)
     conv = models.teacher.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert method.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    nhwc.fit()
-    for (_, a, b), (_, c, d) in zip(_losses(tmp_path / "nhwc"), _losses(tmp_path / "plain")):
-        assert a == pytest.approx(c, rel=1e-4) and b == pytest.approx(d, rel=1e-4)
     accelerate(method, models, Speedups())  # another configuration on the same networks: contiguous again
     assert conv.is_contiguous()
