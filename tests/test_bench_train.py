@@ -28,6 +28,7 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     assert rows["eager"]["speedup_vs_plain"] == pytest.approx(rows["plain"]["sec_per_it"] / rows["eager"]["sec_per_it"])
     assert "mfu" not in rows["eager"]  # no peak for a CPU
     assert result["explain"]["dynamo"]["graph_breaks"] == 0 and "profile" in result["explain"]
+    assert "aten::convolution" in result["explain"]["ops_by_shape"] and "Input Shapes" in result["explain"]["ops_by_shape"]
     for phase in ("teacher solve", "student forward", "EMA target", "discriminator forward"):  # profiler ranges
         assert f"phase: {phase}" in result["explain"]["profile"]
     table = format_train_table(result)

@@ -166,6 +166,7 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
         raise click.ClickException(str(e)) from e
     if explain:
         click.echo(result["explain"]["profile"])
+        click.echo(result["explain"].get("ops_by_shape", ""))
         for name, listing in result["explain"]["fp8"].items():
             click.echo(f"{name}:\n{listing}")
     click.echo(format_train_table(result))

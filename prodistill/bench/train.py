@@ -263,7 +263,8 @@ def _derive(result: dict) -> None:
 
 def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> dict:
     """Dynamo's graph and recompile counts of the run, the SDPA backend table at the step's attention shapes
-    (GPU), and a profiler table of the top kernels of configuration `best`."""
+    (GPU), and profiler tables of configuration `best`: its top kernels, its aten ops by input shape, and (GPU)
+    the step's time by phase and kernel family (`prodistill.bench.profile`)."""
     from torch._dynamo.utils import counters
 
     from prodistill.accel.attention import measure, svd_attention_shapes
@@ -287,13 +288,16 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with phase_ranges(method) if method is not None else contextlib.nullcontext():
         _sync(device)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
             step()
             _sync(device)
             wall = time.perf_counter() - t0
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     out["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25)
+    # aten ops by input shape: which convolution / matmul shapes the time goes to (ops inside a CUDA-graph replay
+    # are not listed; the student's forward and backward run the teacher's layer shapes at batch B)
+    out["ops_by_shape"] = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30)
     if device.type == "cuda":
         out["breakdown"] = breakdown(prof, wall)
         echo(format_breakdown(out["breakdown"]))
