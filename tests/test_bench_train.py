@@ -29,8 +29,14 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     assert "mfu" not in rows["eager"]  # no peak for a CPU
     assert result["explain"]["dynamo"]["graph_breaks"] == 0 and "profile" in result["explain"]
     assert "aten::convolution" in result["explain"]["ops_by_shape"] and "Input Shapes" in result["explain"]["ops_by_shape"]
-    for phase in ("teacher solve", "student forward", "EMA target", "discriminator forward"):  # profiler ranges
-        assert f"phase: {phase}" in result["explain"]["profile"]
+    flops = result["explain"]["phase_tflop"]  # by phase, on an eager step with the regions uncompiled
+    assert sum(flops.values()) == pytest.approx(rows["eager"]["tflop_per_it"], rel=1e-6)
+    # the teacher's 2m guided forwards against the student's one (LoRA adds a little to the student's)
+    assert 1.5 * cfg.solver_steps < flops["teacher solve"] / flops["student forward"] <= 2 * cfg.solver_steps
+    assert flops["EMA target"] == pytest.approx(flops["student forward"], rel=1e-6) and flops["rest"] > 0
+    cpu_ms = result["explain"]["phase_cpu_ms"]  # the profiled step's ranges, each phase met
+    assert set(cpu_ms) == {"teacher solve", "student forward", "EMA target", "discriminator forward"}
+    assert all(v > 0 for v in cpu_ms.values())
     table = format_train_table(result)
     assert "compile" in table and "plain" in table and "no bf16 peak" in table
 
@@ -72,7 +78,7 @@ def test_phase_ranges_put_every_callable_back():
 def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
     from types import SimpleNamespace
 
-    from prodistill.bench.profile import breakdown, family
+    from prodistill.bench.profile import add_phase_rates, breakdown, family, format_breakdown
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -92,3 +98,7 @@ def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
     assert b["families_ms"] == pytest.approx({"GEMM": 0.4, "inductor fused": 0.2, "attention": 0.6,
                                               "memcpy/memset": 0.1})
     assert family("implicit_convolve_sgemm") == "convolution" and family("elementwise_kernel") == "other"
+    add_phase_rates(b, {"teacher solve": 1.8e-3, "rest": 0.2e-3, "EMA target": 0.0}, peak_tflops=4.0)
+    assert b["phase_rates"]["teacher solve"] == pytest.approx({"tflop": 1.8e-3, "tflops": 2.0, "mfu": 0.5})
+    assert b["phase_rates"]["rest"]["tflops"] == pytest.approx(0.5) and "EMA target" not in b["phase_rates"]
+    assert "teacher solve 0.0 TFLOP at 2 TFLOP/s (50 % of peak)" in format_breakdown(b)

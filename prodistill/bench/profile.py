@@ -5,7 +5,8 @@ The phases are profiler ranges put around the method's callables for the profile
 nothing of them): the teacher's m-step solve, the student's forward, the EMA target's forward and the
 discriminator's forwards; what is left (backward passes, optimiser, EMA update, losses) is `rest`. A GPU busy
 well under 100 % means the step waits on the CPU (Python, launches, a synchronisation); a phase's share says which
-network to make faster first.
+network to make faster first. Given the phases' FLOPs (counted on an eager step of the same iteration), each phase's
+achieved TFLOP/s and its share of the device's bf16 peak follow (`add_phase_rates`).
 """
 
 from __future__ import annotations
@@ -30,18 +31,26 @@ KERNEL_FAMILIES = (
 """Kernel families by name, first match wins (cuDNN's conv kernels can be GEMM-named, so convolution first)."""
 
 
-def _ranged(name: str, fn):
+def _ranged(name: str, fn, flops: dict[str, float] | None):
     def call(*args, **kwargs):
         with torch.profiler.record_function(PREFIX + name):
-            return fn(*args, **kwargs)
+            if flops is None:
+                return fn(*args, **kwargs)
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                out = fn(*args, **kwargs)
+            flops[name] = flops.get(name, 0.0) + counter.get_total_flops() / 1e12
+            return out
 
     return call
 
 
 @contextlib.contextmanager
-def phase_ranges(method):
+def phase_ranges(method, flops: dict[str, float] | None = None):
     """Inside the block the method's teacher solve, student, EMA target and discriminator run in named profiler
-    ranges; everything is put back on exit."""
+    ranges, and, given `flops`, add the TFLOP they count (`FlopCounterMode`: eager code only — a CUDA-graph
+    replay or a compiled region hides its ops) to it by phase; everything is put back on exit."""
     patched: list[tuple[object, str, object, bool]] = []
     targets = [(method, attr, name) for name, attr in PHASES if getattr(method, attr, None) is not None]
     disc = getattr(method, "disc", None)
@@ -52,7 +61,7 @@ def phase_ranges(method):
             had = attr in vars(obj)
             old = getattr(obj, attr)
             patched.append((obj, attr, vars(obj).get(attr), had))
-            setattr(obj, attr, _ranged(name, old))
+            setattr(obj, attr, _ranged(name, old, flops))
         yield
     finally:
         for obj, attr, old, had in reversed(patched):
@@ -103,10 +112,40 @@ def breakdown(prof, wall_s: float) -> dict:
             "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1]))}
 
 
+def phase_cpu_ms(prof) -> dict[str, float]:
+    """CPU milliseconds spent inside each phase's range (Python, dispatch, launches): a phase whose CPU time
+    exceeds its GPU time keeps the GPU waiting unless a CUDA graph replays it."""
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(PREFIX):
+            name = e.name.removeprefix(PREFIX)
+            out[name] = out.get(name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return out
+
+
+def add_phase_rates(b: dict, phase_tflop: dict[str, float], peak_tflops: float | None) -> dict:
+    """Each phase's TFLOP (counted on an eager step, `phase_ranges(method, flops)`; `rest` = the step's total
+    minus the phases'), its achieved TFLOP/s over its GPU milliseconds, and that as a share of `peak_tflops`."""
+    rates = {}
+    for name, tflop in phase_tflop.items():
+        ms = b["phases_ms"].get(name)
+        if ms:
+            rates[name] = {"tflop": tflop, "tflops": tflop / (ms / 1e3),
+                           "mfu": tflop / (ms / 1e3) / peak_tflops if peak_tflops else None}
+    b["phase_rates"] = rates
+    return b
+
+
 def format_breakdown(b: dict) -> str:
     lines = [f"step wall {b['wall_ms']:.1f} ms, GPU busy {b['gpu_busy_ms']:.1f} ms ({100 * b['gpu_busy_share']:.0f} %), "
              f"{b['kernels']} kernels, {b['kernel_ms']:.1f} ms of kernel time"]
     for title, key in (("by phase", "phases_ms"), ("by kernel family", "families_ms")):
         total = sum(b[key].values()) or 1.0
         lines.append(f"  {title}: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f} %)" for k, v in b[key].items()))
+    if b.get("phase_cpu_ms"):
+        lines.append("  CPU time inside: " + ", ".join(f"{k} {v:.1f} ms" for k, v in b["phase_cpu_ms"].items()))
+    if b.get("phase_rates"):
+        lines.append("  achieved: " + ", ".join(
+            f"{k} {r['tflop']:.1f} TFLOP at {r['tflops']:.0f} TFLOP/s"
+            + (f" ({100 * r['mfu']:.0f} % of peak)" if r["mfu"] is not None else "") for k, r in b["phase_rates"].items()))
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from prodistill.bench.profile import breakdown, format_breakdown, phase_ranges
+from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdown, phase_cpu_ms, phase_ranges
 
 CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
            "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc", "compile+graphs+solve-graph")
@@ -298,10 +298,46 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
     # aten ops by input shape: which convolution / matmul shapes the time goes to (ops inside a CUDA-graph replay
     # are not listed; the student's forward and backward run the teacher's layer shapes at batch B)
     out["ops_by_shape"] = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30)
+    out["phase_cpu_ms"] = phase_cpu_ms(prof)
+    out["phase_tflop"] = phase_tflop(cfg, models, device)  # after the tables: the profiler's events are read lazily
     if device.type == "cuda":
-        out["breakdown"] = breakdown(prof, wall)
+        out["breakdown"] = add_phase_rates(breakdown(prof, wall), out["phase_tflop"], device_peak_tflops(device))
+        out["breakdown"]["phase_cpu_ms"] = out["phase_cpu_ms"]
         echo(format_breakdown(out["breakdown"]))
     return out
+
+
+@contextlib.contextmanager
+def _uncompiled(networks):
+    """Inside the block every module of `networks` runs its class's eager forward (compiled regions unwrapped)."""
+    saved = []
+    for net in networks:
+        for module in net.modules():
+            call = vars(module).get("forward")
+            if call is not None:
+                saved.append((module, call))
+                del module.forward
+    try:
+        yield
+    finally:
+        for module, call in saved:
+            module.forward = call
+
+
+def phase_tflop(cfg, models, device: torch.device) -> dict[str, float]:
+    """TFLOP of each phase of one eager iteration (`prodistill.bench.profile.phase_ranges`; `rest`: the backward
+    passes, optimisers and losses), counted with `FlopCounterMode` with every region uncompiled."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prodistill.accel import method_networks
+
+    step, _, _, method = _make_step("eager", cfg, models, device)
+    flops: dict[str, float] = {}
+    with _uncompiled(method_networks(method, models)), phase_ranges(method, flops), \
+            FlopCounterMode(display=False) as total:
+        step()
+    flops["rest"] = total.get_total_flops() / 1e12 - sum(flops.values())
+    return flops
 
 
 def format_train_table(r: dict) -> str:
