@@ -172,7 +172,6 @@ def accelerate(method, models, speedups: Speedups) -> list:
             if hasattr(module, "fused") and type(module).__name__ == "LatentUpsampler":
                 module.fused = speedups.fused_ops
     from prodistill.accel.layout import set_conv_layout
-
     from prodistill.accel.precompile import forget_variants
 
     set_conv_layout(method_networks(method, models), speedups.channels_last)
@@ -201,9 +200,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
     if hasattr(method, "teacher_solve") and hasattr(method.teacher_solve, "split_cfg"):
         method.teacher_solve.split_cfg = speedups.split_cfg
     if speedups.cuda_graphs and hasattr(method, "teacher_solve"):
-        from prodistill.accel.graphs import GraphedSolve
-
-        from prodistill.accel.graphs import GraphedCall
+        from prodistill.accel.graphs import GraphedCall, GraphedSolve
 
         background = compiler is not None and compiler.workers > 1
         hooks = dict(before_capture=compiler.flush if compiler else None,
