@@ -102,3 +102,16 @@ def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
     assert b["phase_rates"]["teacher solve"] == pytest.approx({"tflop": 1.8e-3, "tflops": 2.0, "mfu": 0.5})
     assert b["phase_rates"]["rest"]["tflops"] == pytest.approx(0.5) and "EMA target" not in b["phase_rates"]
     assert "teacher solve 0.0 TFLOP at 2 TFLOP/s (50 % of peak)" in format_breakdown(b)
+
+
+def test_explain_profiles_the_fastest_of_prodistills_configurations_not_the_yardstick(tmp_path, monkeypatch):
+    import prodistill.bench.train as bench
+
+    times = {"plain": 0.5, "eager": 2.0, "compile": 1.0}
+    monkeypatch.setattr(bench, "run_config", lambda name, *a, **k: {"config": name, "sec_per_it": times[name]})
+    monkeypatch.setattr(bench, "explain_step", lambda cfg, models, device, best, echo: {"best": best})
+    monkeypatch.setattr("prodistill.training.run.build_models", lambda cfg, device: None)
+    cfg = tiny_config(tmp_path)
+    result = bench.run_train_bench(cfg, torch.device("cpu"), ["plain", "eager", "compile"], 1, 1, explain=True,
+                                   echo=lambda *_: None)
+    assert result["explain"]["best"] == "compile"  # plain was faster, but it is not prodistill's step
