@@ -167,15 +167,16 @@ def accelerate(method, models, speedups: Speedups) -> list:
     import ops
 
     ops.set_default(True if speedups.fused_ops else None)  # the pseudo-Huber distance follows ops' switch
-    for net in method_networks(method, models):
+    networks = method_networks(method, models)
+    for net in networks:
         for module in net.modules():
             if hasattr(module, "fused") and type(module).__name__ == "LatentUpsampler":
                 module.fused = speedups.fused_ops
     from prodistill.accel.layout import set_conv_layout
     from prodistill.accel.precompile import forget_variants
 
-    set_conv_layout(method_networks(method, models), speedups.channels_last)
-    for net in method_networks(method, models):
+    set_conv_layout(networks, speedups.channels_last)
+    for net in networks:
         forget_variants(net)  # layers or layouts changed: a region wrapped by an earlier call has a new structure
     if speedups.grad_checkpointing:
         if not hasattr(student, "enable_gradient_checkpointing"):
@@ -187,7 +188,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
         from prodistill.accel.compile import compile_regions, use_cache_dir
 
         cache = use_cache_dir(speedups.cache_dir)
-        nets = [models.teacher] if speedups.compile == "teacher" else method_networks(method, models)
+        nets = [models.teacher] if speedups.compile == "teacher" else networks
         if speedups.compile_workers > 0 and precompile.supported(speedups.backend):
             compiler = precompile.Precompiler.shared(cache, speedups.backend, speedups.compile_workers)
             regions = compile_regions(nets, backend=speedups.backend, wrap=compiler.wrap)

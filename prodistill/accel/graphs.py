@@ -122,7 +122,3 @@ class GraphedSolve(GraphedCall):
     def __init__(self, solve: Solve, warmup: int = 2, before_capture: Callable[[], None] | None = None,
                  ready: Callable[[], bool] | None = None):
         super().__init__(solve, warmup, before_capture, ready, name="teacher solve")
-
-    @property
-    def solve(self) -> Solve:
-        return self.fn

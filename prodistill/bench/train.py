@@ -175,6 +175,16 @@ def count_tflop(step) -> float:
     return counter.get_total_flops() / 1e12
 
 
+def _until_compiled(step, compiler) -> int:
+    """Run `step` while the ahead-of-time `compiler` (None: none) still compiles in the background, the steps
+    running eagerly meanwhile; returns how many ran."""
+    steps = 0
+    while compiler is not None and compiler.pending():
+        step()
+        steps += 1
+    return steps
+
+
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
     step, plans, networks, _ = _make_step(name, cfg, models, device)
     compiler = precompiler(networks)
@@ -186,10 +196,7 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
     step()
     _sync(device)
     first = time.perf_counter() - t0
-    eager_steps = 0
-    while compiler is not None and compiler.pending():  # compiling in the background: the steps run eagerly
-        step()
-        eager_steps += 1
+    eager_steps = _until_compiled(step, compiler)
     for _ in range(warmup - 1):
         step()
     _sync(device)
@@ -282,8 +289,7 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
     step, _, networks, method = _make_step(best, cfg, models, device)
     compiler = precompiler(networks)
     step()
-    while compiler is not None and compiler.pending():  # profile the compiled step, not the eager stand-in
-        step()
+    _until_compiled(step, compiler)  # profile the compiled step, not the eager stand-in
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
