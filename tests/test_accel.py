@@ -136,11 +136,12 @@ def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
     forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
     assert forced.compile == "all" and forced.cache_dir == tmp_path / "c"
     assert Speedups.from_config(auto, cuda).describe() == ("compile (all networks, inductor), CUDA graphs: teacher "
-                                                           "solve + EMA target, split CFG")
+                                                           "solve + EMA target, exact rewrites, split CFG")
     assert on_gpu.graph_ema and not on_gpu.channels_last
     assert Speedups.from_config(tiny_config(tmp_path, channels_last=True), cpu).channels_last
     off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
-    assert off.compile == "off" and not off.cuda_graphs and off.describe() == "none (eager)"
+    assert off.compile == "off" and not off.cuda_graphs and off.describe() == "exact rewrites"
+    assert Speedups().describe() == "none (eager)"
     # --split-cfg auto: on exactly when every network is compiled (the teacher then shares the EMA's variants)
     assert on_gpu.split_cfg and not off.split_cfg and not Speedups.from_config(auto, cpu).split_cfg
     assert not Speedups.from_config(tiny_config(tmp_path, compile="teacher"), cuda).split_cfg
@@ -333,3 +334,62 @@ def test_channels_last_weights_keep_the_losses_and_are_undone(tmp_path):
     assert method.student.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     accelerate(method, models, Speedups())  # another configuration on the same networks: contiguous again
     assert conv.is_contiguous()
+
+
+def test_exact_rewrites_compute_the_unets_function_and_its_gradients_and_are_undone():
+    """Single-key attention and the temporal Conv3d as Conv2d: same output and same parameter gradients (fp32, on
+    non-zero weights), except the query/key projections of the one-key attention (and the norm feeding only them),
+    whose gradient is zero in the original and absent after; restoring brings the original classes back."""
+    from diffusers import UNetSpatioTemporalConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from prodistill.accel.rewrites import SingleKeyAttnProcessor, TemporalConv2d, apply_rewrites
+    from prodistill.models.presets import TINY
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(**TINY.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.05)  # the zero-initialised output layers would hide any difference
+    args = (torch.randn(2, 4, 8, 8, 8), torch.tensor([0.5, 1.0]), torch.randn(2, 1, 32), torch.randn(2, 3))
+
+    def run():
+        unet.zero_grad(set_to_none=True)
+        out = unet(*args, return_dict=False)[0]
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
+    # tiny preset: 4 transformer models × (spatial + temporal block) × (self + cross), 8 res-blocks × 2 convs
+    assert apply_rewrites([unet]) == {"attention": 16, "temporal_conv": 16}
+    conv = unet.down_blocks[0].resnets[0].temporal_res_block.conv1
+    assert type(conv) is TemporalConv2d and isinstance(unet.mid_block.attentions[0].transformer_blocks[0].attn2
+                                                        .processor, SingleKeyAttnProcessor)
+    got, grads = run()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    skipped = set(want_grads) - set(grads)
+    assert skipped and all(".attn2.to_q." in n or ".attn2.to_k." in n or ".norm2." in n for n in skipped)
+    assert max(want_grads[n].abs().max().item() for n in skipped) < 1e-6  # zero up to rounding in the original
+    scale = max(g.abs().max().item() for g in want_grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=0, atol=1e-5 * scale)
+    assert apply_rewrites([unet], on=False) == {"attention": 16, "temporal_conv": 16}
+    assert type(conv) is torch.nn.Conv3d
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_exact_rewrites_keep_the_step_losses_and_are_single_process(tmp_path, monkeypatch):
+    method, models = _beside_plain(tmp_path, Speedups(rewrites=True), rel=1e-5)
+    from prodistill.accel.rewrites import TemporalConv2d
+
+    assert any(type(m) is TemporalConv2d for m in method.student.modules())
+    assert any(type(m) is TemporalConv2d for m in models.teacher.modules())
+    accelerate(method, models, Speedups())  # another configuration on the same networks: undone
+    assert not any(type(m) is TemporalConv2d for m in models.teacher.modules())
+    cpu = torch.device("cpu")
+    assert Speedups.from_config(tiny_config(tmp_path), cpu).rewrites
+    assert not Speedups.from_config(tiny_config(tmp_path, exact_rewrites="off"), cpu).rewrites
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not Speedups.from_config(tiny_config(tmp_path), cpu).rewrites
+    with pytest.raises(SpeedupError, match="--exact-rewrites on needs a single process"):
+        Speedups.from_config(tiny_config(tmp_path, exact_rewrites="on"), cpu)

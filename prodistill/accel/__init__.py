@@ -11,11 +11,14 @@ and its teacher solve. The order matters, and is:
    `ops/` Triton kernels (custom ops, so compiled regions keep them as single nodes). Off by default: measured
    on an H100 (README), the fused upsampler is 2.2-2.6× slower than eager torch and the fused pseudo-Huber
    within ±10 % of it.
-3. Channels-last convolution weights (`--channels-last`, `prodistill.accel.layout`): before compile, so the
+3. Exact rewrites (`--exact-rewrites`, `prodistill.accel.rewrites`): SVD's one-token cross-attention as its
+   projected value and the temporal (3,1,1) Conv3d layers as 2-D convolutions — the same function in cheaper
+   kernels; before compile and graphs, which must trace and record the rewritten form.
+4. Channels-last convolution weights (`--channels-last`, `prodistill.accel.layout`): before compile, so the
    regions are traced on the layout they will run.
-4. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
+5. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the
    compiled regions contain the recomputation instead of storing activations.
-5. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
+6. Regional `torch.compile` (`--compile`) of teacher, student (and with it the EMA target, which is the
    student with θ⁻ swapped into its parameters), DINOv2 and the discriminator's upsampler and heads — ahead of
    time in `--compile-workers` processes with the variants saved to disk (`prodistill.accel.precompile`), or
    just in time in this process (`--compile-workers 0`, or where this torch or backend cannot save them).
@@ -23,7 +26,7 @@ and its teacher solve. The order matters, and is:
    batch-B calls, so the compiled teacher reuses the batch-B graphs of the blocks it shares with the EMA target
    (same classes and shapes, no LoRA): measured on an H200 at 512², 55 variants instead of 79 to compile and
    load, and 0.884 s/it against 0.910 with one batch-2B call.
-6. CUDA graphs (`--cuda-graphs`) of the frozen teacher's m-step solve and, in a single process, of the EMA
+7. CUDA graphs (`--cuda-graphs`) of the frozen teacher's m-step solve and, in a single process, of the EMA
    target's forward (`prodistill.accel.graphs`): last, because they record whatever the steps above made of
    the networks.
 
@@ -60,6 +63,8 @@ class Speedups:
     """With cuda_graphs: the EMA target's forward is a CUDA graph too (single process only: DDP/FSDP forwards
     communicate)."""
     channels_last: bool = False
+    rewrites: bool = False
+    """`prodistill.accel.rewrites` (single process only: see there)."""
     fused_ops: bool = False
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
@@ -96,6 +101,10 @@ class Speedups:
             from prodistill.accel.fp8 import check_available
 
             check_available(cfg.fp8_backend, device)
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if cfg.exact_rewrites == "on" and not single:
+            raise SpeedupError("--exact-rewrites on needs a single process (DDP would wait for the gradients of the "
+                               "query/key projections the rewrite skips); use --exact-rewrites auto or off")
         mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
         workers = cfg.compile_workers
         if workers < 0:
@@ -103,8 +112,8 @@ class Speedups:
         if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             workers = 0  # FSDP's sharded parameters have no weightless copy to compile from: just in time
         graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
-        return cls(compile=mode, cuda_graphs=graphs, graph_ema=graphs and int(os.environ.get("WORLD_SIZE", "1")) == 1,
-                   channels_last=cfg.channels_last,
+        return cls(compile=mode, cuda_graphs=graphs, graph_ema=graphs and single,
+                   channels_last=cfg.channels_last, rewrites=cfg.exact_rewrites != "off" and single,
                    fused_ops=cfg.fused_ops, compile_workers=workers,
                    grad_checkpointing=cfg.grad_checkpointing,
                    split_cfg=cfg.split_cfg == "on" or (cfg.split_cfg == "auto" and mode == "all"),
@@ -118,6 +127,7 @@ class Speedups:
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")) if self.cuda_graphs
                  else None,
+                 "exact rewrites" if self.rewrites else None,
                  "channels-last convs" if self.channels_last else None,
                  "fused ops" if self.fused_ops else None,
                  "grad checkpointing" if self.grad_checkpointing else None,
@@ -174,10 +184,12 @@ def accelerate(method, models, speedups: Speedups) -> list:
                 module.fused = speedups.fused_ops
     from prodistill.accel.layout import set_conv_layout
     from prodistill.accel.precompile import forget_variants
+    from prodistill.accel.rewrites import apply_rewrites
 
+    apply_rewrites(networks, speedups.rewrites)
     set_conv_layout(networks, speedups.channels_last)
     for net in networks:
-        forget_variants(net)  # layers or layouts changed: a region wrapped by an earlier call has a new structure
+        forget_variants(net)  # layers, rewrites or layouts changed: an earlier call's regions have a new structure
     if speedups.grad_checkpointing:
         if not hasattr(student, "enable_gradient_checkpointing"):
             raise SpeedupError("--grad-checkpointing needs a diffusers UNet student")

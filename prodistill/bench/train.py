@@ -14,7 +14,8 @@ Configurations (always run in this order, because compiling changes the shared t
   `--explain` lists every layer with the table row that decided (`prodistill.accel.fp8`).
 
 Per configuration: median s/it over `iters` timed iterations after `warmup` untimed ones (the first of which
-is reported as the warm-up/compile time), peak allocated and reserved GPU memory, TFLOP per iteration counted
+is reported as the warm-up/compile time), peak allocated and reserved GPU memory of the timed iterations (the
+warm-up's — eager steps while compiling, graph captures — apart, `startup_peak_*`), TFLOP per iteration counted
 by `torch.utils.flop_counter.FlopCounterMode` on an eager iteration (never estimated), MFU against the
 device's dense bf16 peak, and the speed-up over `plain` measured in the same run. Times on CPU only show that
 the harness works; the figures that count are on a GPU.
@@ -34,11 +35,13 @@ import torch
 from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdown, phase_cpu_ms, phase_ranges
 
 CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
-           "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc", "compile+graphs+solve-graph")
+           "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc", "compile+graphs+solve-graph",
+           "compile+graphs+no-rewrites")
 """`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+cfg2b`: the
 teacher's CFG as one batch-2B call (`--split-cfg off`) where compiling every network otherwise splits it into
 two batch-B calls (`--split-cfg auto`); `+nhwc`: channels-last conv weights (`--channels-last`); `+solve-graph`:
-only the teacher's solve graphed, the EMA target's forward eager."""
+only the teacher's solve graphed, the EMA target's forward eager; `+no-rewrites`: without the exact rewrites
+(`--exact-rewrites off`), which every other configuration but plain has as the default of one process."""
 FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
 """Dense bf16 tensor-core peak by GPU name fragment (NVIDIA datasheets, SXM)."""
@@ -130,7 +133,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
     defaults = Speedups.from_config(cfg, device)
     speedups = replace(defaults, compile=scope, cuda_graphs="graphs" in base,
                        graph_ema="graphs" in base and "solve-graph" not in base and defaults.graph_ema,
-                       channels_last=defaults.channels_last or "nhwc" in base, fused_ops="fused" in base,
+                       channels_last=defaults.channels_last or "nhwc" in base,
+                       rewrites=defaults.rewrites and "no-rewrites" not in base, fused_ops="fused" in base,
                        split_cfg=scope == "all" and "cfg2b" not in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
@@ -201,6 +205,11 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         step()
     _sync(device)
     startup = time.perf_counter() - t0
+    memory = {}
+    if device.type == "cuda":  # the warm-up's peak (eager steps while compiling, captures), then the timed steps'
+        memory = {"startup_peak_alloc_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                  "startup_peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         _sync(device)
@@ -209,15 +218,16 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         _sync(device)
         times.append(time.perf_counter() - t0)
     row = {"config": name, "sec_per_it": statistics.median(times), "sec_min": min(times), "sec_max": max(times),
-           "first_iter_s": first, "warmup_s": startup, "eager_steps_while_compiling": eager_steps}
+           "first_iter_s": first, "warmup_s": startup, "eager_steps_while_compiling": eager_steps, **memory}
     aot = {k: v - before[k] for k, v in compiler.stats.items()} if compiler is not None else {}
     if aot:
         row["aot"] = aot
     if device.type == "cuda":
         row["peak_alloc_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         row["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
-    if name in ("plain", "eager", "eager-pixels"):  # the others do the eager config's math (and a graph
-        row["tflop_per_it"] = count_tflop(step)   # replay would hide its work from the counter)
+    row["rewrites"] = runs_rewrites(name, cfg, device)
+    if name in ("plain", "eager", "eager-pixels"):  # the others do the math of eager (plain without the exact
+        row["tflop_per_it"] = count_tflop(step)   # rewrites), and a graph replay would hide its work from a counter
     if plans:
         from prodistill.accel import fp8
 
@@ -226,6 +236,29 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
     echo(f"  {name}: {row['sec_per_it']:.3f} s/it (first iteration {first:.1f} s, at speed after {startup:.1f} s: "
          f"{warmup} warm-up iterations{during}{_describe_aot(aot)})")
     return row
+
+
+def runs_rewrites(name: str, cfg, device: torch.device) -> bool:
+    """Whether configuration `name` runs the exact rewrites (`prodistill.accel.rewrites`), which skip work: its
+    FLOPs are those of eager with them, plain's (the original UNet's) without."""
+    from prodistill.accel import Speedups
+
+    return name != "plain" and "no-rewrites" not in name and Speedups.from_config(cfg, device).rewrites
+
+
+def _same_work_tflop(rows: list[dict], rewrites: bool) -> float | None:
+    """The FLOP count of a counted row (eager or plain) doing the math of a configuration with/without rewrites."""
+    return next((r["tflop_per_it"] for r in rows if r["config"] in ("eager", "plain") and r["rewrites"] == rewrites
+                 and "tflop_per_it" in r), None)
+
+
+def count_eager_tflop(cfg, models, device: torch.device, rewrites: bool) -> float:
+    """TFLOP of one eager iteration, regions uncompiled, with or without the exact rewrites."""
+    from prodistill.accel import method_networks
+
+    step, _, _, method = _make_step("eager" if rewrites else "eager+no-rewrites", cfg, models, device)
+    with _uncompiled(method_networks(method, models)):
+        return count_tflop(step)
 
 
 def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, iters: int,
@@ -243,7 +276,11 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
               "lora_rank": cfg.lora_rank, "peak_tflops": peak, "torch": torch.__version__, "rows": []}
     for name in configs:
         echo(f"{name} ...")
-        result["rows"].append(run_config(name, cfg, models, device, warmup, iters, echo))
+        row = run_config(name, cfg, models, device, warmup, iters, echo)
+        if "tflop_per_it" not in row:  # the same math's count, or counted now on an eager step of that math
+            row["tflop_per_it"] = (_same_work_tflop(result["rows"], row["rewrites"])
+                                   or count_eager_tflop(cfg, models, device, row["rewrites"]))
+        result["rows"].append(row)
         _derive(result)
         if on_row is not None:
             on_row(result)
@@ -257,13 +294,9 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
 
 
 def _derive(result: dict) -> None:
-    rows = {r["config"]: r for r in result["rows"]}
-    # every configuration but eager-pixels does the same math: take the count of eager (or plain) for all
-    eager_flops = (rows.get("eager") or rows.get("plain") or {}).get("tflop_per_it")
-    plain = rows.get("plain")
+    plain = next((r for r in result["rows"] if r["config"] == "plain"), None)
     for r in result["rows"]:
-        flops = r.get("tflop_per_it", eager_flops)
-        r["tflop_per_it"] = flops
+        flops = r.get("tflop_per_it")
         if flops and result["peak_tflops"]:
             r["mfu"] = flops / r["sec_per_it"] / result["peak_tflops"]
         if plain:
