@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from prodistill.accel.rewrites import apply_rewrites
 from prodistill.models.svd import SVDCondition, SVDModels, edm_denoise
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -159,7 +160,8 @@ def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str,
                  tiny_decoder: nn.Module | None = None) -> dict[str, nn.Module]:
     """The four graph modules in `precision`. The encoders and the VAE are cast on copies (the caller's
     models stay as they are); `merged_unet`, already a copy, is cast in place. Below float32, group norms keep
-    float32 statistics (`Fp32GroupNorm`), replaced after the cast. With `tiny_decoder` (`--decoder tiny`) the
+    float32 statistics (`Fp32GroupNorm`), replaced after the cast. The UNet and the VAE's temporal decoder are
+    exported with the exact rewrites of training: one-key cross-attention as its value, temporal Conv3d as Conv. With `tiny_decoder` (`--decoder tiny`) the
     decoder graph is that network's (cast on a copy)."""
     dtype = PRECISIONS[precision]
 
@@ -168,6 +170,7 @@ def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str,
         return m if dtype == torch.float32 else keep_group_norms_fp32(m)
 
     vae = cast(copy.deepcopy(models.vae))
+    apply_rewrites([merged_unet, vae])  # the same function in fewer, cheaper ops (prodistill.accel.rewrites)
     return {
         "image_encoder": ImageEncoderGraph(cast(copy.deepcopy(models.image_encoder)), dtype).eval(),
         "vae_encoder": VaeEncoderGraph(vae, dtype).eval(),

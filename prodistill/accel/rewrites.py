@@ -51,6 +51,8 @@ class TemporalConv2d(nn.Conv3d):
     """An `nn.Conv3d` whose kernel is (k, 1, 1), run as a 2-D convolution over (frames, h·w)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:  # unbatched (C, F, H, W): as nn.Conv3d
+            return super().forward(x)
         b, c, f, h, w = x.shape
         y = F.conv2d(x.reshape(b, c, f, h * w), self.weight.squeeze(-1), self.bias, (self.stride[0], 1),
                      (self.padding[0], 0), (self.dilation[0], 1), self.groups)
