@@ -160,8 +160,8 @@ def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str,
                  tiny_decoder: nn.Module | None = None) -> dict[str, nn.Module]:
     """The four graph modules in `precision`. The encoders and the VAE are cast on copies (the caller's
     models stay as they are); `merged_unet`, already a copy, is cast in place. Below float32, group norms keep
-    float32 statistics (`Fp32GroupNorm`), replaced after the cast. The UNet and the VAE's temporal decoder are
-    exported with the exact rewrites of training: one-key cross-attention as its value, temporal Conv3d as Conv. With `tiny_decoder` (`--decoder tiny`) the
+    float32 statistics (`Fp32GroupNorm`), replaced after the cast. The UNet is exported with training's exact
+    rewrite: its one-key cross-attention is its projected value. With `tiny_decoder` (`--decoder tiny`) the
     decoder graph is that network's (cast on a copy)."""
     dtype = PRECISIONS[precision]
 
@@ -170,7 +170,7 @@ def build_graphs(models: SVDModels, merged_unet: nn.Module, precision: str,
         return m if dtype == torch.float32 else keep_group_norms_fp32(m)
 
     vae = cast(copy.deepcopy(models.vae))
-    apply_rewrites([merged_unet, vae])  # the same function in fewer, cheaper ops (prodistill.accel.rewrites)
+    apply_rewrites([merged_unet])  # the same function with less work (prodistill.accel.rewrites)
     return {
         "image_encoder": ImageEncoderGraph(cast(copy.deepcopy(models.image_encoder)), dtype).eval(),
         "vae_encoder": VaeEncoderGraph(vae, dtype).eval(),

@@ -99,6 +99,10 @@ def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
 
     events = [kernel("sm90_xmma_gemm_bf16", 0, 400), kernel("triton_poi_fused_add_0", 300, 500),  # overlap 100
               kernel("flash_fwd_kernel", 1000, 1600), kernel("Memcpy HtoD", 1600, 1700),
+              kernel("## Call CompiledFxGraph None ##", 0, 1000),  # inductor's annotation: spans kernels, no kernel
+              kernel("Command Buffer Full", 1700, 1900),  # CUPTI's record of a full launch queue
+              SimpleNamespace(name="a user range", device_type=cuda, is_user_annotation=True,
+                              time_range=SimpleNamespace(start=0, end=1900, elapsed_us=lambda: 1900)),
               SimpleNamespace(name="phase: teacher solve", device_type=cpu, time_range=None),  # CPU side: ignored
               SimpleNamespace(name="phase: teacher solve", device_type=cuda,
                               time_range=SimpleNamespace(start=250, end=1650))]  # GPU side: starts 300-1600

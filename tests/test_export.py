@@ -297,18 +297,13 @@ def test_chunked_attention_equals_sdpa_and_exports_one_softmax_per_chunk(tmp_pat
         assert np.abs(got - want.numpy()).max() < 1e-5
 
 
-def test_exported_unet_and_decoder_carry_the_exact_rewrites(exported):
-    """No 3-D convolution is left in the denoiser and decoder graphs (the temporal (3,1,1) Conv3d run as Conv2d),
-    and the denoiser computes fewer attentions than it has attention modules (one-key cross-attention is its
-    value); that the function is unchanged is what the parity tests above check against the unrewritten student."""
+def test_exported_denoiser_carries_the_exact_rewrite(exported):
+    """The denoiser computes fewer attentions than it has attention modules: one-key cross-attention is its
+    projected value (that the function is unchanged, the parity tests above check against the unrewritten
+    student)."""
     import onnx
 
     _, _, engines, _ = exported
-    for name in ("denoiser", "decoder"):
-        model = onnx.load(str(engines / f"{name}.onnx"))
-        ranks = {i.name: len(i.dims) for i in model.graph.initializer}
-        kernels = [n for n in model.graph.node if n.op_type == "Conv"]
-        assert kernels and all(ranks.get(n.input[1], 4) == 4 for n in kernels), name
     denoiser = onnx.load(str(engines / "denoiser.onnx"))
     softmaxes = sum(n.op_type == "Softmax" for n in denoiser.graph.node)
     assert softmaxes == 8  # tiny preset: 4 attention models × (spatial + temporal) self-attention; 8 cross ones gone

@@ -85,8 +85,8 @@ def test_graphed_teacher_solve_equals_eager(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 4])
 def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
-    """Three OSV stage-2 steps with inductor regions + the graphed solve give the eager bf16 losses (bf16
-    tolerance: different kernels and fusion orders); just in time (0 workers) and ahead of time in 4 background
+    """Three OSV stage-2 steps with inductor regions, the graphed solve and EMA target and the exact rewrites give
+    the eager bf16 losses (bf16 tolerance: different kernels and fusion orders); just in time (0 workers) and ahead of time in 4 background
     processes, where no variant may fall back. Ahead of time, a one-step run first fills the cache (its steps
     run eagerly while the variants compile), so that the compared run is compiled from its first step."""
     from prodistill.accel import Speedups, accelerate
@@ -95,8 +95,8 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
 
     torch._dynamo.reset()
     losses = {}
-    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, split_cfg=True, cache_dir=tmp_path / "cache",
-                    compile_workers=workers)
+    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, split_cfg=True, rewrites=True,
+                    cache_dir=tmp_path / "cache", compile_workers=workers)
     runs = (("eager", Speedups(), 3), *((("prime", fast, 1),) if workers else ()), ("fast", fast, 3))
     for name, speedups, steps in runs:
         cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=steps, out=str(tmp_path / name))

@@ -12,8 +12,8 @@ and its teacher solve. The order matters, and is:
    on an H100 (README), the fused upsampler is 2.2-2.6× slower than eager torch and the fused pseudo-Huber
    within ±10 % of it.
 3. Exact rewrites (`--exact-rewrites`, `prodistill.accel.rewrites`): SVD's one-token cross-attention as its
-   projected value and the temporal (3,1,1) Conv3d layers as 2-D convolutions — the same function in cheaper
-   kernels; before compile and graphs, which must trace and record the rewritten form.
+   projected value — the same function with less work; before compile and graphs, which must trace and record
+   the rewritten form.
 4. Channels-last convolution weights (`--channels-last`, `prodistill.accel.layout`): before compile, so the
    regions are traced on the layout they will run.
 5. Activation checkpointing of the student's UNet stages (`--grad-checkpointing`): before compile, so the

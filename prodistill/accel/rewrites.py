@@ -1,7 +1,7 @@
-"""Exact rewrites of two SVD UNet operations into cheaper ones (`--exact-rewrites`).
+"""Exact rewrites of SVD UNet operations into cheaper ones (`--exact-rewrites`).
 
-Both compute the same function as the layer they replace (the same sums, in another kernel), keep the parameter
-objects and the state dict, and are undone by `apply_rewrites(..., on=False)`:
+A rewrite computes the same function as the layer it replaces, keeps the parameter objects and the state dict,
+and is undone by `apply_rewrites(..., on=False)`. There is one:
 
 - Single-key attention. SVD's cross-attention attends to one token — the CLIP image embedding (spatial blocks:
   `(B·F, 1, 1024)`; temporal blocks: the first frame's, `(B·h·w, 1, 1024)`). A softmax over one key is exactly 1,
@@ -10,15 +10,15 @@ objects and the state dict, and are undone by `apply_rewrites(..., on=False)`:
   output projection runs on one token instead of h·w. Gradients are the same: through a one-key softmax the
   query and key get exactly zero gradient in the original form (their LoRA factors then get none at all, so the
   rewrite is single-process only: DDP would wait for those gradients).
-- Temporal convolution as 2-D. The temporal res-blocks' `Conv3d` with kernel (3, 1, 1) on `(B, C, F, h, w)` is a
-  `Conv2d` with kernel (3, 1) on the view `(B, C, F, h·w)` with the weight viewed as `(C', C, 3, 1)`: cuDNN's 2-D
-  kernels instead of its 3-D ones.
+
+Measured on an H200 (SVD-XT UNet, bf16, 512², 14 frames, batch 1, one eager forward replayed as a CUDA graph):
+92.3 ms → 83.7 ms. Tried and dropped: the temporal res-blocks' Conv3d with kernel (3, 1, 1) run as a Conv2d with
+kernel (3, 1) over (frames, h·w) — exact too, but no faster (93.3 ms alone, 84.9 ms with the attention rewrite).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
@@ -47,27 +47,10 @@ def _single_key(attn: Attention, hidden_states, context, mask) -> bool:
             and attn.spatial_norm is None and not (attn.training and getattr(dropout, "p", 0.0) > 0))
 
 
-class TemporalConv2d(nn.Conv3d):
-    """An `nn.Conv3d` whose kernel is (k, 1, 1), run as a 2-D convolution over (frames, h·w)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5:  # unbatched (C, F, H, W): as nn.Conv3d
-            return super().forward(x)
-        b, c, f, h, w = x.shape
-        y = F.conv2d(x.reshape(b, c, f, h * w), self.weight.squeeze(-1), self.bias, (self.stride[0], 1),
-                     (self.padding[0], 0), (self.dilation[0], 1), self.groups)
-        return y.reshape(b, y.shape[1], y.shape[2], h, w)
-
-
-def _temporal_only(conv: nn.Conv3d) -> bool:
-    return (conv.kernel_size[1:] == (1, 1) and conv.stride[1:] == (1, 1) and conv.dilation[1:] == (1, 1)
-            and tuple(conv.padding[1:]) == (0, 0) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
-
-
 def apply_rewrites(networks: list[nn.Module], on: bool = True) -> dict[str, int]:
-    """Rewrite (or, `on=False`, restore) every eligible attention processor and temporal Conv3d of `networks`.
-    Call it before anything is compiled or captured. Returns how many of each were changed."""
-    changed = {"attention": 0, "temporal_conv": 0}
+    """Rewrite (or, `on=False`, restore) every eligible attention processor of `networks`. Call it before
+    anything is compiled or captured. Returns how many were changed, by kind."""
+    changed = {"attention": 0}
     for net in networks:
         for module in net.modules():
             if isinstance(module, Attention):
@@ -78,12 +61,6 @@ def apply_rewrites(networks: list[nn.Module], on: bool = True) -> dict[str, int]
                 elif not on and isinstance(proc, SingleKeyAttnProcessor):
                     module.processor = AttnProcessor2_0()
                     changed["attention"] += 1
-            elif on and type(module) is nn.Conv3d and _temporal_only(module):
-                module.__class__ = TemporalConv2d
-                changed["temporal_conv"] += 1
-            elif not on and type(module) is TemporalConv2d:
-                module.__class__ = nn.Conv3d
-                changed["temporal_conv"] += 1
     return changed
 
 

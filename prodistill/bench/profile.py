@@ -29,6 +29,15 @@ KERNEL_FAMILIES = (
     ("other", re.compile(r"")),
 )
 """Kernel families by name, first match wins (cuDNN's conv kernels can be GEMM-named, so convolution first)."""
+NOT_KERNELS = re.compile(r"^(## |Command Buffer Full|Activity Buffer|Overhead)")
+"""GPU-side profiler events that are no kernel: inductor's `## Call CompiledFxGraph ##` annotations (their GPU
+side spans the region's kernels, so counting it counts them twice) and CUPTI's own overhead records."""
+
+
+def is_kernel(event) -> bool:
+    """A kernel, memcpy or memset on the GPU (not a user annotation, a phase range or a profiler record)."""
+    return (event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith(PREFIX) and not NOT_KERNELS.search(event.name))
 
 
 def _ranged(name: str, fn, flops: dict[str, float] | None):
@@ -90,8 +99,7 @@ def breakdown(prof, wall_s: float) -> dict:
     inside the phase's GPU-side range; `rest` the others), per kernel family, the kernel count, and the GPU-busy
     share of the wall time."""
     events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(PREFIX)]
+    kernels = [e for e in events if is_kernel(e)]
     busy_ms = _union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3
     total_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
     phases: dict[str, float] = {}
