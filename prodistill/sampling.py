@@ -110,7 +110,9 @@ class LoadedRun:
 
 def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student: bool = True) -> LoadedRun:
     """The run behind `ckpt` (a run folder or one of its checkpoint folders), with its `weights` (student or
-    EMA) loaded into a fresh student; student=False builds only the models (sampling the teacher)."""
+    EMA) loaded into a fresh student; student=False builds only the models (sampling the teacher). Teacher and
+    student run with the exact rewrite of training (`prodistill.accel.rewrites`: the same function, less work)."""
+    from prodistill.accel.rewrites import apply_rewrites
     from prodistill.config import build_config
     from prodistill.methods import method_class
     from prodistill.models.student import load_trainable
@@ -135,6 +137,7 @@ def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student
         net = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
         load_trainable(net, tensors[group])
         net.eval()
+    apply_rewrites([models.unet] + ([net] if net is not None else []))
     return LoadedRun(cfg, models, method, net, method.default_sample_steps(cfg))
 
 

@@ -115,3 +115,25 @@ def test_lcm_train_then_sample(tmp_path):
                    "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert probe_video(out).num_frames == 14
+
+
+def test_a_loaded_run_samples_with_the_exact_rewrite_and_the_same_denoiser(trained):
+    """`prodistill sample` / `eval` networks carry the single-key attention rewrite, and denoise exactly as the
+    unrewritten student does."""
+    import torch
+
+    from prodistill.accel.rewrites import SingleKeyAttnProcessor, apply_rewrites
+    from prodistill.models.svd import SVDCondition, edm_denoise
+    from prodistill.sampling import load_run
+
+    run = load_run(trained, device="cpu")
+    for net in (run.student, run.models.unet):
+        assert all(isinstance(p, SingleKeyAttnProcessor) for p in net.attn_processors.values())
+    g = torch.Generator().manual_seed(0)
+    x, latents = torch.randn(1, 4, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, 4, generator=g)
+    cond = SVDCondition(torch.randn(1, 1, 32, generator=g), latents, torch.tensor([[6.0, 127.0, 0.02]]))
+    with torch.no_grad():
+        got = edm_denoise(run.student, x, torch.tensor([2.0]), cond)
+        apply_rewrites([run.student], on=False)
+        want = edm_denoise(run.student, x, torch.tensor([2.0]), cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -152,11 +152,13 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: 
     from export.run import build_engines, export_graphs
     from export.runtime.pipeline import OneStepPipeline
     from export.runtime.tensorrt import tensorrt_available
+    from prodistill.accel.rewrites import apply_rewrites
     from prodistill.training.run import build_models
 
     width, height = cfg.size()
     echo(f"building {cfg.preset} models ({width}x{height}, {cfg.frames} frames, {cfg.dtype}) on {device}...")
     models = build_models(cfg, device)
+    apply_rewrites([models.unet])  # as `prodistill sample` runs it (and `export` traces it)
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
     generations = [(f"teacher {teacher_steps}-step CFG", 2 * teacher_steps, "teacher"),
                    ("student 1 step", 1, "one"), ("student TTS", 2, "tts")]
