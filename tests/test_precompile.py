@@ -239,3 +239,25 @@ def test_swapped_layers_are_a_new_variant_once_forgotten(tmp_path):
         got = block(*args)  # the new variant, compiled and loaded
     torch.testing.assert_close(got, want)
     assert compiler.stats["compiled"] == 2 and not compiler.failed
+
+
+def test_inductor_options_reach_the_compilers_and_the_variant_identity(tmp_path, monkeypatch):
+    """$PRODISTILL_INDUCTOR_OPTIONS: parsed and checked against inductor's config (a bad value is one sentence
+    before any model is built), handed to the worker's inductor backend, and part of a variant's file name."""
+    from prodistill.accel import SpeedupError
+    from prodistill.accel.compile import inductor_options
+
+    _, block, args = _res_block()
+    key = precompile.call_key(block, args, {})
+    plain = precompile._fingerprint(block, key, "inductor")
+    assert inductor_options() == {}
+    monkeypatch.setenv("PRODISTILL_INDUCTOR_OPTIONS", '{"max_autotune": true}')
+    assert inductor_options() == {"max_autotune": True}
+    assert precompile._fingerprint(block, key, "inductor") != plain
+    assert precompile._fingerprint(block, key, "aot_eager") == precompile._fingerprint(block, key, "aot_eager")
+    assert precompile._backend("inductor", inductor_options()).config["max_autotune"] is True
+    for text, message in (("max_autotune", "is not JSON"), ('["x"]', "must be a JSON object"),
+                          ('{"no_such_option": 1}', "no_such_option is no option")):
+        monkeypatch.setenv("PRODISTILL_INDUCTOR_OPTIONS", text)
+        with pytest.raises(SpeedupError, match=message):
+            Speedups.from_config(tiny_config(tmp_path, compile="on"), torch.device("cpu"))

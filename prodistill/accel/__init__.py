@@ -31,7 +31,8 @@ and its teacher solve. The order matters, and is:
    the networks.
 
 `PRODISTILL_COMPILE_BACKEND` (default `inductor`) names the dynamo backend; tests use `aot_eager` or `eager`
-to check tracing and numerics on CPU in seconds.
+to check tracing and numerics on CPU in seconds. `PRODISTILL_INDUCTOR_OPTIONS` (a JSON object, e.g.
+`{"cpp_wrapper": true}`) passes inductor options to every region (`prodistill.accel.compile.inductor_options`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ class Speedups:
             raise SpeedupError("--exact-rewrites on needs a single process (DDP would wait for the gradients of the "
                                "query/key projections the rewrite skips); use --exact-rewrites auto or off")
         mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
+        if mode != "off":
+            from prodistill.accel.compile import inductor_options
+
+            try:
+                inductor_options()  # a bad $PRODISTILL_INDUCTOR_OPTIONS is one sentence before any model is built
+            except ValueError as e:
+                raise SpeedupError(str(e)) from None
         workers = cfg.compile_workers
         if workers < 0:
             workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1

@@ -27,6 +27,7 @@ the same configuration reuses the compiled kernels instead of rebuilding them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,36 @@ REGION_CLASSES = (
 
 RECOMPILE_LIMIT = 64
 """Per code object: SVD-XT's 14 res-block shapes × {teacher, EMA, student} = 42 variants stay under it."""
+
+
+OPTIONS_ENV = "PRODISTILL_INDUCTOR_OPTIONS"
+
+
+def inductor_options() -> dict:
+    """Extra inductor options for every compiled region, given as a JSON object in $PRODISTILL_INDUCTOR_OPTIONS (e.g.
+    `{"cpp_wrapper": true}`, `{"max_autotune": true}`): a developer's switch for measuring inductor's options with
+    `bench train` without code changes. They are part of each ahead-of-time variant's identity on disk."""
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"${OPTIONS_ENV} is not JSON ({e}): give an object such as '{{\"cpp_wrapper\": true}}'") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"${OPTIONS_ENV} must be a JSON object of inductor options, not {type(options).__name__}")
+    import torch._inductor.config as inductor_config
+
+    unknown = sorted(k for k in options if not hasattr(inductor_config, k.split(".")[0]))
+    if unknown:
+        raise ValueError(f"${OPTIONS_ENV}: {', '.join(unknown)} is no option of torch._inductor.config")
+    return options
+
+
+def compile_fn(fn, backend: str):
+    """`torch.compile` of a region's forward: fullgraph, static shapes, with `inductor_options()` for inductor."""
+    options = inductor_options() if backend == "inductor" else {}
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, options=options or None)
 
 
 def default_cache_dir() -> Path:
@@ -135,8 +166,7 @@ def compile_regions(networks: list[nn.Module], backend: str = "inductor", wrap=N
     for module in regions:
         if getattr(vars(module).get("forward"), "_prodistill_owner", None) is module:
             continue
-        compiled = torch.compile(type(module).forward.__get__(module), fullgraph=True, dynamic=False,
-                                 backend=backend)
+        compiled = compile_fn(type(module).forward.__get__(module), backend)
         compiled._prodistill_owner = module
         module.forward = compiled
     return regions

@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prodistill.accel.compile import compile_fn, inductor_options
+
 log = logging.getLogger("prodistill")
 
 FORMAT = 1
@@ -154,7 +156,8 @@ def structure(module: nn.Module) -> tuple:
 def _fingerprint(module: nn.Module, key: tuple, backend: str) -> str:
     device = _device(module)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    text = repr((FORMAT, torch.__version__, backend, capability, _global_flags(), structure(module), key))
+    options = tuple(sorted(inductor_options().items())) if backend == "inductor" else ()
+    text = repr((FORMAT, torch.__version__, backend, options, capability, _global_flags(), structure(module), key))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -173,6 +176,8 @@ class Job:
     backend: str
     flags: tuple
     """`_global_flags()` of the training process, set in the worker before compiling."""
+    options: dict
+    """`inductor_options()` of the training process."""
 
 
 def _skeleton(module: nn.Module) -> nn.Module:
@@ -212,9 +217,9 @@ def _materialise(value: Any, device: str) -> Any:
     return value
 
 
-def _backend(name: str):
+def _backend(name: str, options: dict):
     if name == "inductor":
-        return torch._TorchCompileInductorWrapper(None, None, False)
+        return torch._TorchCompileInductorWrapper(None, options or None, False)
     return torch._TorchCompileWrapper(name, None, None, False)
 
 
@@ -231,7 +236,7 @@ def compile_job(job: Job) -> float:
     torch.use_deterministic_algorithms(job.flags[1])
     with torch.set_grad_enabled(job.grad), torch.autocast(job.autocast[0], enabled=False):
         compiled = aot_compile_fullgraph(region_forward, ((module, *job.autocast, *args), kwargs),
-                                         hooks=Hooks(guard_filter_fn=_guard_filter), backend=_backend(job.backend),
+                                         hooks=Hooks(guard_filter_fn=_guard_filter), backend=_backend(job.backend, job.options),
                                          dynamic=False)
     data = type(compiled).serialize(compiled).serialized_data
     tmp = f"{job.path}.{os.getpid()}.tmp"
@@ -292,8 +297,7 @@ class RegionCall:
             return type(self.module).forward(self.module, *args, **kwargs)
         if fn == "jit":
             if self.fallback is None:
-                self.fallback = torch.compile(type(self.module).forward.__get__(self.module), fullgraph=True,
-                                              dynamic=False, backend=self.compiler.backend)
+                self.fallback = compile_fn(type(self.module).forward.__get__(self.module), self.compiler.backend)
             return self.fallback(*args, **kwargs)
         device_type, dtype, enabled = key[3]
         with torch.autocast(device_type, enabled=False):
@@ -368,7 +372,8 @@ class Precompiler:
         else:
             try:
                 job = Job(path, _skeleton(call.module), _to_meta(args), _to_meta(kwargs), key[2], key[3],
-                          str(_device(call.module, args)), self.backend, _global_flags())
+                          str(_device(call.module, args)), self.backend, _global_flags(),
+                          inductor_options() if self.backend == "inductor" else {})
             except Exception as e:  # a module with no weightless copy (e.g. a tensor subclass weight)
                 log.warning("cannot precompile %s (%s: %s); compiling it just in time", type(call.module).__name__,
                             type(e).__name__, e)

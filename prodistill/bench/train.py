@@ -265,6 +265,7 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
                     explain: bool = False, echo=print, on_row=None) -> dict:
     """All `configs` in order; `on_row(result)` after each (the CLI saves the JSON, so a run stopped midway
     keeps what it measured)."""
+    from prodistill.accel.compile import inductor_options
     from prodistill.training.run import build_models
 
     echo(f"building {cfg.preset} models on {device} ...")
@@ -273,7 +274,8 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "preset": cfg.preset, "method": cfg.method, "stage": cfg.stages()[0], "resolution": cfg.resolution,
               "frames": cfg.frames, "batch_size": cfg.batch_size, "solver_steps": cfg.solver_steps,
-              "lora_rank": cfg.lora_rank, "peak_tflops": peak, "torch": torch.__version__, "rows": []}
+              "lora_rank": cfg.lora_rank, "peak_tflops": peak, "torch": torch.__version__,
+              "inductor_options": inductor_options(), "rows": []}
     for name in configs:
         echo(f"{name} ...")
         row = run_config(name, cfg, models, device, warmup, iters, echo)
