@@ -151,9 +151,9 @@ class TrainConfig:
     cuda_graphs: str = _f("auto", "Replay the frozen teacher's m-step guided solve (and, in a single process, the "
                           "EMA target's forward) as CUDA graphs: on, off, or auto (on for cuda).",
                           choices=("auto", "on", "off"))
-    exact_rewrites: str = _f("auto", "Run the SVD UNet's cross-attention to its one CLIP token as what it exactly is, the "
-                             "projected value (a softmax over one key is 1): measured on an H200 at 512², 5-8 % less "
-                             "time per step and 3 GB less memory. on, off, or auto (on in a single process; with "
+    exact_rewrites: str = _f("auto", "Run the SVD UNet's cross-attention to its one CLIP token as what it exactly "
+                             "is, the projected value (a softmax over one key is 1): measured on an H200 at 512², 5-8 % "
+                             "less time per step and 3 GB less memory. on, off, or auto (on in a single process; with "
                              "several, DDP would wait for the zero gradients of the skipped query/key projections).",
                              choices=("auto", "on", "off"))
     channels_last: bool = _f(False, "Channels-last (NHWC) weights for the 2-D convolutions (cuDNN then runs them "

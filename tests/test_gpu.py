@@ -86,9 +86,10 @@ def test_graphed_teacher_solve_equals_eager(tmp_path):
 @pytest.mark.parametrize("workers", [0, 4])
 def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     """Three OSV stage-2 steps with inductor regions, the graphed solve and EMA target and the exact rewrites give
-    the eager bf16 losses (bf16 tolerance: different kernels and fusion orders); just in time (0 workers) and ahead of time in 4 background
-    processes, where no variant may fall back. Ahead of time, a one-step run first fills the cache (its steps
-    run eagerly while the variants compile), so that the compared run is compiled from its first step."""
+    the eager bf16 losses (bf16 tolerance: different kernels and fusion orders); just in time (0 workers) and
+    ahead of time in 4 background processes, where no variant may fall back. Ahead of time, a one-step run first
+    fills the cache (its steps run eagerly while the variants compile), so that the compared run is compiled from
+    its first step."""
     from prodistill.accel import Speedups, accelerate
     from prodistill.accel.graphs import GraphedCall
     from prodistill.bench.train import precompile_stats, precompiler

@@ -61,7 +61,8 @@ def inductor_options() -> dict:
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"${OPTIONS_ENV} is not JSON ({e}): give an object such as '{{\"cpp_wrapper\": true}}'") from None
+        example = '{"cpp_wrapper": true}'
+        raise ValueError(f"${OPTIONS_ENV} is not JSON ({e}): give an object such as '{example}'") from None
     if not isinstance(options, dict):
         raise ValueError(f"${OPTIONS_ENV} must be a JSON object of inductor options, not {type(options).__name__}")
     import torch._inductor.config as inductor_config

@@ -236,8 +236,8 @@ def compile_job(job: Job) -> float:
     torch.use_deterministic_algorithms(job.flags[1])
     with torch.set_grad_enabled(job.grad), torch.autocast(job.autocast[0], enabled=False):
         compiled = aot_compile_fullgraph(region_forward, ((module, *job.autocast, *args), kwargs),
-                                         hooks=Hooks(guard_filter_fn=_guard_filter), backend=_backend(job.backend, job.options),
-                                         dynamic=False)
+                                         hooks=Hooks(guard_filter_fn=_guard_filter),
+                                         backend=_backend(job.backend, job.options), dynamic=False)
     data = type(compiled).serialize(compiled).serialized_data
     tmp = f"{job.path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
