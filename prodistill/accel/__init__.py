@@ -117,7 +117,7 @@ class Speedups:
         workers = cfg.compile_workers
         if workers < 0:
             workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1
-        if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cfg.parallel == "fsdp" and not single:
             workers = 0  # FSDP's sharded parameters have no weightless copy to compile from: just in time
         graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
         return cls(compile=mode, cuda_graphs=graphs, graph_ema=graphs and single,

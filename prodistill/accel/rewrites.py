@@ -35,7 +35,7 @@ class SingleKeyAttnProcessor(AttnProcessor2_0):
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         value = attn.to_out[0](attn.to_v(context))  # (B, 1, C): softmax over one key is 1, the output is the value
-        out = value.to(hidden_states.dtype).expand(hidden_states.shape[0], hidden_states.shape[1], value.shape[-1])
+        out = value.expand(hidden_states.shape[0], hidden_states.shape[1], value.shape[-1])  # dtype as the original's
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor

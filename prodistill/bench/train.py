@@ -134,7 +134,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
     speedups = replace(defaults, compile=scope, cuda_graphs="graphs" in base,
                        graph_ema="graphs" in base and "solve-graph" not in base and defaults.graph_ema,
                        channels_last=defaults.channels_last or "nhwc" in base,
-                       rewrites=defaults.rewrites and "no-rewrites" not in base, fused_ops="fused" in base,
+                       rewrites=runs_rewrites(name, cfg, device), fused_ops="fused" in base,
                        split_cfg=scope == "all" and "cfg2b" not in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
