@@ -75,6 +75,8 @@ def _check_options(opts: ExportOptions):
         raise ExportError(f"{ckpt_dir} has no {opts.weights} weights (EMA exists in stage 2 only): use --weights student")
     overrides = {"device": opts.device, "dtype": "fp32", "resolution": opts.resolution, "frames": opts.frames}
     cfg = build_config(overrides, run_dir / "config.yaml")
+    if opts.resolution is None:
+        cfg = cfg.at_final_resolution()  # the resolution the student was distilled at last
     if opts.decoder == "tiny":
         check_tiny_decoder(opts.tiny_decoder, cfg.frames)
     elif opts.tiny_decoder is not None:

@@ -62,7 +62,16 @@ class TrainConfig:
                     choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = _f(0, "Seed of every random draw (data order, noise, timesteps).")
     # -- data -------------------------------------------------------------------------------------------
-    resolution: str | None = _f(None, "Training resolution WxH in pixels (default: the preset's).")
+    resolution: str | None = _f(None, "Training resolution WxH in pixels (default: the preset's); with "
+                                "--resolution-schedule, the distillation stage's first one.")
+    stage1_resolution: str | None = _f(None, "OSV stage 1's resolution WxH (default: --resolution; the paper's "
+                                       "recipe: 1024x768).")
+    resolution_schedule: str | None = _f(None, "Resolution switches within the distillation stage (OSV's stage 2, "
+                                         "the only stage of the other methods): comma-separated STEP:WxH, e.g. "
+                                         "10000:1024x768 trains from step 10000 on at 1024x768 (the OSV paper's last "
+                                         "10K of 20K steps). The data order and random streams carry on, resume is "
+                                         "exact, compiled regions compile once for the new shapes and CUDA graphs "
+                                         "are captured again.")
     frames: int = _f(14, "Frames per clip.")
     fps: float = _f(7.0, "Frame rate clips are sampled at (SVD conditions on fps − 1).")
     decoder: str = _f("auto", "Video decoding: dali (NVIDIA DALI, on the GPU when --device is cuda), pyav (CPU), "
@@ -241,6 +250,9 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         self.size()
+        if self.stage1_resolution is not None:
+            _parse_size(self.stage1_resolution, "--stage1-resolution")
+        self.resolution_switches()
         if self.cm_scale <= 0 or self.cm_sigma_data <= 0:
             raise ValueError(f"--cm-scale and --cm-sigma-data must be positive, got {self.cm_scale} and "
                              f"{self.cm_sigma_data}")
@@ -295,13 +307,58 @@ class TrainConfig:
 
     def size(self) -> tuple[int, int]:
         """(W, H) from the `WxH` resolution string, checked to be a multiple of 16 pixels."""
-        try:
-            w, h = (int(v) for v in str(self.resolution).lower().split("x"))
-        except ValueError:
-            raise ValueError(f"--resolution must look like 512x320 (WxH), got {self.resolution!r}") from None
-        if w <= 0 or h <= 0 or w % 16 or h % 16:
-            raise ValueError(f"--resolution {w}x{h}: width and height must be positive multiples of 16")
-        return w, h
+        return _parse_size(self.resolution, "--resolution")
+
+    def resolution_switches(self) -> list[tuple[int, tuple[int, int]]]:
+        """`--resolution-schedule` as [(step, (W, H)), ...], steps increasing, each inside the distillation stage
+        (0 < step < --stage2-steps)."""
+        if not self.resolution_schedule:
+            return []
+        switches = []
+        for entry in str(self.resolution_schedule).split(","):
+            step, sep, size = entry.strip().partition(":")
+            try:
+                step = int(step)
+            except ValueError:
+                step, sep = None, ""
+            if not sep:
+                raise ValueError(f"--resolution-schedule entries look like 10000:1024x768 (STEP:WxH), got {entry!r}")
+            switches.append((step, _parse_size(size, "--resolution-schedule")))
+        steps = [s for s, _ in switches]
+        if steps != sorted(set(steps)) or not 0 < steps[0] or steps[-1] >= self.stage2_steps:
+            raise ValueError(f"--resolution-schedule steps must increase and lie between 1 and --stage2-steps - 1 "
+                             f"({self.stage2_steps - 1}), got {', '.join(map(str, steps))}")
+        return switches
+
+    def size_at(self, stage: int, step: int = 0) -> tuple[int, int]:
+        """(W, H) that `stage` trains at after `step` completed optimiser steps: OSV's stage 1 at
+        --stage1-resolution, the distillation stage at --resolution, then at each --resolution-schedule switch
+        (OSV §5's recipe: 1024x768; 576x320, then 1024x768 for the last 10K steps)."""
+        if stage == 1 and self.method == "osv" and self.stage1_resolution is not None:
+            return _parse_size(self.stage1_resolution, "--stage1-resolution")
+        size = self.size()
+        if stage == 2:
+            for start, switched in self.resolution_switches():
+                if step >= start:
+                    size = switched
+        return size
+
+    def sizes(self) -> set[tuple[int, int]]:
+        """Every (W, H) the selected stages train at."""
+        return {self.size_at(s, 0) for s in self.stages()} | (
+            {size for _, size in self.resolution_switches()} if 2 in self.stages() else set())
+
+    def final_resolution(self) -> str:
+        """`WxH` the run ends training at (its last stage's last step)."""
+        stage = self.stages()[-1]
+        w, h = self.size_at(stage, self.steps_for(stage) - 1)
+        return f"{w}x{h}"
+
+    def at_final_resolution(self) -> "TrainConfig":
+        """This config at the single resolution the run ended training at: what `sample`, `eval` and `export`
+        default to (a student distilled last at 1024x768 is used at 1024x768)."""
+        return dataclasses.replace(self, resolution=self.final_resolution(), stage1_resolution=None,
+                                   resolution_schedule=None)
 
     def stages(self) -> tuple[int, ...]:
         if self.method != "osv":
@@ -340,6 +397,17 @@ def _check_weights_arg(name: str, value: str | None) -> None:
     if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
         raise ValueError(f"--{_flag(name)} {value}: no such folder, and not a hub id of the form org/name; "
                          "pass a local weights folder or a hub id")
+
+
+def _parse_size(text: str | None, flag: str) -> tuple[int, int]:
+    """(W, H) from `WxH`, checked to be positive multiples of 16 pixels (the VAE's 8× and the UNet's 2×)."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag} must look like 512x320 (WxH), got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise ValueError(f"{flag} {w}x{h}: width and height must be positive multiples of 16")
+    return w, h
 
 
 def _flag(name: str) -> str:

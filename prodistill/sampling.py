@@ -122,7 +122,7 @@ def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student
     run_dir, ckpt_dir = _resolve_checkpoint(ckpt)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
-    cfg = build_config({"device": device}, run_dir / "config.yaml")
+    cfg = build_config({"device": device}, run_dir / "config.yaml").at_final_resolution()
     if cfg.method == "decoder":
         raise ValueError(f"{run_dir} trained a tiny decoder, not a student: use it with `prodistill eval-decoder` "
                          "or `prodistill export --decoder tiny --tiny-decoder`")

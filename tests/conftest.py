@@ -34,8 +34,9 @@ def tiny_config(tmp_path, **overrides):
 class RandomClips:
     """A resumable stand-in for ClipLoader: deterministic random pixel batches, no video decoding."""
 
-    def __init__(self, batch_size: int, frames: int, size: int, seed: int = 0):
-        self.shape = (batch_size, frames, 3, size, size)
+    def __init__(self, batch_size: int, frames: int, size: int | tuple[int, int], seed: int = 0):
+        width, height = (size, size) if isinstance(size, int) else size
+        self.shape = (batch_size, frames, 3, height, width)
         self.seed, self.position = seed, 0
 
     def __next__(self) -> dict:
@@ -50,9 +51,10 @@ class RandomClips:
         self.position = state["position"]
 
 
-def make_trainer(cfg, run_dir, stage: int | None = None, models=None):
-    """(Trainer, method, models) for `stage` (default: the method's only stage) on RandomClips, seeded as
-    `prodistill train` seeds a stage."""
+def make_trainer(cfg, run_dir, stage: int | None = None, models=None, total_steps: int | None = None, **trainer_kw):
+    """(Trainer, method, models) for `stage` (default: the method's only stage) on RandomClips at the stage's first
+    resolution, seeded as `prodistill train` seeds a stage; `total_steps` (default: the config's) and `trainer_kw`
+    go to the Trainer."""
     from prodistill.methods import build_method
     from prodistill.training.logger import MetricsLogger
     from prodistill.training.run import build_models
@@ -64,9 +66,9 @@ def make_trainer(cfg, run_dir, stage: int | None = None, models=None):
     torch.manual_seed(cfg.seed + 1000 * stage)
     method = build_method(cfg, models, stage, gen)
     run_dir.mkdir(parents=True, exist_ok=True)
-    loader = RandomClips(cfg.batch_size, cfg.frames, cfg.size()[0])
-    trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", cfg.steps_for(stage), gen,
-                      MetricsLogger(run_dir))
+    loader = RandomClips(cfg.batch_size, cfg.frames, cfg.size_at(stage, 0))
+    trainer = Trainer(cfg, method, loader, stage, run_dir / f"stage{stage}", total_steps or cfg.steps_for(stage), gen,
+                      MetricsLogger(run_dir), **trainer_kw)
     return trainer, method, models
 
 

@@ -161,6 +161,17 @@ def fp8_networks(method, models, compile_mode: str) -> list[tuple[str, nn.Module
     return nets
 
 
+def release_graphs(method) -> int:
+    """Reset the CUDA graphs `accelerate` put on `method` (`GraphedCall.reset`), freeing their memory pools; returns
+    how many wrappers were reset. The trainer's hook after a `--resolution-schedule` switch."""
+    from prodistill.accel.graphs import GraphedCall
+
+    wrappers = [v for v in vars(method).values() if isinstance(v, GraphedCall)]
+    for wrapper in wrappers:
+        wrapper.reset()
+    return len(wrappers)
+
+
 def accelerate(method, models, speedups: Speedups) -> list:
     """Apply `speedups` to a built method in the order of this module's docstring. Returns the FP8 plan of
     every Linear layer (`prodistill.accel.fp8.LayerPlan`; empty without `--fp8`), which `explain` lists."""

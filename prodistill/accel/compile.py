@@ -44,8 +44,9 @@ REGION_CLASSES = (
 )
 """Class names of the modules compiled as regions (matched anywhere in a network's module tree)."""
 
-RECOMPILE_LIMIT = 64
-"""Per code object: SVD-XT's 14 res-block shapes × {teacher, EMA, student} = 42 variants stay under it."""
+RECOMPILE_LIMIT = 192
+"""Per code object: SVD-XT's 14 res-block shapes × {teacher, EMA, student} = 42 variants per resolution, so a run
+may train at up to four resolutions (`--stage1-resolution`, `--resolution-schedule`)."""
 
 
 OPTIONS_ENV = "PRODISTILL_INDUCTOR_OPTIONS"

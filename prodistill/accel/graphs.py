@@ -48,6 +48,13 @@ class GraphedCall:
         self.pool = None
         self._warned = False
 
+    def reset(self) -> None:
+        """Forget every captured graph and its memory pool (a resolution switch: the old shapes never return); the
+        next call of each signature warms up and captures again."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = None
+
     @staticmethod
     def _flatten(args: tuple) -> tuple[tuple, list[Tensor]]:
         """(the arguments' structure: None for a tensor, the dataclass type otherwise; their tensors in order)."""

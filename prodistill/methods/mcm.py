@@ -97,7 +97,7 @@ class MCM(LCM):
             return self._decode_frames(frames) if self.cfg.disc_input == "decoded" else frames
         b, l = x0.shape[0], self.cfg.disc_frames
         idx = torch.randint(len(self.images), (b * l,), generator=self.generator, device=self.generator.device)
-        width, height = self.cfg.size()
+        width, height = self.models.pixel_size(x0)  # the batch's: --resolution-schedule may have switched
         pixels = self.images.load(idx.tolist(), width, height).to(x0.device).unflatten(0, (b, l))
         return pixels if self.cfg.disc_input == "decoded" else self.models.encode_video(pixels, self.generator)
 

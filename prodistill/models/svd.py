@@ -180,9 +180,17 @@ class SVDModels:
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent pixel along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def latent_shape(self, batch: int, frames: int, width: int, height: int) -> tuple[int, ...]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (batch, frames, self.latent_channels, height // factor, width // factor)
+        return (batch, frames, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+
+    def pixel_size(self, latents: Tensor) -> tuple[int, int]:
+        """(W, H) in pixels of latents (..., h, w)."""
+        return latents.shape[-1] * self.vae_factor, latents.shape[-2] * self.vae_factor
 
     def make_student(self, cfg, stage: int) -> nn.Module:
         """Teacher + LoRA (`cfg.lora_*`), plus `cfg.train_modules` trained in full in stage 2."""

@@ -96,20 +96,27 @@ def training_source(cfg: TrainConfig, device: torch.device):
     from prodistill.data.dataset import list_videos
 
     if is_cache(cfg.data):
+        if cfg.sizes() != {cfg.size()}:
+            raise RunError(f"--data {cfg.data} is a latent cache, which holds clips at one resolution "
+                           f"({cfg.resolution}); --stage1-resolution and --resolution-schedule need videos: pass the "
+                           "videos as --data, or leave those options out")
         return LatentCacheDataset(cfg.data, cfg)
     files = list_videos(cfg.data, cfg.video_root)
     use_dali(cfg, device)
     return files
 
 
-def make_loader(cfg: TrainConfig, source, device: torch.device, rank: int = 0, world_size: int = 1):
-    """A fresh loader (epoch 0) over `source` from `training_source`: rank `rank`'s disjoint share of it."""
+def make_loader(cfg: TrainConfig, source, device: torch.device, rank: int = 0, world_size: int = 1,
+                size: tuple[int, int] | None = None):
+    """A fresh loader (epoch 0) over `source` from `training_source`: rank `rank`'s disjoint share of it, its clips
+    at `size` (W, H; default --resolution)."""
     from prodistill.data.dataset import ClipLoader, VideoClipDataset
 
     shard = dict(seed=cfg.seed, rank=rank, world_size=world_size)
     if not isinstance(source, list):  # the latent cache
         return ClipLoader(source, batch_size=cfg.batch_size, num_workers=cfg.num_workers, **shard)
-    dataset = VideoClipDataset(source, num_frames=cfg.frames, fps=cfg.fps, resolution=cfg.size(), seed=cfg.seed)
+    dataset = VideoClipDataset(source, num_frames=cfg.frames, fps=cfg.fps, resolution=size or cfg.size(),
+                               seed=cfg.seed)
     if use_dali(cfg, device):
         from dali_pipelines.video import DaliClipLoader
 
@@ -187,7 +194,7 @@ def _validation_videos(cfg) -> list:
 
 
 def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_videos=()) -> None:
-    from prodistill.accel import accelerate
+    from prodistill.accel import accelerate, release_graphs
 
     device = dist.device
     stage_dir = run_dir / f"stage{stage}"
@@ -204,16 +211,19 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
     dist.wrap(method, models)
     if dist.is_main:
         log.info("stage %d speed-ups: %s", stage, speedups.describe())
-    loader = make_loader(cfg, source, device, dist.rank, dist.world_size)
+    loader_at = lambda size: make_loader(cfg, source, device, dist.rank, dist.world_size, size)  # noqa: E731
+    loader = loader_at(cfg.size_at(stage, 0))
     preview = lambda m, b, s, k: write_preview(run_dir, m, b, s, k, cfg.fps, cfg.seed, write=dist.is_main)  # noqa: E731
     validator = None
     if val_videos:
         from prodistill.eval.validate import Validator
 
-        validator = Validator(cfg, models, run_dir, list(val_videos))
+        # one resolution for the whole stage, so its validations compare: the one the stage ends at
+        final = dataclasses.replace(cfg, resolution="{}x{}".format(*cfg.size_at(stage, steps - 1)))
+        validator = Validator(final, models, run_dir, list(val_videos))
     trainer = Trainer(cfg, method, loader, stage, stage_dir, steps, generator, logger, preview_fn=preview,
                       announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models,
-                      validator=validator)
+                      validator=validator, loader_at=loader_at, on_resize=lambda: release_graphs(method))
     if ckpt is not None:
         trainer.resume(ckpt)
     else:

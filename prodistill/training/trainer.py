@@ -107,7 +107,7 @@ def warmup_schedule(warmup_steps: int):
 class Trainer:
     def __init__(self, cfg, method: Method, loader, stage: int, stage_dir: Path, total_steps: int,
                  generator: torch.Generator, logger: MetricsLogger, preview_fn=None, announce_first_step=False,
-                 dist: Distributed | None = None, models=None, validator=None):
+                 dist: Distributed | None = None, models=None, validator=None, loader_at=None, on_resize=None):
         self.cfg, self.method, self.loader, self.stage = cfg, method, loader, stage
         self.dist = dist or Distributed(device=generator.device)
         self.models = models
@@ -117,6 +117,11 @@ class Trainer:
         self.validator = validator
         """`prodistill.eval.validate.Validator` (--val-data), run every --val-every steps and at the stage's end."""
         self.announce_first_step = announce_first_step
+        self.size = cfg.size_at(stage, 0)
+        """(W, H) of `loader`'s clips: the stage's first resolution (`TrainConfig.size_at`)."""
+        self.loader_at, self.on_resize = loader_at, on_resize
+        """`loader_at((W, H))` builds a loader at another resolution, for --resolution-schedule; `on_resize()` runs
+        after each switch (releasing what was built for the old shapes, such as CUDA graphs)."""
         """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.step = 0
         fused = generator.device.type == "cuda"
@@ -218,6 +223,25 @@ class Trainer:
             log.info("stage %d step %d validation: %s", self.stage, self.step,
                      ", ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in metrics.items()))
 
+    def _follow_schedule(self) -> None:
+        """Before a step: move to the resolution `--resolution-schedule` gives for it. The new loader takes the old
+        one's position, so the clip order, the random streams and resume (which restores the position first, then
+        switches here) are those of a run without the switch."""
+        size = self.cfg.size_at(self.stage, self.step)
+        if size == self.size:
+            return
+        if self.loader_at is None:
+            raise ValueError(f"stage {self.stage} switches to {size[0]}x{size[1]} at step {self.step}, but this "
+                             "loader cannot change resolution")
+        loader = self.loader_at(size)
+        loader.load_state_dict(self.loader.state_dict())
+        self.loader, self.size = loader, size
+        if self.on_resize is not None:
+            self.on_resize()
+        if self.dist.is_main:
+            log.info("stage %d step %d: training at %dx%d from now on (--resolution-schedule)", self.stage, self.step,
+                     *size)
+
     def _sync(self) -> None:
         if self.generator.device.type == "cuda":
             torch.cuda.synchronize(self.generator.device)
@@ -276,6 +300,7 @@ class Trainer:
             log.info("stage %d: the first step compiles and captures (minutes at full size on a cold cache)",
                      self.stage)
         while self.step < self.total_steps:
+            self._follow_schedule()
             micro = [next(self.loader) for _ in range(cfg.grad_accum)]
             logs = self.train_step(micro)
             self.step += 1

@@ -1,0 +1,204 @@
+"""Issue 14's recipe pieces: per-stage resolutions, the resolution schedule within a stage, and the paper recipes
+shipped in configs/ (each with a tiny local variant that runs here)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import RandomClips, make_trainer, tiny_config
+from prodistill.config import build_config, load_yaml
+from prodistill.training.checkpoint import latest_checkpoint
+from prodistill.training.logger import read_metrics
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_schedule_parses_and_gives_each_step_its_resolution(tmp_path):
+    cfg = build_config(dict(preset="svd-xt", method="osv", resolution="576x320", stage1_resolution="1024x768",
+                            resolution_schedule="10000:1024x768", stage2_steps=20000))
+    assert cfg.resolution_switches() == [(10000, (1024, 768))]
+    assert cfg.size_at(1, 0) == cfg.size_at(1, 1999) == (1024, 768)
+    assert cfg.size_at(2, 0) == cfg.size_at(2, 9999) == (576, 320)  # step = optimiser steps completed
+    assert cfg.size_at(2, 10000) == cfg.size_at(2, 19999) == (1024, 768)
+    assert cfg.sizes() == {(576, 320), (1024, 768)} and cfg.final_resolution() == "1024x768"
+    two = tiny_config(tmp_path, max_steps=9, resolution_schedule="3:48x32, 6:64x48")
+    assert [two.size_at(2, s) for s in (0, 2, 3, 5, 6, 8)] == [(32, 32)] * 2 + [(48, 32)] * 2 + [(64, 48)] * 2
+    assert tiny_config(tmp_path, stage1_resolution="48x48", stage="1").final_resolution() == "48x48"
+    # the other methods have one stage (the distillation slot): --stage1-resolution does not apply to them
+    assert tiny_config(tmp_path, method="lcm", stage1_resolution="48x48").size_at(2, 0) == (32, 32)
+    at_end = build_config(dict(preset="svd-xt", resolution="576x320", resolution_schedule="5:1024x768"))
+    assert (at_end.at_final_resolution().size(), at_end.at_final_resolution().resolution_schedule) == ((1024, 768), None)
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ("1024x768", "entries look like 10000:1024x768"),
+    ("x:64x64", "entries look like"),
+    ("0:64x64", "between 1 and --stage2-steps - 1 \\(3\\)"),
+    ("4:64x64", "between 1 and --stage2-steps - 1"),
+    ("2:64x64,1:48x48", "must increase"),
+    ("2:64x64,2:48x48", "must increase"),
+    ("2:60x64", "multiples of 16"),
+])
+def test_bad_schedules_are_one_sentence_before_anything_is_built(tmp_path, schedule, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, max_steps=4, resolution_schedule=schedule)
+    with pytest.raises(ValueError, match="--stage1-resolution must look like"):
+        tiny_config(tmp_path, stage1_resolution="big")
+
+
+def _shapes_and_losses(trainer):
+    """Record the pixel shape of every batch the method computes on; returns the list it fills."""
+    shapes, compute = [], trainer.method.compute
+    trainer.method.compute = lambda phase, batch, cache: (shapes.append(tuple(batch["pixels"].shape[-2:])),
+                                                          compute(phase, batch, cache))[1]
+    return shapes
+
+
+def test_schedule_switches_the_loader_keeps_its_position_and_resumes_exactly(tmp_path):
+    """LCM, 4 steps, 32x32 then 48x32 from step 2: the loader at the new size continues the old one's position,
+    the hook runs once, and a run stopped after step 3 (past the switch) and resumed logs the same losses."""
+    cfg = tiny_config(tmp_path, method="lcm", max_steps=4, resolution_schedule="2:48x32")
+    resized = []
+    kw = dict(loader_at=lambda size: RandomClips(cfg.batch_size, cfg.frames, size), on_resize=lambda: resized.append(1))
+    straight, _, models = make_trainer(cfg, tmp_path / "straight", **kw)
+    shapes = _shapes_and_losses(straight)
+    straight.fit()
+    assert shapes == [(32, 32)] * 2 + [(32, 48)] * 2 and len(resized) == 1
+    assert straight.loader.position == 4  # one clip per step, none skipped or repeated by the switch
+    first, _, _ = make_trainer(cfg, tmp_path / "resumed", models=models, total_steps=3, **kw)
+    first.fit()
+    second, _, _ = make_trainer(cfg, tmp_path / "resumed", models=models, **kw)
+    shapes = _shapes_and_losses(second)
+    second.resume(latest_checkpoint(tmp_path / "resumed" / "stage2"))
+    second.fit()
+    assert shapes == [(32, 48)]  # the resumed step trains at the size its step number gives
+    losses = lambda d: [(r["step"], r["loss/g_total"]) for r in read_metrics(d)]  # noqa: E731
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
+
+
+def test_a_switch_without_a_loader_factory_is_an_error(tmp_path):
+    cfg = tiny_config(tmp_path, method="lcm", max_steps=3, resolution_schedule="1:48x32")
+    trainer, _, _ = make_trainer(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="cannot change resolution"):
+        trainer.fit()
+
+
+def test_compiled_regions_recompile_once_at_the_switch(tmp_path):
+    """With every network compiled (dynamo, eager backend: the real tracing and guards), the step after the switch
+    compiles new variants for the new shapes, and no other step after the first compiles anything."""
+    from torch._dynamo.utils import counters
+
+    from prodistill.accel import Speedups, accelerate
+
+    cfg = tiny_config(tmp_path, method="lcm", max_steps=4, resolution_schedule="2:48x32", log_every=4, ckpt_every=4)
+    trainer, method, models = make_trainer(cfg, tmp_path / "run",
+                                           loader_at=lambda size: RandomClips(1, cfg.frames, size))
+    accelerate(method, models, Speedups(compile="all", backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, step = [], trainer.train_step
+
+    def counted(micro):
+        before = counters["stats"]["unique_graphs"]
+        out = step(micro)
+        compiled.append(counters["stats"]["unique_graphs"] - before)
+        return out
+
+    trainer.train_step = counted
+    trainer.fit()
+    assert compiled[0] > 0 and compiled[2] > 0, compiled
+    assert compiled[1] == compiled[3] == 0, compiled
+
+
+def test_release_graphs_resets_every_graphed_call(tmp_path):
+    from prodistill.accel import release_graphs
+    from prodistill.accel.graphs import GraphedCall, GraphedSolve
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.teacher_solve = GraphedSolve(lambda *a: a[0])
+    holder.ema_d = GraphedCall(lambda x: x)
+    holder.other = object()
+    for call in (holder.teacher_solve, holder.ema_d):
+        call.graphs[("shape",)] = ("graph", [], None)
+        call.seen.add(("shape",))
+        call.pool = "pool"
+    assert release_graphs(holder) == 2
+    assert all(not c.graphs and not c.seen and c.pool is None for c in (holder.teacher_solve, holder.ema_d))
+
+
+def test_a_latent_cache_refuses_a_second_resolution(tmp_path):
+    from prodistill.training.run import RunError, training_source
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache.json").write_text("{}")
+    cfg = tiny_config(tmp_path, data=str(cache), max_steps=4, resolution_schedule="2:48x32")
+    with pytest.raises(RunError, match="latent cache, which holds clips at one resolution"):
+        training_source(cfg, torch.device("cpu"))
+    with pytest.raises(RunError, match="need videos"):
+        training_source(tiny_config(tmp_path, data=str(cache), stage="1", stage1_resolution="48x48"),
+                        torch.device("cpu"))
+
+
+# -- configs/ ------------------------------------------------------------------------------------------------------
+PAPER = {
+    # OSV §5: stage 1 at 1024x768 for 2K iterations (8 H800), stage 2 for 20K at 576x320, 1024x768 for the last 10K
+    # (2 H800); batch 1, lr 5e-6, Adam, 100 timesteps, fps 7
+    "osv.yaml": dict(method="osv", stage="both", stage1_resolution="1024x768", stage1_steps=2000,
+                     resolution="576x320", stage2_steps=20000, resolution_schedule="10000:1024x768", batch_size=1,
+                     lr=5e-6, num_timesteps=100, fps=7.0, preset="svd-xt"),
+    # MCM §5: LoRA rank 64, lr 5e-6 / 5e-5 (discriminator), batch 128, 30K steps, λ_adv 1, λ_real 0.5, 512x512
+    "mcm.yaml": dict(method="mcm", lora_rank=64, lr=5e-6, disc_lr=5e-5, stage2_steps=30000, lambda_adv=1.0,
+                     lambda_real=0.5, resolution="512x512", preset="svd-xt"),
+    # AVDM2 §5.1 / appendix: AdamW, 4e-6 spatial, 2e-5 motion, 2e-5 critics, wd 0.01, 500 warm-up, 10K iterations,
+    # 16 frames at 512x512, batch 2 per GPU on 8 H800
+    "avdm2.yaml": dict(method="avdm2", lr=4e-6, motion_lr_scale=5.0, disc_lr=2e-5, weight_decay=0.01,
+                       warmup_steps=500, stage2_steps=10000, frames=16, resolution="512x512", batch_size=2,
+                       preset="svd-xt"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipes_hold_the_papers_values_and_say_how_to_run(name):
+    path = CONFIGS / name
+    cfg = build_config({}, path)
+    for key, value in PAPER[name].items():
+        assert getattr(cfg, key) == value, key
+    text = path.read_text()
+    for heading in ("# Command", "# Paper's GPUs:", "# Expected time"):
+        assert heading in text, f"{name} lacks a {heading!r} line"
+    assert "prodistill train --config configs/" + name in text
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_tiny_variants_train_end_to_end(tmp_path, name):
+    """Each recipe's tiny variant runs as `prodistill train --config configs/NAME-tiny.yaml` (CPU, seconds); OSV's
+    also changes resolution in both ways the recipe does, and its last preview is at the final resolution."""
+    import av
+    from click.testing import CliRunner
+
+    from prodistill.cli import main
+
+    tiny = CONFIGS / name.replace(".yaml", "-tiny.yaml")
+    assert set(load_yaml(tiny)) >= {"method", "preset"} and load_yaml(tiny)["preset"] == "tiny"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--config", str(tiny), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = build_config({}, out / "config.yaml")
+    assert read_metrics(out)[-1]["step"] == cfg.steps_for(cfg.stages()[-1])
+    if name == "osv.yaml":
+        assert cfg.stage1_resolution and cfg.resolution_schedule and cfg.stage1_resolution != cfg.resolution
+        last = sorted((out / "samples").glob("stage2-*.mp4"))[-1]
+        with av.open(str(last)) as video:
+            stream = video.streams.video[0]
+            assert f"{stream.width}x{stream.height}" == cfg.final_resolution()
+        first = sorted((out / "samples").glob("stage1-*.mp4"))[-1]
+        with av.open(str(first)) as video:
+            stream = video.streams.video[0]
+            assert f"{stream.width}x{stream.height}" == cfg.stage1_resolution
+    assert yaml.safe_load((out / "config.yaml").read_text())["method"] == PAPER[name]["method"]
