@@ -73,14 +73,14 @@ def make_trainer(cfg, run_dir, stage: int | None = None, models=None, total_step
 
 
 # -- export (issue 9) ------------------------------------------------------------------------------------------
-def make_lora_run(tmp_path, seed: int = 0):
+def make_lora_run(tmp_path, seed: int = 0, **overrides):
     """A tiny run folder (config.yaml + a stage-1 checkpoint) whose student holds a random, non-zero LoRA,
     without training: merging and export must then change the teacher's output. Returns (cfg, run folder)."""
     from prodistill.models.student import trainable_parameters
     from prodistill.training.checkpoint import save_checkpoint
     from prodistill.training.run import build_models
 
-    cfg = tiny_config(tmp_path, frames=4, stage="1")
+    cfg = tiny_config(tmp_path, **{"frames": 4, "stage": "1", **overrides})
     run = tmp_path / "run"
     run.mkdir(parents=True)
     cfg.save(run / "config.yaml")

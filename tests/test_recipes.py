@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import RandomClips, make_trainer, tiny_config
+from conftest import RandomClips, make_lora_run, make_trainer, tiny_config
 from prodistill.config import build_config, load_yaml
 from prodistill.training.checkpoint import latest_checkpoint
 from prodistill.training.logger import read_metrics
@@ -110,6 +110,16 @@ def test_compiled_regions_recompile_once_at_the_switch(tmp_path):
     trainer.fit()
     assert compiled[0] > 0 and compiled[2] > 0, compiled
     assert compiled[1] == compiled[3] == 0, compiled
+
+
+def test_sampling_and_export_default_to_the_resolution_training_ended_at(tmp_path):
+    from export.run import ExportOptions, _check_options
+    from prodistill.sampling import load_run
+
+    _, run = make_lora_run(tmp_path, stage1_resolution="48x32")
+    assert load_run(run, "cpu").cfg.size() == (48, 32)
+    export = lambda **kw: _check_options(ExportOptions(ckpt=run, out=tmp_path / "e", device="cpu", **kw))[0]  # noqa: E731
+    assert export().size() == (48, 32) and export(resolution="64x64").size() == (64, 64)  # --resolution still wins
 
 
 def test_release_graphs_resets_every_graphed_call(tmp_path):
