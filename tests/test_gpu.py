@@ -120,3 +120,31 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     assert len(losses["fast"]) == len(losses["eager"]) == 3
     for a, b in zip(losses["fast"], losses["eager"]):
         assert a == pytest.approx(b, rel=3e-2)
+
+
+def test_graphed_step_follows_a_resolution_switch(tmp_path):
+    """OSV stage 2 with the teacher solve and the EMA target graphed, 32x32 then 48x32 from step 2 (fp32): the
+    switch releases the first size's graphs and captures the new size's, and the losses equal the eager run's."""
+    from prodistill.accel import Speedups, accelerate, release_graphs
+
+    losses = {}
+    for name, speedups in (("eager", Speedups()), ("graphed", Speedups(cuda_graphs=True, graph_ema=True))):
+        cfg = tiny_config(tmp_path, device="cuda", max_steps=4, resolution_schedule="2:48x32",
+                          out=str(tmp_path / name))
+        dev = torch.device("cuda")
+        models = build_models(cfg, dev)
+        gen = torch.Generator(dev).manual_seed(0)
+        torch.manual_seed(2000)
+        method = build_method(cfg, models, 2, gen)
+        accelerate(method, models, speedups)
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", 4, gen, MetricsLogger(run_dir),
+                loader_at=lambda size: RandomClips(1, cfg.frames, size), on_resize=lambda: release_graphs(method)).fit()
+        losses[name] = [r["loss/g_total"] for r in read_metrics(run_dir)]
+        if name == "graphed":
+            shapes = [key[1][0] for key in method.teacher_solve.graphs]  # (structure, first input's shape, ...)
+            assert shapes == [torch.Size([1, cfg.frames, 4, 4, 6])], shapes  # only the 48x32 graph is left
+    assert len(losses["graphed"]) == 4
+    for a, b in zip(losses["graphed"], losses["eager"]):
+        assert a == pytest.approx(b, rel=1e-4)
