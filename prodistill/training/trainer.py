@@ -117,12 +117,12 @@ class Trainer:
         self.validator = validator
         """`prodistill.eval.validate.Validator` (--val-data), run every --val-every steps and at the stage's end."""
         self.announce_first_step = announce_first_step
+        """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.size = cfg.size_at(stage, 0)
         """(W, H) of `loader`'s clips: the stage's first resolution (`TrainConfig.size_at`)."""
         self.loader_at, self.on_resize = loader_at, on_resize
         """`loader_at((W, H))` builds a loader at another resolution, for --resolution-schedule; `on_resize()` runs
         after each switch (releasing what was built for the old shapes, such as CUDA graphs)."""
-        """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.step = 0
         fused = generator.device.type == "cuda"
         self.optimizers, self.schedulers = {}, {}
@@ -239,8 +239,8 @@ class Trainer:
         if self.on_resize is not None:
             self.on_resize()
         if self.dist.is_main:
-            log.info("stage %d step %d: training at %dx%d from now on (--resolution-schedule)", self.stage, self.step,
-                     *size)
+            log.info("stage %d step %d: training at %dx%d from now on (--resolution-schedule)%s", self.stage, self.step,
+                     *size, "; the next step compiles and captures for the new shapes" if self.announce_first_step else "")
 
     def _sync(self) -> None:
         if self.generator.device.type == "cuda":
