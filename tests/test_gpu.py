@@ -90,7 +90,7 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     ahead of time in 4 background processes, where no variant may fall back. Ahead of time, a one-step run first
     fills the cache (its steps run eagerly while the variants compile), so that the compared run is compiled from
     its first step."""
-    from prodistill.accel import Speedups, accelerate
+    from prodistill.accel import Speedups
     from prodistill.accel.graphs import GraphedCall
     from prodistill.bench.train import precompile_stats, precompiler
 
@@ -101,12 +101,7 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     runs = (("eager", Speedups(), 3), *((("prime", fast, 1),) if workers else ()), ("fast", fast, 3))
     for name, speedups, steps in runs:
         cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=steps, out=str(tmp_path / name))
-        dev = torch.device("cuda")
-        models = build_models(cfg, dev)
-        gen = torch.Generator(dev).manual_seed(0)
-        torch.manual_seed(2000)
-        method = build_method(cfg, models, 2, gen)
-        accelerate(method, models, speedups)
+        method, gen = _accelerated_osv_stage2(cfg, speedups)
         assert isinstance(method.ema_d, GraphedCall) == (speedups is fast)  # the EMA target's forward graphed too
         run_dir = tmp_path / name
         run_dir.mkdir()
@@ -125,18 +120,13 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
 def test_graphed_step_follows_a_resolution_switch(tmp_path):
     """OSV stage 2 with the teacher solve and the EMA target graphed, 32x32 then 48x32 from step 2 (fp32): the
     switch releases the first size's graphs and captures the new size's, and the losses equal the eager run's."""
-    from prodistill.accel import Speedups, accelerate, release_graphs
+    from prodistill.accel import Speedups, release_graphs
 
     losses = {}
     for name, speedups in (("eager", Speedups()), ("graphed", Speedups(cuda_graphs=True, graph_ema=True))):
         cfg = tiny_config(tmp_path, device="cuda", max_steps=4, resolution_schedule="2:48x32",
                           out=str(tmp_path / name))
-        dev = torch.device("cuda")
-        models = build_models(cfg, dev)
-        gen = torch.Generator(dev).manual_seed(0)
-        torch.manual_seed(2000)
-        method = build_method(cfg, models, 2, gen)
-        accelerate(method, models, speedups)
+        method, gen = _accelerated_osv_stage2(cfg, speedups)
         run_dir = tmp_path / name
         run_dir.mkdir()
         Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", 4, gen, MetricsLogger(run_dir),
@@ -148,3 +138,15 @@ def test_graphed_step_follows_a_resolution_switch(tmp_path):
     assert len(losses["graphed"]) == 4
     for a, b in zip(losses["graphed"], losses["eager"]):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def _accelerated_osv_stage2(cfg, speedups):
+    """(method, generator): OSV stage 2 built on CUDA as `prodistill train` seeds it, with `speedups` applied."""
+    from prodistill.accel import accelerate
+
+    models = build_models(cfg, torch.device("cuda"))
+    gen = torch.Generator(models.device).manual_seed(0)
+    torch.manual_seed(2000)
+    method = build_method(cfg, models, 2, gen)
+    accelerate(method, models, speedups)
+    return method, gen
