@@ -105,13 +105,15 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
 @click.option("--resolution", default="512x512", show_default=True, help="WxH of the training step.")
 @click.option("--frames", type=int, default=14, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--method", type=click.Choice(["osv", "lcm"]), default="osv", show_default=True)
+@click.option("--method", type=click.Choice(["osv", "lcm", "mcm", "avdm2"]), default="osv", show_default=True,
+              help="Method whose step is timed (the plain yardstick exists for osv and lcm only).")
 @click.option("--stage", type=click.Choice(["1", "2"]), default="2", show_default=True, help="OSV stage.")
-@click.option("--configs", default="plain,eager-pixels,eager,graphs,compile-teacher+graphs,compile,compile+graphs",
-              show_default=True, help="Comma-separated configurations (run in this order whatever the order given); "
-                                      "add +fp8-te, +fp8-torchao or +fp8-emulate to any but plain and eager-pixels "
-                                      "(e.g. eager+fp8-te, compile-teacher+graphs+fp8-torchao); ablations of "
-                                      "compile+graphs: +fused, +cfg2b, +nhwc, +solve-graph, +no-rewrites.")
+@click.option("--configs", default=None,
+              help="Comma-separated configurations (run in this order whatever the order given; default: plain "
+                   "(osv and lcm only), eager-pixels, eager, graphs, compile-teacher+graphs, compile, compile+graphs); "
+                   "add +fp8-te, +fp8-torchao or +fp8-emulate to any but plain and eager-pixels (e.g. eager+fp8-te, "
+                   "compile-teacher+graphs+fp8-torchao); ablations of compile+graphs: +fused, +cfg2b, +nhwc, "
+                   "+solve-graph, +no-rewrites.")
 @click.option("--iters", type=click.IntRange(1), default=10, show_default=True, help="Timed iterations each.")
 @click.option("--warmup", type=click.IntRange(1), default=3, show_default=True,
               help="Untimed iterations first (the first one compiles).")
@@ -153,7 +155,7 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
                                 "grad_checkpointing": grad_checkpointing, "compile_cache": compile_cache,
                                 "compile_workers": compile_workers, "fp8_table": fp8_table})
             dev = resolve_device(cfg.device)
-            names = parse_configs(configs, dev)
+            names = parse_configs(configs, dev, method)
             if launched_by_torchrun():  # one of the --nproc processes (prodistill.bench.scaling)
                 run_worker(cfg, dev, names, warmup, iters, explain, Path(json_path))
                 return

@@ -40,14 +40,35 @@ def is_kernel(event) -> bool:
             and not event.name.startswith(PREFIX) and not NOT_KERNELS.search(event.name))
 
 
+class _TotalsOnly:
+    """Stands in for `FlopCounterMode`'s module tracker, so that the counter keeps totals only: the tracker's
+    backward hooks fail inside `torch.autograd.grad` (MCM's gradient penalty differentiates the discriminator inside
+    its loss), and nothing here reads per-module counts."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def flop_counter():
+    """A `torch.utils.flop_counter.FlopCounterMode` counting the total FLOPs of what runs inside it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalsOnly()
+    return counter
+
+
 def _ranged(name: str, fn, flops: dict[str, float] | None):
     def call(*args, **kwargs):
         with torch.profiler.record_function(PREFIX + name):
             if flops is None:
                 return fn(*args, **kwargs)
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = fn(*args, **kwargs)
             flops[name] = flops.get(name, 0.0) + counter.get_total_flops() / 1e12
             return out

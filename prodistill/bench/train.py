@@ -34,9 +34,9 @@ import torch
 
 from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdown, phase_cpu_ms, phase_ranges
 
-CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs",
-           "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc", "compile+graphs+solve-graph",
-           "compile+graphs+no-rewrites")
+DEFAULT_CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
+CONFIGS = (*DEFAULT_CONFIGS, "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc",
+           "compile+graphs+solve-graph", "compile+graphs+no-rewrites")
 """`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+cfg2b`: the
 teacher's CFG as one batch-2B call (`--split-cfg off`) where compiling every network otherwise splits it into
 two batch-B calls (`--split-cfg auto`); `+nhwc`: channels-last conv weights (`--channels-last`); `+solve-graph`:
@@ -60,10 +60,21 @@ def split_config(name: str) -> tuple[str, str | None]:
     return base, backend or None
 
 
-def parse_configs(text: str, device: torch.device) -> list[str]:
+PLAIN_METHODS = ("osv", "lcm")
+"""Methods whose iteration `prodistill.bench.plain` writes as the plain-script yardstick."""
+
+
+def parse_configs(text: str | None, device: torch.device, method: str = "osv") -> list[str]:
+    """The configurations of `--configs` (None: `DEFAULT_CONFIGS`, without plain for a method that has no
+    yardstick), checked and in canonical order."""
     from prodistill.accel.fp8 import check_available
 
+    if text is None:
+        text = ",".join(c for c in DEFAULT_CONFIGS if c != "plain" or method in PLAIN_METHODS)
     names = [c.strip() for c in text.split(",") if c.strip()]
+    if "plain" in names and method not in PLAIN_METHODS:
+        raise ValueError(f"--configs plain: the plain-script yardstick exists for {' and '.join(PLAIN_METHODS)} only; "
+                         f"leave it out for --method {method}")
     parts = {c: split_config(c) for c in names}
     no_fp8 = ("plain", "eager-pixels")
     unknown = [c for c, (base, fp8) in parts.items()
@@ -172,9 +183,9 @@ def _describe_aot(aot: dict) -> str:
 
 
 def count_tflop(step) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+    from prodistill.bench.profile import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         step()
     return counter.get_total_flops() / 1e12
 
@@ -370,14 +381,12 @@ def _uncompiled(networks):
 def phase_tflop(cfg, models, device: torch.device) -> dict[str, float]:
     """TFLOP of each phase of one eager iteration (`prodistill.bench.profile.phase_ranges`; `rest`: the backward
     passes, optimisers and losses), counted with `FlopCounterMode` with every region uncompiled."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from prodistill.accel import method_networks
+    from prodistill.bench.profile import flop_counter
 
     step, _, _, method = _make_step("eager", cfg, models, device)
     flops: dict[str, float] = {}
-    with _uncompiled(method_networks(method, models)), phase_ranges(method, flops), \
-            FlopCounterMode(display=False) as total:
+    with _uncompiled(method_networks(method, models)), phase_ranges(method, flops), flop_counter() as total:
         step()
     flops["rest"] = total.get_total_flops() / 1e12 - sum(flops.values())
     return flops
