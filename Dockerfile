@@ -3,7 +3,7 @@
 #   docker build --target train -t prodistill:train .
 #   docker run --gpus all -v $PWD/runs:/workspace/runs prodistill:train train --method osv --preset svd-xt --device cuda
 #   docker run --gpus all -v /models:/models:ro -v /data:/data:ro -v $PWD/runs:/workspace/runs prodistill:train \
-#       train --config /opt/prodistill/configs/osv.yaml --teacher /models/svd-xt --dino /models/dinov2-small --data /data/videos
+#       train --config osv --teacher /models/svd-xt --dino /models/dinov2-small --data /data/videos
 #   docker build --target serve -t prodistill:serve .
 #   docker run --gpus all -p 8000:8000 -v $PWD/engines:/engines:ro prodistill:serve
 

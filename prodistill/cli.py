@@ -51,7 +51,8 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of options (keys as the flags without dashes); flags override it.")
+              help="YAML file of options (keys as the flags without dashes), or a shipped recipe's name (osv, mcm, "
+                   "avdm2, osv-tiny, ...: configs/); flags override it.")
 @train_options
 def train(config_file: str | None, **flags) -> None:
     """Distil the teacher into a few-step student (default: OSV, both stages, tiny preset, built-in clips)."""
@@ -60,7 +61,8 @@ def train(config_file: str | None, **flags) -> None:
 
 @main.command("train-decoder")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of options (keys as the flags without dashes); flags override it.")
+              help="YAML file of options (keys as the flags without dashes), or a shipped recipe's name (osv, mcm, "
+                   "avdm2, osv-tiny, ...: configs/); flags override it.")
 @train_options
 def train_decoder(config_file: str | None, **flags) -> None:
     """Distil a tiny temporal VAE decoder from the teacher's full one (`train --method decoder`; widths with

@@ -414,9 +414,28 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+"""The papers' recipes shipped in the repository (`configs/*.yaml`; the Docker train image carries them too)."""
+
+
+def config_path(path: str | Path) -> Path:
+    """A `--config` argument as a file: the path itself, or a recipe's name (`osv`, `mcm-tiny`, ...) in `RECIPES`."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    recipe = RECIPES / f"{given.name}.yaml"
+    if given.suffix == "" and given.parent == Path(".") and recipe.is_file():
+        return recipe
+    names = sorted(f.stem for f in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
+    raise ValueError(f"--config {path}: no such file" + (f"; pass a YAML file or a recipe name ({', '.join(names)})"
+                                                          if names else "; pass a YAML file of options"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file, rejecting keys that are not config fields (a typo should not pass silently)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """Read a config file (or a recipe by name, `config_path`), rejecting keys that are not config fields (a typo
+    should not pass silently)."""
+    path = config_path(path)
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a YAML mapping of option names to values")
     known = {f.name for f in fields(TrainConfig)}

@@ -185,6 +185,15 @@ def test_paper_recipes_hold_the_papers_values_and_say_how_to_run(name):
     assert "prodistill train --config configs/" + name in text
 
 
+def test_a_recipe_is_named_without_its_path_and_a_missing_file_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names resolve in the repository's configs/, wherever the command runs
+    assert build_config({}, "osv") == build_config({}, CONFIGS / "osv.yaml")
+    with pytest.raises(ValueError, match=r"--config nope: no such file; pass a YAML file or a recipe name \(avdm2, "):
+        build_config({}, "nope")
+    with pytest.raises(ValueError, match="no such file"):
+        build_config({}, "sub/osv")  # a path is a path: only a bare name looks among the recipes
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_tiny_variants_train_end_to_end(tmp_path, name):
     """Each recipe's tiny variant runs as `prodistill train --config configs/NAME-tiny.yaml` (CPU, seconds); OSV's
