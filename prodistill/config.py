@@ -326,8 +326,10 @@ class TrainConfig:
             switches.append((step, _parse_size(size, "--resolution-schedule")))
         steps = [s for s, _ in switches]
         if steps != sorted(set(steps)) or not 0 < steps[0] or steps[-1] >= self.stage2_steps:
+            hint = (f"; --max-steps {self.max_steps} shortened the stage: give a schedule inside it, or "
+                    "--resolution-schedule '' for none") if self.max_steps is not None else ""
             raise ValueError(f"--resolution-schedule steps must increase and lie between 1 and --stage2-steps - 1 "
-                             f"({self.stage2_steps - 1}), got {', '.join(map(str, steps))}")
+                             f"({self.stage2_steps - 1}), got {', '.join(map(str, steps))}{hint}")
         return switches
 
     def size_at(self, stage: int, step: int = 0) -> tuple[int, int]:

@@ -48,6 +48,13 @@ def test_bad_schedules_are_one_sentence_before_anything_is_built(tmp_path, sched
         tiny_config(tmp_path, stage1_resolution="big")
 
 
+def test_a_quick_try_of_a_recipe_is_told_how_to_drop_its_schedule(tmp_path):
+    with pytest.raises(ValueError, match="--max-steps 100 shortened the stage: .* --resolution-schedule '' for none"):
+        build_config({"max_steps": 100}, CONFIGS / "osv.yaml")
+    assert build_config({"max_steps": 100, "resolution_schedule": ""}, CONFIGS / "osv.yaml").sizes() == {
+        (1024, 768), (576, 320)}
+
+
 def _shapes_and_losses(trainer):
     """Record the pixel shape of every batch the method computes on; returns the list it fills."""
     shapes, compute = [], trainer.method.compute
