@@ -166,6 +166,13 @@ class DaliClipLoader(ClipLoader):
         self._fed.append((epoch, position, torch.stack(noise)))
         return clips
 
+    def close(self) -> None:
+        """Drop the pipeline (its decoders, threads and prefetched batches); the next batch builds a new one from the
+        current position."""
+        super().close()
+        self._pipe = None
+        self._fed.clear()
+
     def __next__(self) -> dict:
         if self._iter is None:  # the first batch, or the first after load_state_dict
             self._iter, self._pipe = self._items(), None  # drops the old pipeline before building one

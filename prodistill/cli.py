@@ -50,7 +50,7 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--config", "config_file", default=None,
               help="YAML file of options (keys as the flags without dashes), or a shipped recipe's name (osv, mcm, "
                    "avdm2, osv-tiny, ...: configs/); flags override it.")
 @train_options
@@ -60,7 +60,7 @@ def train(config_file: str | None, **flags) -> None:
 
 
 @main.command("train-decoder")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--config", "config_file", default=None,
               help="YAML file of options (keys as the flags without dashes), or a shipped recipe's name (osv, mcm, "
                    "avdm2, osv-tiny, ...: configs/); flags override it.")
 @train_options
@@ -83,7 +83,10 @@ def _train(config_file: str | None, flags: dict) -> Path | None:
     from prodistill.training.trainer import TrainingInterrupted
 
     try:
-        if flags.get("resume") and config_file is None:
+        if flags.get("resume") and config_file is not None:
+            raise ValueError("--resume continues a run with its own config (RUN/config.yaml): leave --config out "
+                             "(single flags such as --stage still apply)")
+        if flags.get("resume"):
             out = Path(flags.get("out") or TrainConfig.__dataclass_fields__["out"].default)
             if (out / "config.yaml").is_file():
                 config_file = str(out / "config.yaml")

@@ -252,7 +252,8 @@ class TrainConfig:
         self.size()
         if self.stage1_resolution is not None:
             _parse_size(self.stage1_resolution, "--stage1-resolution")
-        self.resolution_switches()
+        if 2 in self.stages():  # a stage-1-only run never reads the schedule
+            self.resolution_switches()
         if self.cm_scale <= 0 or self.cm_sigma_data <= 0:
             raise ValueError(f"--cm-scale and --cm-sigma-data must be positive, got {self.cm_scale} and "
                              f"{self.cm_sigma_data}")
@@ -356,11 +357,10 @@ class TrainConfig:
         w, h = self.size_at(stage, self.steps_for(stage) - 1)
         return f"{w}x{h}"
 
-    def at_final_resolution(self) -> "TrainConfig":
-        """This config at the single resolution the run ended training at: what `sample`, `eval` and `export`
-        default to (a student distilled last at 1024x768 is used at 1024x768)."""
-        return dataclasses.replace(self, resolution=self.final_resolution(), stage1_resolution=None,
-                                   resolution_schedule=None)
+    def at_resolution(self, resolution: str) -> "TrainConfig":
+        """This config at the single resolution `WxH` (no stage-1 resolution, no schedule): for using a student at
+        the resolution it was trained at (`prodistill.sampling.checkpoint_resolution`)."""
+        return dataclasses.replace(self, resolution=resolution, stage1_resolution=None, resolution_schedule=None)
 
     def stages(self) -> tuple[int, ...]:
         if self.method != "osv":
@@ -426,7 +426,7 @@ def config_path(path: str | Path) -> Path:
     if given.is_file():
         return given
     recipe = RECIPES / f"{given.name}.yaml"
-    if given.suffix == "" and given.parent == Path(".") and recipe.is_file():
+    if str(path) == given.name and given.suffix == "" and recipe.is_file():  # a bare name, not a path
         return recipe
     names = sorted(f.stem for f in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
     raise ValueError(f"--config {path}: no such file" + (f"; pass a YAML file or a recipe name ({', '.join(names)})"

@@ -89,6 +89,18 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ValueError(f"{path} holds no checkpoint: pass the --out folder of a `prodistill train` run")
 
 
+def checkpoint_resolution(cfg, ckpt_dir: Path) -> str:
+    """`WxH` the checkpoint's student last trained at (its stage and step against the run's --stage1-resolution and
+    --resolution-schedule): what `sample`, `eval` and `export` use unless told otherwise."""
+    from prodistill.training.checkpoint import read_meta
+
+    meta = read_meta(ckpt_dir)
+    stage = int(meta.get("stage", 2 if (ckpt_dir / "ema.safetensors").is_file() else 1))
+    step = int(meta.get("step", cfg.steps_for(stage)))
+    w, h = cfg.size_at(stage, max(step - 1, 0))
+    return f"{w}x{h}"
+
+
 def checkpoint_stage(ckpt_dir: Path, tensors: dict) -> int:
     """The stage whose student a checkpoint holds (its meta; older checkpoints: stage 2 where EMA exists)."""
     from prodistill.training.checkpoint import read_meta
@@ -122,7 +134,8 @@ def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student
     run_dir, ckpt_dir = _resolve_checkpoint(ckpt)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
-    cfg = build_config({"device": device}, run_dir / "config.yaml").at_final_resolution()
+    cfg = build_config({"device": device}, run_dir / "config.yaml")
+    cfg = cfg.at_resolution(checkpoint_resolution(cfg, ckpt_dir))
     if cfg.method == "decoder":
         raise ValueError(f"{run_dir} trained a tiny decoder, not a student: use it with `prodistill eval-decoder` "
                          "or `prodistill export --decoder tiny --tiny-decoder`")

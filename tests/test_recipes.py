@@ -28,8 +28,11 @@ def test_schedule_parses_and_gives_each_step_its_resolution(tmp_path):
     assert tiny_config(tmp_path, stage1_resolution="48x48", stage="1").final_resolution() == "48x48"
     # the other methods have one stage (the distillation slot): --stage1-resolution does not apply to them
     assert tiny_config(tmp_path, method="lcm", stage1_resolution="48x48").size_at(2, 0) == (32, 32)
-    at_end = build_config(dict(preset="svd-xt", resolution="576x320", resolution_schedule="5:1024x768"))
-    assert (at_end.at_final_resolution().size(), at_end.at_final_resolution().resolution_schedule) == ((1024, 768), None)
+    one = build_config(dict(preset="svd-xt", resolution="576x320", resolution_schedule="5:1024x768")).at_resolution(
+        "1024x768")
+    assert (one.size(), one.resolution_schedule, one.stage1_resolution) == ((1024, 768), None, None)
+    # a stage-1-only run never reads the schedule, so a schedule beyond its steps is no error
+    assert tiny_config(tmp_path, stage="1", max_steps=4, resolution_schedule="9:48x32").size_at(1) == (32, 32)
 
 
 @pytest.mark.parametrize("schedule, message", [
@@ -129,6 +132,74 @@ def test_sampling_and_export_default_to_the_resolution_training_ended_at(tmp_pat
     assert export().size() == (48, 32) and export(resolution="64x64").size() == (64, 64)  # --resolution still wins
 
 
+def test_each_checkpoint_is_used_at_the_resolution_its_student_last_trained_at(tmp_path):
+    import json
+
+    from prodistill.sampling import checkpoint_resolution
+    from prodistill.training.checkpoint import META_FILE
+
+    cfg = tiny_config(tmp_path, max_steps=4, stage1_resolution="48x32", resolution_schedule="2:32x48")
+    expect = {(1, 4): "48x32", (2, 1): "32x32", (2, 2): "32x32", (2, 3): "32x48", (2, 4): "32x48"}
+    for (stage, step), size in expect.items():
+        ckpt = tmp_path / f"stage{stage}" / f"ckpt-{step:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / META_FILE).write_text(json.dumps({"step": step, "stage": stage}))
+        assert checkpoint_resolution(cfg, ckpt) == size, (stage, step)
+
+
+def test_resume_refuses_a_config_file_and_changed_networks(tmp_path):
+    from click.testing import CliRunner
+
+    from prodistill.cli import main
+
+    _, run = make_lora_run(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--config", "osv-tiny", "--resume", "--out", str(run)])
+    assert result.exit_code != 0 and "--resume continues a run with its own config" in result.output
+    result = CliRunner().invoke(main, ["train", "--resume", "--out", str(run), "--lora-rank", "5", "--seed", "3"])
+    assert result.exit_code != 0 and "--lora-rank differs from the run's" in result.output, result.output
+
+
+def test_closing_a_loader_stops_its_workers_and_keeps_its_position(tmp_path):
+    import multiprocessing
+    import time
+
+    from prodistill.data.builtin import ensure_builtin_clips
+    from prodistill.data.dataset import ClipLoader, VideoClipDataset
+
+    dataset = VideoClipDataset(sorted(ensure_builtin_clips().glob("*.mp4")), num_frames=2, resolution=(32, 32))
+    before = set(multiprocessing.active_children())  # other tests' processes are not this loader's
+    loader = ClipLoader(dataset, batch_size=1, num_workers=1)
+    first = next(loader)["pixels"]
+    workers = set(multiprocessing.active_children()) - before
+    assert workers
+    state = loader.state_dict()
+    loader.close()
+    for _ in range(50):
+        if not any(w.is_alive() for w in workers):
+            break
+        time.sleep(0.1)
+    assert not any(w.is_alive() for w in workers) and loader.state_dict() == state
+    again = ClipLoader(dataset, batch_size=1)
+    torch.testing.assert_close(next(again)["pixels"], first)
+    torch.testing.assert_close(next(loader)["pixels"], next(again)["pixels"])  # goes on from where it was
+
+
+def test_the_best_validation_is_kept_per_resolution(tmp_path):
+    import json
+
+    from prodistill.eval.validate import Validator
+
+    val = object.__new__(Validator)  # mark_if_best reads only the folder and the real set's description
+    val.folder = tmp_path / "val"
+    marks = []
+    for resolution, fvd, stage in (("48x32", 5.0, 1), ("48x32", 6.0, 1), ("32x48", 9.0, 2), ("32x48", 8.0, 2)):
+        val.meta = {"resolution": resolution}
+        marks.append(val.mark_if_best({"val/fvd": fvd}, stage, len(marks) + 1, None))
+    assert marks == [True, False, True, True]  # 9 at a new resolution does not compare with 5 at the old one
+    best = json.loads((val.folder / "best.json").read_text())
+    assert (best["resolution"], best["fvd"], best["step"]) == ("32x48", 8.0, 4)
+
+
 def test_release_graphs_resets_every_graphed_call(tmp_path):
     from prodistill.accel import release_graphs
     from prodistill.accel.graphs import GraphedCall, GraphedSolve
@@ -199,6 +270,10 @@ def test_a_recipe_is_named_without_its_path_and_a_missing_file_is_one_sentence(t
         build_config({}, "nope")
     with pytest.raises(ValueError, match="no such file"):
         build_config({}, "sub/osv")  # a path is a path: only a bare name looks among the recipes
+    with pytest.raises(ValueError, match="no such file"):
+        build_config({}, "./osv")
+    (tmp_path / "osv").mkdir()  # a folder of that name in the working directory does not hide the recipe
+    assert build_config({}, "osv").resolution_schedule == "10000:1024x768"
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

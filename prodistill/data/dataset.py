@@ -225,6 +225,12 @@ class ClipLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "skipped": list(self.skipped)}
 
+    def close(self) -> None:
+        """Stop what runs ahead (worker processes); the next batch starts afresh from the current position."""
+        if self._iter is not None:
+            self._iter.close()  # its frame held the DataLoader iterator: the workers exit with it
+            self._iter = None
+
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.skipped = list(state.get("skipped", []))

@@ -80,16 +80,18 @@ class Validator:
 
     def mark_if_best(self, metrics: dict[str, float], stage: int, step: int, checkpoint: Path | None) -> bool:
         """Record this validation in best.json and move the BEST marker to `checkpoint` when its FVD is the lowest
-        so far (of any stage); returns whether it was."""
+        so far (of any stage) at this resolution; returns whether it was. FVDs at different resolutions do not
+        compare (`--stage1-resolution`): the first validation at a new one starts the record afresh."""
         path = self.folder / "best.json"
         best = json.loads(path.read_text()) if path.is_file() else None
-        if best is not None and best["fvd"] <= metrics["val/fvd"]:
+        resolution = self.meta["resolution"]
+        if best is not None and best.get("resolution", resolution) == resolution and best["fvd"] <= metrics["val/fvd"]:
             return False
         if best is not None and best.get("checkpoint"):
             (Path(best["checkpoint"]) / BEST_MARKER).unlink(missing_ok=True)
         if checkpoint is not None:
             (checkpoint / BEST_MARKER).write_text(f"stage {stage} step {step} FVD {metrics['val/fvd']}\n")
-        record = {"stage": stage, "step": step, "fvd": metrics["val/fvd"],
+        record = {"stage": stage, "step": step, "fvd": metrics["val/fvd"], "resolution": resolution,
                   "checkpoint": str(checkpoint) if checkpoint is not None else None}
         self.folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2))

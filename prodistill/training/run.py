@@ -49,6 +49,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+STRUCTURE = ("method", "preset", "teacher", "dino", "image_teacher", "lora_rank", "lora_targets", "train_modules",
+             "disc_input", "disc_upscale", "disc_head_channels", "motion_repr", "decoder_channels")
+"""Config keys that decide the networks a checkpoint's weights fit: a resumed run may not change them."""
+
+
 def check_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out)
     has_ckpt = any(latest_checkpoint(run_dir / f"stage{s}") for s in (1, 2))
@@ -56,6 +61,17 @@ def check_run_dir(cfg: TrainConfig) -> Path:
         raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
     if has_ckpt and not cfg.resume:
         raise RunError(f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another --out")
+    if cfg.resume:
+        import yaml
+
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        changed = [k for k in STRUCTURE if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise RunError(f"--resume: {flags} {'differs' if len(changed) == 1 else 'differ'} from the run's "
+                           f"({run_dir / 'config.yaml'}), and its checkpoints' networks depend on "
+                           f"{'it' if len(changed) == 1 else 'them'}; leave {'it' if len(changed) == 1 else 'them'} "
+                           "out or start a new --out")
     return run_dir
 
 

@@ -235,6 +235,8 @@ class Trainer:
                              "loader cannot change resolution")
         loader = self.loader_at(size)
         loader.load_state_dict(self.loader.state_dict())
+        if hasattr(self.loader, "close"):
+            self.loader.close()  # its worker processes or DALI pipeline, now rather than whenever the GC runs
         self.loader, self.size = loader, size
         if self.on_resize is not None:
             self.on_resize()
