@@ -57,7 +57,7 @@ def sha256(path: Path) -> str:
 def _check_options(opts: ExportOptions):
     """(config, checkpoint folder): every check that needs no model, each failing with one sentence."""
     from prodistill.config import build_config
-    from prodistill.sampling import _resolve_checkpoint, checkpoint_resolution
+    from prodistill.sampling import _resolve_checkpoint, checkpoint_size
 
     if opts.decoder not in DECODERS:
         raise ExportError(f"--decoder must be one of {', '.join(DECODERS)}, got {opts.decoder!r}")
@@ -76,7 +76,7 @@ def _check_options(opts: ExportOptions):
     overrides = {"device": opts.device, "dtype": "fp32", "resolution": opts.resolution, "frames": opts.frames}
     cfg = build_config(overrides, run_dir / "config.yaml")
     if opts.resolution is None:
-        cfg = cfg.at_resolution(checkpoint_resolution(cfg, ckpt_dir))  # the one the checkpoint's student trained at
+        cfg = cfg.at_resolution(checkpoint_size(cfg, ckpt_dir))  # the one the checkpoint's student trained at
     if opts.decoder == "tiny":
         check_tiny_decoder(opts.tiny_decoder, cfg.frames)
     elif opts.tiny_decoder is not None:

@@ -351,16 +351,11 @@ class TrainConfig:
         return {self.size_at(s, 0) for s in self.stages()} | (
             {size for _, size in self.resolution_switches()} if 2 in self.stages() else set())
 
-    def final_resolution(self) -> str:
-        """`WxH` the run ends training at (its last stage's last step)."""
-        stage = self.stages()[-1]
-        w, h = self.size_at(stage, self.steps_for(stage) - 1)
-        return f"{w}x{h}"
-
-    def at_resolution(self, resolution: str) -> "TrainConfig":
-        """This config at the single resolution `WxH` (no stage-1 resolution, no schedule): for using a student at
-        the resolution it was trained at (`prodistill.sampling.checkpoint_resolution`)."""
-        return dataclasses.replace(self, resolution=resolution, stage1_resolution=None, resolution_schedule=None)
+    def at_resolution(self, size: tuple[int, int]) -> "TrainConfig":
+        """This config at the single resolution `size` (W, H; no stage-1 resolution, no schedule): for validating a
+        stage at one size, and for using a student at the size it trained at (`prodistill.sampling.checkpoint_size`)."""
+        return dataclasses.replace(self, resolution="{}x{}".format(*size), stage1_resolution=None,
+                                   resolution_schedule=None)
 
     def stages(self) -> tuple[int, ...]:
         if self.method != "osv":

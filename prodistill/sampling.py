@@ -89,16 +89,15 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ValueError(f"{path} holds no checkpoint: pass the --out folder of a `prodistill train` run")
 
 
-def checkpoint_resolution(cfg, ckpt_dir: Path) -> str:
-    """`WxH` the checkpoint's student last trained at (its stage and step against the run's --stage1-resolution and
+def checkpoint_size(cfg, ckpt_dir: Path) -> tuple[int, int]:
+    """(W, H) the checkpoint's student last trained at (its stage and step against the run's --stage1-resolution and
     --resolution-schedule): what `sample`, `eval` and `export` use unless told otherwise."""
     from prodistill.training.checkpoint import read_meta
 
     meta = read_meta(ckpt_dir)
     stage = int(meta.get("stage", 2 if (ckpt_dir / "ema.safetensors").is_file() else 1))
     step = int(meta.get("step", cfg.steps_for(stage)))
-    w, h = cfg.size_at(stage, max(step - 1, 0))
-    return f"{w}x{h}"
+    return cfg.size_at(stage, max(step - 1, 0))
 
 
 def checkpoint_stage(ckpt_dir: Path, tensors: dict) -> int:
@@ -135,7 +134,7 @@ def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
     cfg = build_config({"device": device}, run_dir / "config.yaml")
-    cfg = cfg.at_resolution(checkpoint_resolution(cfg, ckpt_dir))
+    cfg = cfg.at_resolution(checkpoint_size(cfg, ckpt_dir))
     if cfg.method == "decoder":
         raise ValueError(f"{run_dir} trained a tiny decoder, not a student: use it with `prodistill eval-decoder` "
                          "or `prodistill export --decoder tiny --tiny-decoder`")

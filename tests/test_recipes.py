@@ -22,14 +22,14 @@ def test_schedule_parses_and_gives_each_step_its_resolution(tmp_path):
     assert cfg.size_at(1, 0) == cfg.size_at(1, 1999) == (1024, 768)
     assert cfg.size_at(2, 0) == cfg.size_at(2, 9999) == (576, 320)  # step = optimiser steps completed
     assert cfg.size_at(2, 10000) == cfg.size_at(2, 19999) == (1024, 768)
-    assert cfg.sizes() == {(576, 320), (1024, 768)} and cfg.final_resolution() == "1024x768"
+    assert cfg.sizes() == {(576, 320), (1024, 768)}
     two = tiny_config(tmp_path, max_steps=9, resolution_schedule="3:48x32, 6:64x48")
     assert [two.size_at(2, s) for s in (0, 2, 3, 5, 6, 8)] == [(32, 32)] * 2 + [(48, 32)] * 2 + [(64, 48)] * 2
-    assert tiny_config(tmp_path, stage1_resolution="48x48", stage="1").final_resolution() == "48x48"
+    assert tiny_config(tmp_path, stage1_resolution="48x48", stage="1").sizes() == {(48, 48)}
     # the other methods have one stage (the distillation slot): --stage1-resolution does not apply to them
     assert tiny_config(tmp_path, method="lcm", stage1_resolution="48x48").size_at(2, 0) == (32, 32)
     one = build_config(dict(preset="svd-xt", resolution="576x320", resolution_schedule="5:1024x768")).at_resolution(
-        "1024x768")
+        (1024, 768))
     assert (one.size(), one.resolution_schedule, one.stage1_resolution) == ((1024, 768), None, None)
     # a stage-1-only run never reads the schedule, so a schedule beyond its steps is no error
     assert tiny_config(tmp_path, stage="1", max_steps=4, resolution_schedule="9:48x32").size_at(1) == (32, 32)
@@ -135,16 +135,16 @@ def test_sampling_and_export_default_to_the_resolution_training_ended_at(tmp_pat
 def test_each_checkpoint_is_used_at_the_resolution_its_student_last_trained_at(tmp_path):
     import json
 
-    from prodistill.sampling import checkpoint_resolution
+    from prodistill.sampling import checkpoint_size
     from prodistill.training.checkpoint import META_FILE
 
     cfg = tiny_config(tmp_path, max_steps=4, stage1_resolution="48x32", resolution_schedule="2:32x48")
-    expect = {(1, 4): "48x32", (2, 1): "32x32", (2, 2): "32x32", (2, 3): "32x48", (2, 4): "32x48"}
+    expect = {(1, 4): (48, 32), (2, 1): (32, 32), (2, 2): (32, 32), (2, 3): (32, 48), (2, 4): (32, 48)}
     for (stage, step), size in expect.items():
         ckpt = tmp_path / f"stage{stage}" / f"ckpt-{step:07d}"
         ckpt.mkdir(parents=True)
         (ckpt / META_FILE).write_text(json.dumps({"step": step, "stage": stage}))
-        assert checkpoint_resolution(cfg, ckpt) == size, (stage, step)
+        assert checkpoint_size(cfg, ckpt) == size, (stage, step)
 
 
 def test_resume_refuses_a_config_file_and_changed_networks(tmp_path):
@@ -297,7 +297,7 @@ def test_tiny_variants_train_end_to_end(tmp_path, name):
         last = sorted((out / "samples").glob("stage2-*.mp4"))[-1]
         with av.open(str(last)) as video:
             stream = video.streams.video[0]
-            assert f"{stream.width}x{stream.height}" == cfg.final_resolution()
+            assert (stream.width, stream.height) == cfg.size_at(2, cfg.steps_for(2) - 1)
         first = sorted((out / "samples").glob("stage1-*.mp4"))[-1]
         with av.open(str(first)) as video:
             stream = video.streams.video[0]

@@ -235,8 +235,7 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
         from prodistill.eval.validate import Validator
 
         # one resolution for the whole stage, so its validations compare: the one the stage ends at
-        final = dataclasses.replace(cfg, resolution="{}x{}".format(*cfg.size_at(stage, steps - 1)))
-        validator = Validator(final, models, run_dir, list(val_videos))
+        validator = Validator(cfg.at_resolution(cfg.size_at(stage, steps - 1)), models, run_dir, list(val_videos))
     trainer = Trainer(cfg, method, loader, stage, stage_dir, steps, generator, logger, preview_fn=preview,
                       announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models,
                       validator=validator, loader_at=loader_at, on_resize=lambda: release_graphs(method))
