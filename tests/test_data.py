@@ -118,3 +118,18 @@ def test_builtin_build_is_all_or_nothing(tmp_path, monkeypatch):
     (foreign / "video.mp4").write_bytes(b"not ours")
     with pytest.raises(FileExistsError, match="no DONE marker"):
         ensure_builtin_clips(foreign)
+
+
+def test_image_data_and_the_latent_path_import_without_pyav():
+    """PyAV (FFmpeg) is imported only by the functions that decode or encode video: MCM's image folders, the
+    latent-cache dataset and `bench train` import where it is missing (the GPU machine lacks it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['av'] = None\n"
+            "import prodistill.data.images, prodistill.data.dataset, prodistill.methods.mcm, prodistill.bench.train\n"
+            "from prodistill.data.video import read_frames\n"
+            "try:\n    read_frames('x.mp4', [0])\nexcept ImportError:\n    print('needs av')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "needs av"

@@ -8,7 +8,8 @@ linear decode of a few dozen frames is cheap and gives the same frame numbering 
 
 Writing is atomic (encode to a temporary file beside the target, then `os.replace`) so a crash or a
 concurrent reader never sees a half-written video, and the pixel format is always yuv420p so that the
-files open in ordinary players and in DALI's NVDEC decoder.
+files open in ordinary players and in DALI's NVDEC decoder. PyAV is imported by the functions that use it, so
+code that only needs this module's names (image folders, the latent cache) runs where FFmpeg is not installed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 # codec name -> (FFmpeg encoder, encoder options). The quality settings keep the round-trip error of
@@ -59,6 +59,8 @@ def write_mp4(path: str | Path, frames_fhwc: np.ndarray, fps: float, codec: str 
     suffix (.mp4, .mkv, .webm, ...). H and W must be even because the pixel format is yuv420p.
     Returns the path written.
     """
+    import av
+
     path = Path(path)
     if codec not in _ENCODERS:
         raise ValueError(f"codec must be one of {sorted(_ENCODERS)}, got {codec!r}.")
@@ -100,7 +102,9 @@ def write_mp4(path: str | Path, frames_fhwc: np.ndarray, fps: float, codec: str 
     return path
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def _open(path: Path) -> "av.container.InputContainer":
+    import av
+
     try:
         container = av.open(str(path), mode="r")
     except av.error.FFmpegError as err:
@@ -117,6 +121,8 @@ def probe_video(path: str | Path) -> VideoInfo:
     The frame count comes from the container header when it has one (mp4); otherwise (mkv, webm) the
     stream is decoded and counted, which is slow for long videos but exact.
     """
+    import av
+
     path = Path(path)
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -144,6 +150,8 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     Returns uint8 RGB frames (len(indices), H, W, 3) in the order of `indices`. Raises VideoDecodeError
     when the file is unreadable or corrupt, or ends before the largest index.
     """
+    import av
+
     path = Path(path)
     if len(indices) == 0:
         raise ValueError("indices must name at least one frame.")
