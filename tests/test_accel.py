@@ -136,9 +136,8 @@ def test_switches_resolve_by_device_and_refuse_graphs_on_cpu(tmp_path):
     forced = Speedups.from_config(tiny_config(tmp_path, compile="on", compile_cache=str(tmp_path / "c")), cpu)
     assert forced.compile == "all" and forced.cache_dir == tmp_path / "c"
     assert Speedups.from_config(auto, cuda).describe() == ("compile (all networks, inductor), CUDA graphs: teacher "
-                                                           "solve (launched from a second thread) + EMA target, "
-                                                           "exact rewrites, split CFG")
-    assert on_gpu.graph_ema and on_gpu.async_solve and not on_gpu.channels_last
+                                                           "solve + EMA target, exact rewrites, split CFG")
+    assert on_gpu.graph_ema and not on_gpu.channels_last
     assert Speedups.from_config(tiny_config(tmp_path, channels_last=True), cpu).channels_last
     off = Speedups.from_config(tiny_config(tmp_path, compile="off", cuda_graphs="off"), cuda)
     assert off.compile == "off" and not off.cuda_graphs and off.describe() == "exact rewrites"
@@ -395,67 +394,3 @@ def test_exact_rewrite_keeps_the_step_losses_and_is_single_process(tmp_path, mon
     assert not Speedups.from_config(tiny_config(tmp_path), cpu).rewrites
     with pytest.raises(SpeedupError, match="--exact-rewrites on needs a single process"):
         Speedups.from_config(tiny_config(tmp_path, exact_rewrites="on"), cpu)
-
-
-def test_the_solve_launches_from_a_second_thread_in_a_single_process_only(tmp_path, monkeypatch):
-    cuda = torch.device("cuda")
-    assert Speedups.from_config(tiny_config(tmp_path), cuda).async_solve
-    assert not Speedups.from_config(tiny_config(tmp_path, cuda_graphs="off"), cuda).async_solve
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    several = Speedups.from_config(tiny_config(tmp_path), cuda)
-    assert several.cuda_graphs and not several.async_solve and not several.graph_ema
-
-
-def test_consistency_pair_begins_the_solve_before_the_student_and_waits_after_it():
-    """The order that lets a solve on a side stream overlap the student's launches: start, student, wait, EMA
-    target; the pair itself is the formula's (here with hand-made denoisers)."""
-    from prodistill.diffusion.consistency import SONG, consistency_from_denoised
-    from prodistill.methods.consistency import Ready, TeacherSolve, consistency_pair
-
-    calls = []
-
-    class Solve:
-        def start(self, x, path, cond, w):
-            calls.append("start")
-            return self
-
-        def wait(self):
-            calls.append("wait")
-            return torch.full((1, 2, 1, 1, 1), 3.0)
-
-    student = lambda x, s, c: calls.append("student") or x * 0.5  # noqa: E731
-    ema = lambda x, s, c: calls.append("ema") or x * 0.25  # noqa: E731
-    x0, eps = torch.ones(1, 2, 1, 1, 1), torch.full((1, 2, 1, 1, 1), 2.0)
-    path = torch.tensor([[4.0, 1.0]])
-    target, prediction = consistency_pair(student, ema, Solve(), x0, eps, None, path, torch.ones(1, 2), SONG)
-    assert calls == ["start", "student", "wait", "ema"]
-    x_start = x0 + 4.0 * eps
-    assert torch.equal(prediction, consistency_from_denoised(x_start, path[:, 0], x_start * 0.5, SONG))
-    assert torch.equal(target, consistency_from_denoised(torch.full_like(x0, 3.0), path[:, 1],
-                                                         torch.full_like(x0, 0.75), SONG))
-    done = TeacherSolve(lambda x, s, c: x).start  # the eager solve is done when begun
-    assert isinstance(Ready(torch.ones(1)), Ready) and callable(done)
-
-
-def test_phase_ranges_keep_a_solves_start():
-    from types import SimpleNamespace
-
-    from prodistill.bench.profile import phase_ranges
-    from prodistill.methods.consistency import Ready
-
-    class Solve:
-        asynchronous = False
-        profile_range = None
-
-        def __call__(self, x):
-            return x + 1
-
-        def start(self, x):
-            return Ready(self(x))
-
-    solve = Solve()
-    method = SimpleNamespace(teacher_solve=solve, student_d=None, disc=None)
-    with phase_ranges(method), torch.profiler.profile() as prof:
-        assert method.teacher_solve.start(torch.ones(1)).wait().item() == 2
-    assert "phase: teacher solve" in {e.name for e in prof.events()}
-    assert method.teacher_solve is solve and solve.profile_range is None

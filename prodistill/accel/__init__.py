@@ -28,8 +28,7 @@ and its teacher solve. The order matters, and is:
    load, and 0.884 s/it against 0.910 with one batch-2B call.
 7. CUDA graphs (`--cuda-graphs`) of the frozen teacher's m-step solve and, in a single process, of the EMA
    target's forward (`prodistill.accel.graphs`): last, because they record whatever the steps above made of
-   the networks. In a single process the solve's replay is launched from a second thread on a side stream, so
-   that the training thread launches the student's forward meanwhile instead of waiting on the launch.
+   the networks.
 
 `PRODISTILL_COMPILE_BACKEND` (default `inductor`) names the dynamo backend; tests use `aot_eager` or `eager`
 to check tracing and numerics on CPU in seconds. `PRODISTILL_INDUCTOR_OPTIONS` (a JSON object, e.g.
@@ -64,9 +63,6 @@ class Speedups:
     graph_ema: bool = False
     """With cuda_graphs: the EMA target's forward is a CUDA graph too (single process only: DDP/FSDP forwards
     communicate)."""
-    async_solve: bool = False
-    """With cuda_graphs: the teacher solve's replay is launched from a second thread on a side stream, overlapping
-    the student's forward (`prodistill.accel.graphs`; single process: measured there only)."""
     channels_last: bool = False
     rewrites: bool = False
     """`prodistill.accel.rewrites` (single process only: see there)."""
@@ -124,7 +120,7 @@ class Speedups:
         if cfg.parallel == "fsdp" and not single:
             workers = 0  # FSDP's sharded parameters have no weightless copy to compile from: just in time
         graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
-        return cls(compile=mode, cuda_graphs=graphs, graph_ema=graphs and single, async_solve=graphs and single,
+        return cls(compile=mode, cuda_graphs=graphs, graph_ema=graphs and single,
                    channels_last=cfg.channels_last, rewrites=cfg.exact_rewrites != "off" and single,
                    fused_ops=cfg.fused_ops, compile_workers=workers,
                    grad_checkpointing=cfg.grad_checkpointing,
@@ -137,8 +133,7 @@ class Speedups:
         scope = "teacher" if self.compile == "teacher" else "all networks"
         parts = [f"FP8 ({self.fp8_backend}) where measured faster" if self.fp8 else None,
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
-                 ("CUDA graphs: teacher solve" + (" (launched from a second thread)" if self.async_solve else "")
-                  + (" + EMA target" if self.graph_ema else "")) if self.cuda_graphs
+                 ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")) if self.cuda_graphs
                  else None,
                  "exact rewrites" if self.rewrites else None,
                  "channels-last convs" if self.channels_last else None,
@@ -242,7 +237,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
         background = compiler is not None and compiler.workers > 1
         hooks = dict(before_capture=compiler.flush if compiler else None,
                      ready=(lambda: not compiler.pending()) if background else None)
-        method.teacher_solve = GraphedSolve(method.teacher_solve, asynchronous=speedups.async_solve, **hooks)
+        method.teacher_solve = GraphedSolve(method.teacher_solve, **hooks)
         if speedups.graph_ema and getattr(method, "ema_d", None) is not None:
             method.ema_d = GraphedCall(method.ema_d, name="EMA target", **hooks)
     return plans

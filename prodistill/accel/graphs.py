@@ -10,15 +10,6 @@ Python, no dynamo guard checks and no per-kernel launch overhead. The EMA target
 between steps (the optimiser and the EMA update work in place), so its graph replays the current θ⁻ each step;
 eagerly it left the GPU idle most of its time (CPU-bound: 160 ms of wall time for 72 ms of kernels, profiled).
 
-Launched from a second thread (`GraphedCall(asynchronous=True)`, the teacher's solve in a single process): a
-replay of the solve's graph (thousands of kernels) blocks the thread that launches it until the GPU has worked through
-most of it (CUPTI records "Command Buffer Full"), so launched from the training thread it held that thread for most of
-the solve and left the GPU idle afterwards while the student's forward and the discriminator, whose Python costs more
-than their kernels, were launched (profiled on an H200: 186 ms of CPU for 56 ms of GPU in the student's forward).
-`start` instead hands the replay to a launcher thread that runs it on a side stream after the inputs are copied, and
-returns at once; the method launches the student's forward meanwhile, and `wait()` orders the caller's stream after
-the solve (a GPU-side wait: the training thread blocks only until the launcher has issued the replay).
-
 Static buffers: the call's tensor arguments (tensors, or dataclasses of tensors such as `SVDCondition`) are copied
 into tensors owned by the graph before each replay, and the result is copied out, so callers see an ordinary
 function. One graph is kept per input signature (shapes and dtypes); all graphs of a wrapper share one pool.
@@ -27,8 +18,6 @@ function. One graph is kept per input signature (shapes and dtypes); all graphs 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from dataclasses import fields, is_dataclass
 from typing import Callable
 
@@ -38,66 +27,6 @@ from torch import Tensor
 log = logging.getLogger("prodistill")
 
 Solve = Callable[[Tensor, Tensor, object, Tensor], Tensor]
-
-
-class Pending:
-    """A graph replay handed to a `_Launcher`: `wait()` returns its output once the caller's current stream is
-    ordered after it."""
-
-    def __init__(self, out: Tensor):
-        self.out, self.done, self.error = out, torch.cuda.Event(), None
-        self.launched = threading.Event()
-        self.waited = False
-
-    def wait(self) -> Tensor:
-        self.launched.wait()
-        if self.error is not None:
-            raise RuntimeError(f"the CUDA-graph replay on the launcher thread failed: {self.error}") from self.error
-        if not self.waited:
-            torch.cuda.current_stream().wait_event(self.done)
-            self.waited = True
-        return self.out
-
-
-class _Launcher:
-    """One daemon thread that replays graphs on its own stream, one job at a time, in the order given."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="prodistill-graph-launcher", daemon=True).start()
-
-    def _run(self) -> None:
-        torch.cuda.set_device(self.device)
-        while True:
-            self.jobs.get()()
-
-    def submit(self, graph: torch.cuda.CUDAGraph, static_out: Tensor, profile_range: str | None) -> Pending:
-        caller = torch.cuda.current_stream()
-        inputs_ready = torch.cuda.Event()
-        inputs_ready.record(caller)  # the static inputs were just filled on the caller's stream
-        pending = Pending(torch.empty_like(static_out))
-        pending.out.record_stream(self.stream)  # written there: not reused before that write is done
-
-        def job() -> None:
-            try:
-                self.stream.wait_event(inputs_ready)
-                with torch.cuda.stream(self.stream):
-                    if profile_range is None:
-                        graph.replay()
-                    else:
-                        with torch.profiler.record_function(profile_range):
-                            graph.replay()
-                    pending.out.copy_(static_out)
-                pending.done.record(self.stream)
-            except BaseException as e:  # noqa: BLE001 — handed to the waiting thread
-                pending.error = e
-            finally:
-                pending.launched.set()
-
-        self.jobs.put(job)
-        return pending
 
 
 class GraphedCall:
@@ -112,29 +41,16 @@ class GraphedCall:
     """Signatures kept; past that (a training run has one or two) calls run eagerly, with one warning."""
 
     def __init__(self, fn: Callable[..., Tensor], warmup: int = 2, before_capture: Callable[[], None] | None = None,
-                 ready: Callable[[], bool] | None = None, name: str = "call", asynchronous: bool = False):
+                 ready: Callable[[], bool] | None = None, name: str = "call"):
         self.fn, self.warmup, self.before_capture, self.ready, self.name = fn, warmup, before_capture, ready, name
-        self.asynchronous = asynchronous
-        """`start` replays on the launcher thread's stream (see the module docstring); else it runs the call."""
-        self.profile_range: str | None = None
-        """A profiler range name the launcher thread puts around each replay (`bench train --explain`)."""
         self.seen: set[tuple] = set()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
         self.pool = None
         self._warned = False
-        self._launcher: _Launcher | None = None
-        self._pending: Pending | None = None
-
-    def _settle(self) -> None:
-        """Order the caller's stream after the last asynchronous replay, so its static buffers may be refilled."""
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
 
     def reset(self) -> None:
         """Forget every captured graph and its memory pool (a resolution switch: the old shapes never return); the
         next call of each signature warms up and captures again."""
-        self._settle()
         self.graphs.clear()
         self.seen.clear()
         self.pool = None
@@ -165,50 +81,25 @@ class GraphedCall:
                 i += n
         return args
 
-    def _prepared(self, args: tuple):
-        """The graph of these arguments' signature with its static inputs refilled from them (captured first when
-        due), or None where the call runs eagerly (compiling in the background, or too many signatures)."""
-        self._settle()
+    def __call__(self, *args) -> Tensor:
         structure, inputs = self._flatten(args)
         key = (structure, *((t.shape, t.dtype, t.device) for t in inputs))
         entry = self.graphs.get(key)
         if entry is None:
             if self.ready is not None and (key not in self.seen or not self.ready()):
                 self.seen.add(key)
-                return None
+                return self.fn(*args)
             if len(self.graphs) >= self.max_graphs:
                 if not self._warned:
                     log.warning("%s: more than %d input shapes, running eagerly", self.name, self.max_graphs)
                     self._warned = True
-                return None
+                return self.fn(*args)
             entry = self.graphs[key] = self._capture(structure, inputs)
         graph, static_in, static_out = entry
         for buf, t in zip(static_in, inputs):
             buf.copy_(t)
-        return graph, static_out
-
-    def __call__(self, *args) -> Tensor:
-        prepared = self._prepared(args)
-        if prepared is None:
-            return self.fn(*args)
-        graph, static_out = prepared
         graph.replay()
         return static_out.clone()
-
-    def start(self, *args):
-        """The call, begun: with `asynchronous`, its replay is handed to the launcher thread and `wait()` on the
-        result orders the caller's stream after it; otherwise (or while it runs eagerly) it is done at once."""
-        from prodistill.methods.consistency import Ready
-
-        if not self.asynchronous:
-            return Ready(self(*args))
-        prepared = self._prepared(args)
-        if prepared is None:
-            return Ready(self.fn(*args))
-        if self._launcher is None:
-            self._launcher = _Launcher(torch.device("cuda", torch.cuda.current_device()))
-        self._pending = self._launcher.submit(*prepared, self.profile_range)
-        return self._pending
 
     @torch.no_grad()
     def _capture(self, structure: tuple, inputs: list[Tensor]):
@@ -236,5 +127,5 @@ class GraphedSolve(GraphedCall):
     """`GraphedCall` of a `TeacherSolve(x_start, path_bm, cond, guidance)`."""
 
     def __init__(self, solve: Solve, warmup: int = 2, before_capture: Callable[[], None] | None = None,
-                 ready: Callable[[], bool] | None = None, asynchronous: bool = False):
-        super().__init__(solve, warmup, before_capture, ready, name="teacher solve", asynchronous=asynchronous)
+                 ready: Callable[[], bool] | None = None):
+        super().__init__(solve, warmup, before_capture, ready, name="teacher solve")

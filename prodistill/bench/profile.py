@@ -63,26 +63,6 @@ def flop_counter():
     return counter
 
 
-class _RangedSolve:
-    """A teacher solve with `start` (`prodistill.methods.consistency`) in a phase range: called or begun in this
-    thread within the range, or, when its replay runs on a launcher thread, with the range put around the replay
-    there (`GraphedCall.profile_range`)."""
-
-    def __init__(self, name: str, solve, flops: dict[str, float] | None):
-        self.name, self.solve, self.call = name, solve, _ranged(name, solve, flops)
-
-    def __call__(self, *args):
-        return self.call(*args)
-
-    def start(self, *args):
-        from prodistill.methods.consistency import Ready
-
-        if getattr(self.solve, "asynchronous", False):
-            self.solve.profile_range = PREFIX + self.name
-            return self.solve.start(*args)
-        return Ready(self.call(*args))
-
-
 def _ranged(name: str, fn, flops: dict[str, float] | None):
     def call(*args, **kwargs):
         with torch.profiler.record_function(PREFIX + name):
@@ -111,12 +91,10 @@ def phase_ranges(method, flops: dict[str, float] | None = None):
             had = attr in vars(obj)
             old = getattr(obj, attr)
             patched.append((obj, attr, vars(obj).get(attr), had))
-            setattr(obj, attr, _RangedSolve(name, old, flops) if hasattr(old, "start") else _ranged(name, old, flops))
+            setattr(obj, attr, _ranged(name, old, flops))
         yield
     finally:
         for obj, attr, old, had in reversed(patched):
-            if hasattr(old, "profile_range"):
-                old.profile_range = None
             if had:
                 setattr(obj, attr, old)
             else:
@@ -149,10 +127,8 @@ def breakdown(prof, wall_s: float) -> dict:
     ranges = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith(PREFIX)]
     for r in ranges:  # the GPU side of a phase's range spans its kernels, CUDA-graph replays included
         name = r.name.removeprefix(PREFIX)
-        window = [k for k in kernels if r.time_range.start <= k.time_range.start < r.time_range.end]
-        stream = getattr(r, "device_resource_id", None)  # a solve on a side stream overlaps other streams' kernels:
-        same = [k for k in window if getattr(k, "device_resource_id", None) == stream]  # count the range's own
-        inside = sum(k.time_range.elapsed_us() for k in (same or window))
+        inside = sum(k.time_range.elapsed_us() for k in kernels
+                     if r.time_range.start <= k.time_range.start < r.time_range.end)
         phases[name] = phases.get(name, 0.0) + inside / 1e3
     phases["rest"] = max(0.0, total_ms - sum(phases.values()))
     families: dict[str, float] = {}

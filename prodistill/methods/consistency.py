@@ -18,17 +18,6 @@ def solver_path(grid: Tensor, n: Tensor, m: int) -> Tensor:
     return grid[n[:, None] + torch.arange(m, -1, -1, device=n.device)]
 
 
-class Ready:
-    """A solve's result, computed already (`TeacherSolve.start`); the graphed solve's `start` may instead return one
-    still computing on another stream, whose `wait()` orders the caller after it (`prodistill.accel.graphs`)."""
-
-    def __init__(self, value: Tensor):
-        self.value = value
-
-    def wait(self) -> Tensor:
-        return self.value
-
-
 class TeacherSolve:
     """OSV eq. 8 as one call on tensors: x_{t_{n+m}} (B, F, C, h, w) → x^φ_{t_n} by m Euler steps of the frozen
     teacher's guided PF-ODE along `path_bm` (B, m+1), with CFG distillation Φ̂ = Φ(c_zero) + w·(Φ(c) − Φ(c_zero))
@@ -46,10 +35,6 @@ class TeacherSolve:
         teacher = guided_denoiser(self.teacher_d, cond, cond.unconditional(), guidance, split=self.split_cfg)
         return teacher_solve(teacher, x_start, path_bm)
 
-    def start(self, *args) -> Ready:
-        """The solve, begun (here: done at once); `wait()` on the result gives x^φ_tn."""
-        return Ready(self(*args))
-
 
 def consistency_pair(student_d: ConditionalDenoiser, ema_d: ConditionalDenoiser, solve: TeacherSolve,
                      x0: Tensor, eps: Tensor, cond, path_bm: Tensor, guidance: Tensor,
@@ -58,17 +43,13 @@ def consistency_pair(student_d: ConditionalDenoiser, ema_d: ConditionalDenoiser,
 
     x_{t_{n+m}} = x0 + σ_{n+m}·ε; `solve` runs the guided teacher along `path_bm` (OSV eq. 8); target =
     f_θ⁻(x^φ_tn, t_n), without gradient; prediction = f_θ(x_{t_{n+m}}, t_{n+m}) (OSV eq. 10; LCM is m = 1).
-    The solve is begun before the student's forward and waited for after it, so that a solve running on another
-    stream overlaps the student's launches; neither depends on the other, and nothing between draws random numbers.
     """
     sigma_start, sigma_end = path_bm[:, 0], path_bm[:, -1]
     x_start = x0 + sigma_start.view(-1, *([1] * (x0.ndim - 1))) * eps
     with torch.no_grad():
-        solving = solve.start(x_start, path_bm, cond, guidance)  # OSV eq. 8
-    prediction = consistency_from_denoised(x_start, sigma_start, student_d(x_start, sigma_start, cond), param)
-    with torch.no_grad():
-        x_phi = solving.wait()
+        x_phi = solve(x_start, path_bm, cond, guidance)  # OSV eq. 8
         target = consistency_from_denoised(x_phi, sigma_end, ema_d(x_phi, sigma_end, cond), param)
+    prediction = consistency_from_denoised(x_start, sigma_start, student_d(x_start, sigma_start, cond), param)
     return target, prediction
 
 

@@ -39,10 +39,8 @@ class EMA:
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Inside the block the live parameters hold θ⁻; θ is restored on exit, even on error. Use it without
-        gradient (autograd must not save the swapped values). The copies go through `.data`, which shares the
-        storage but not autograd's version counter: a student forward run *before* the block (its graph saved these
-        parameters for the backward pass) stays valid, because the values are θ again before that backward runs."""
-        live = [_local(p.data) for p in self._live.values()]
+        gradient (autograd must not save the swapped values)."""
+        live = [_local(p.detach()) for p in self._live.values()]
         if self._saved is None:
             self._saved = [t.clone() for t in live]
         with torch.no_grad():
