@@ -362,7 +362,7 @@ def test_exact_rewrite_computes_the_unets_function_and_its_gradients_and_is_undo
     want, want_grads = run()
     # tiny preset: 4 transformer models × (spatial + temporal block) × (self + cross): all get the processor,
     # which passes self-attention through
-    assert apply_rewrites([unet]) == {"attention": 16}
+    assert apply_rewrites([unet]) == {"attention": 16, "temporal_gemm": 0}
     assert isinstance(unet.mid_block.attentions[0].transformer_blocks[0].attn2.processor, SingleKeyAttnProcessor)
     got, grads = run()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -372,8 +372,74 @@ def test_exact_rewrite_computes_the_unets_function_and_its_gradients_and_is_undo
     scale = max(g.abs().max().item() for g in want_grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], rtol=0, atol=1e-5 * scale)
-    assert apply_rewrites([unet], on=False) == {"attention": 16}
+    assert apply_rewrites([unet], on=False) == {"attention": 16, "temporal_gemm": 0}
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_temporal_conv_as_one_gemm_is_the_conv3d_with_its_gradients():
+    """TemporalGemmConv3d computes nn.Conv3d (3, 1, 1)'s output and its input, weight and bias gradients (float64);
+    in the tiny UNet every temporal conv is swapped (class only: same parameters and state dict), the forward and
+    its gradients are unchanged, and the swap is undone when not asked for."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from prodistill.accel.rewrites import TemporalGemmConv3d, apply_rewrites
+    from prodistill.models.presets import TINY
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0)).double()
+    x = torch.randn(2, 6, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    want = conv(x)
+    want_grads = torch.autograd.grad(want.square().sum(), (x, conv.weight, conv.bias))
+    conv.__class__ = TemporalGemmConv3d
+    got = conv(x)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, conv.weight, conv.bias))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+    unet = UNetSpatioTemporalConditionModel(**TINY.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.05)
+    params, keys = list(unet.parameters()), list(unet.state_dict())
+    temporal = sum(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
+    args = (torch.randn(2, 4, 8, 8, 8), torch.tensor([0.5, 1.0]), torch.randn(2, 1, 32), torch.randn(2, 3))
+
+    def run():
+        unet.zero_grad(set_to_none=True)
+        out = unet(*args, return_dict=False)[0]
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in unet.parameters() if p.grad is not None]
+
+    want, want_grads = run()
+    assert temporal > 0 and apply_rewrites([unet], temporal_gemm=True) == {"attention": 16, "temporal_gemm": temporal}
+    got, grads = run()
+    assert list(unet.parameters()) == params and list(unet.state_dict()) == keys
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in want_grads)
+    assert len(grads) < len(want_grads)  # the attention rewrite's skipped projections (checked above)
+    assert apply_rewrites([unet]) == {"attention": 0, "temporal_gemm": temporal}  # not asked for: undone
+    assert not any(type(m) is TemporalGemmConv3d for m in unet.modules())
+    apply_rewrites([unet], on=False)
+    apply_rewrites([unet], temporal_gemm=True)
+    _, with_gemm = run()
+    apply_rewrites([unet])
+    _, without_gemm = run()
+    for g, w in zip(with_gemm, without_gemm):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * scale)
+
+
+def test_temporal_gemm_rewrite_keeps_the_step_losses_and_is_a_bench_configuration(tmp_path):
+    from prodistill.accel.rewrites import TemporalGemmConv3d
+    from prodistill.bench.train import parse_configs
+
+    method, models = _beside_plain(tmp_path, Speedups(rewrites=True, temporal_gemm=True), rel=1e-5)
+    assert any(type(m) is TemporalGemmConv3d for m in models.teacher.modules())
+    assert any(type(m) is TemporalGemmConv3d for m in method.student.modules())
+    assert "temporal convs as GEMMs" in Speedups(rewrites=True, temporal_gemm=True).describe()
+    accelerate(method, models, Speedups(rewrites=True))  # another configuration on the same networks: undone
+    assert not any(type(m) is TemporalGemmConv3d for m in models.teacher.modules())
+    assert parse_configs("compile+graphs+conv-gemm", torch.device("cuda"), "osv") == ["compile+graphs+conv-gemm"]
 
 
 def _rewritten(net) -> bool:

@@ -66,6 +66,9 @@ class Speedups:
     channels_last: bool = False
     rewrites: bool = False
     """`prodistill.accel.rewrites` (single process only: see there)."""
+    temporal_gemm: bool = False
+    """With rewrites: also the temporal convolutions as GEMMs (experimental, `bench train` configuration
+    `compile+graphs+conv-gemm` only)."""
     fused_ops: bool = False
     grad_checkpointing: bool = False
     cache_dir: Path | None = None
@@ -135,7 +138,8 @@ class Speedups:
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")) if self.cuda_graphs
                  else None,
-                 "exact rewrites" if self.rewrites else None,
+                 ("exact rewrites" + (" (temporal convs as GEMMs too)" if self.temporal_gemm else "")) if self.rewrites
+                 else None,
                  "channels-last convs" if self.channels_last else None,
                  "fused ops" if self.fused_ops else None,
                  "grad checkpointing" if self.grad_checkpointing else None,
@@ -205,7 +209,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
     from prodistill.accel.precompile import forget_variants
     from prodistill.accel.rewrites import apply_rewrites
 
-    apply_rewrites(networks, speedups.rewrites)
+    apply_rewrites(networks, speedups.rewrites, temporal_gemm=speedups.temporal_gemm)
     set_conv_layout(networks, speedups.channels_last)
     for net in networks:
         forget_variants(net)  # layers, rewrites or layouts changed: an earlier call's regions have a new structure

@@ -1,7 +1,7 @@
 """Exact rewrites of SVD UNet operations into cheaper ones (`--exact-rewrites`).
 
 A rewrite computes the same function as the layer it replaces, keeps the parameter objects and the state dict,
-and is undone by `apply_rewrites(..., on=False)`. There is one:
+and is undone by `apply_rewrites(..., on=False)`. There is one on by default, and one experimental:
 
 - Single-key attention. SVD's cross-attention attends to one token — the CLIP image embedding (spatial blocks:
   `(B·F, 1, 1024)`; temporal blocks: the first frame's, `(B·h·w, 1, 1024)`). A softmax over one key is exactly 1,
@@ -14,11 +14,19 @@ and is undone by `apply_rewrites(..., on=False)`. There is one:
 Measured on an H200 (SVD-XT UNet, bf16, 512², 14 frames, batch 1, one eager forward replayed as a CUDA graph):
 92.3 ms → 83.7 ms. Tried and dropped: the temporal res-blocks' Conv3d with kernel (3, 1, 1) run as a Conv2d with
 kernel (3, 1) over (frames, h·w) — exact too, but no faster (93.3 ms alone, 84.9 ms with the attention rewrite).
+
+- Temporal convolution as one GEMM (`temporal_gemm=True`; off by default, not measured yet: `bench train`
+  configuration `compile+graphs+conv-gemm`). The temporal res-blocks' Conv3d, kernel (3, 1, 1), is per output frame
+  W₀·x_{f−1} + W₁·x_f + W₂·x_{f+1} (zero frames beyond the ends): one GEMM of the channels-last stack
+  [x_{f−1}, x_f, x_{f+1}] (B, F, h, w, 3C) with W (C_out, 3C). Inside a compiled region inductor writes that stack
+  straight from the GroupNorm/SiLU kernel before it, so cuDNN's layout transposes around the Conv3d go away; the
+  GEMM's result is a channels-last tensor seen as (B, C_out, F, h, w). In eager mode the stack is an extra copy.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
@@ -47,10 +55,30 @@ def _single_key(attn: Attention, hidden_states, context, mask) -> bool:
             and attn.spatial_norm is None and not (attn.training and getattr(dropout, "p", 0.0) > 0))
 
 
-def apply_rewrites(networks: list[nn.Module], on: bool = True) -> dict[str, int]:
-    """Rewrite (or, `on=False`, restore) every eligible attention processor of `networks`. Call it before
-    anything is compiled or captured. Returns how many were changed, by kind."""
-    changed = {"attention": 0}
+class TemporalGemmConv3d(nn.Conv3d):
+    """An `nn.Conv3d` with kernel (3, 1, 1), stride 1, padding (1, 0, 0) computed as one GEMM over the channels-last
+    stack of each frame's neighbours (see the module docstring). Set on an existing Conv3d by swapping its class,
+    so the parameters, their names and the state dict stay the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        y = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, 1, 1))  # (B, F+2, h, w, C), zero frames at the ends
+        stack = torch.cat([y[:, 0:f], y[:, 1:f + 1], y[:, 2:f + 2]], dim=-1)  # [x_{f-1}, x_f, x_{f+1}]
+        weight = self.weight[:, :, :, 0, 0].transpose(1, 2).reshape(self.out_channels, 3 * c)  # tap-major
+        return F.linear(stack, weight, self.bias).permute(0, 4, 1, 2, 3)
+
+
+def _temporal_conv(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv3d and module.kernel_size == (3, 1, 1) and module.stride == (1, 1, 1)
+            and module.padding == (1, 0, 0) and module.dilation == (1, 1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
+def apply_rewrites(networks: list[nn.Module], on: bool = True, temporal_gemm: bool = False) -> dict[str, int]:
+    """Rewrite (or, `on=False`, restore) every eligible attention processor of `networks`, and with `temporal_gemm`
+    every (3, 1, 1) Conv3d (restored whenever it is not asked for). Call it before anything is compiled or captured.
+    Returns how many modules were changed, by kind."""
+    changed = {"attention": 0, "temporal_gemm": 0}
     for net in networks:
         for module in net.modules():
             if isinstance(module, Attention):
@@ -61,6 +89,12 @@ def apply_rewrites(networks: list[nn.Module], on: bool = True) -> dict[str, int]
                 elif not on and isinstance(proc, SingleKeyAttnProcessor):
                     module.processor = AttnProcessor2_0()
                     changed["attention"] += 1
+            elif on and temporal_gemm and _temporal_conv(module):
+                module.__class__ = TemporalGemmConv3d
+                changed["temporal_gemm"] += 1
+            elif not (on and temporal_gemm) and type(module) is TemporalGemmConv3d:
+                module.__class__ = nn.Conv3d
+                changed["temporal_gemm"] += 1
     return changed
 
 

@@ -36,11 +36,12 @@ from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdow
 
 DEFAULT_CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
 CONFIGS = (*DEFAULT_CONFIGS, "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc",
-           "compile+graphs+solve-graph", "compile+graphs+no-rewrites")
+           "compile+graphs+solve-graph", "compile+graphs+conv-gemm", "compile+graphs+no-rewrites")
 """`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+cfg2b`: the
 teacher's CFG as one batch-2B call (`--split-cfg off`) where compiling every network otherwise splits it into
 two batch-B calls (`--split-cfg auto`); `+nhwc`: channels-last conv weights (`--channels-last`); `+solve-graph`:
-only the teacher's solve graphed, the EMA target's forward eager; `+no-rewrites`: without the exact rewrites
+only the teacher's solve graphed, the EMA target's forward eager; `+conv-gemm`: the experimental exact rewrite of
+the temporal convolutions as GEMMs (`prodistill.accel.rewrites.TemporalGemmConv3d`); `+no-rewrites`: without the exact rewrites
 (`--exact-rewrites off`), which every other configuration but plain has as the default of one process."""
 FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
@@ -146,6 +147,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
                        graph_ema="graphs" in base and "solve-graph" not in base and defaults.graph_ema,
                        channels_last=defaults.channels_last or "nhwc" in base,
                        rewrites=runs_rewrites(name, cfg, device), fused_ops="fused" in base,
+                       temporal_gemm="conv-gemm" in base and runs_rewrites(name, cfg, device),
                        split_cfg=scope == "all" and "cfg2b" not in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)

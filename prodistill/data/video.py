@@ -20,8 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
 
 # codec name -> (FFmpeg encoder, encoder options). The quality settings keep the round-trip error of
 # smooth images to a few gray levels, so fixtures and the built-in clips are close to their source.
@@ -102,7 +106,7 @@ def write_mp4(path: str | Path, frames_fhwc: np.ndarray, fps: float, codec: str 
     return path
 
 
-def _open(path: Path) -> "av.container.InputContainer":
+def _open(path: Path) -> av.container.InputContainer:
     import av
 
     try:
