@@ -129,3 +129,78 @@ def test_a_phase_without_updates_is_refused(tmp_path):
     toy.updates_per_step = lambda phase: 0
     with pytest.raises(ValueError, match="at least one update"):
         Trainer(tiny_config(tmp_path), toy, Numbers(), 2, tmp_path / "s", 1, toy.generator, MetricsLogger(tmp_path))
+
+
+class RunsOutOnce(Toy):
+    """Toy, drawing noise from its generator, that runs out of GPU memory in `phase`'s backward once, at `fail_at` (a
+    count of that phase's computes), after its draws and its log entry."""
+
+    def __init__(self, fail_at=None, phase="generator"):
+        super().__init__()
+        self.generator.manual_seed(0)
+        self.calls, self.fail_at, self.failing_phase = 0, fail_at, phase
+
+    def compute(self, phase, batch, cache):
+        noise = torch.randn(1, generator=self.generator)
+        out = super().compute(phase, {"x": batch["x"] + noise}, cache)
+        if phase == self.failing_phase:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                class Boom(torch.autograd.Function):
+                    @staticmethod
+                    def forward(ctx, x):
+                        return x.clone()
+
+                    @staticmethod
+                    def backward(ctx, g):
+                        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+                return StepOutput(Boom.apply(out.loss), out.logs, out.cache)
+        return out
+
+
+def _toy_run(tmp_path, name, method, on_oom=None):
+    cfg = tiny_config(tmp_path, grad_accum=2, max_steps=3, log_every=1)
+    (tmp_path / name).mkdir()
+    Trainer(cfg, method, Numbers(), 1, tmp_path / name / "s", 3, method.generator, MetricsLogger(tmp_path / name),
+            on_oom=on_oom).fit()
+    return [(r["step"], r["loss/generator"], r["loss/discriminator"]) for r in read_metrics(tmp_path / name)]
+
+
+@pytest.mark.parametrize("phase", ["generator", "discriminator"])
+def test_running_out_of_memory_while_compiling_redoes_the_update_exactly(tmp_path, phase):
+    """The GPU running out of memory in a phase's passes (eager steps while the compiler works): with a hook that
+    frees memory the update is redone on the same micro-batches and random draws, so the run logs what an
+    uninterrupted run logs and steps the optimiser once; without one, or when the hook frees nothing, the error
+    says what to lower."""
+    straight = RunsOutOnce()
+    want = _toy_run(tmp_path, "straight", straight)
+    hooks = []
+    failing = RunsOutOnce(fail_at=4, phase=phase)  # step 2's second micro-batch
+    got = _toy_run(tmp_path, "recovered", failing, on_oom=lambda: hooks.append(1) or True)
+    assert hooks == [1] and got == want
+    assert failing.seen == straight.seen and torch.equal(failing.w, straight.w) and torch.equal(failing.v, straight.v)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        _toy_run(tmp_path, "plain", RunsOutOnce(fail_at=4, phase=phase))
+    with pytest.raises(torch.OutOfMemoryError, match=rf"{phase} update of stage 1 step 2 .*--batch-size"):
+        _toy_run(tmp_path, "nothing", RunsOutOnce(fail_at=4, phase=phase), on_oom=lambda: False)
+
+
+def test_recover_from_oom_waits_for_queued_variants_only(monkeypatch):
+    from prodistill.accel import precompile, recover_from_oom
+
+    flushed = []
+
+    class Busy:
+        queue = {"variant": object()}
+
+        def pending(self):
+            return False
+
+        def flush(self):
+            flushed.append(1)
+            self.queue = {}
+
+    monkeypatch.setattr(precompile, "_SHARED", {("cache", "inductor"): Busy()})
+    assert recover_from_oom() and flushed == [1]
+    assert not recover_from_oom() and flushed == [1]  # nothing left to compile: the step itself does not fit

@@ -317,6 +317,15 @@ def forget_variants(network: nn.Module) -> None:
             call.fallback = None
 
 
+def finish_all() -> bool:
+    """Compile, or wait for, every variant this process's compilers still have queued or under way (`flush`);
+    whether there were any."""
+    busy = [c for c in _SHARED.values() if c.queue or c.pending()]
+    for compiler in busy:
+        compiler.flush()
+    return bool(busy)
+
+
 class Precompiler:
     """Owns the variant files of one cache folder and the variants still to compile: a queue compiled in this
     process (one worker) or a pool of worker processes compiling in the background (more than one)."""

@@ -124,7 +124,7 @@ def _sync(device: torch.device) -> None:
 def _make_step(name: str, cfg, models, device: torch.device):
     """(a callable running one iteration of configuration `name`, its networks built fresh, on its batch;
     the FP8 plan of every Linear layer, empty without FP8; the networks it runs; the method, None for plain)."""
-    from prodistill.accel import Speedups, accelerate, method_networks
+    from prodistill.accel import Speedups, accelerate, method_networks, recover_from_oom
     from prodistill.bench.plain import PlainStep
     from prodistill.methods import build_method
     from prodistill.training import distributed
@@ -151,7 +151,8 @@ def _make_step(name: str, cfg, models, device: torch.device):
                        split_cfg=scope == "all" and "cfg2b" not in base, fp8=fp8 is not None, fp8_backend=fp8 or "auto")
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
-    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist)
+    trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist,
+                      on_oom=recover_from_oom if device.type == "cuda" and dist.world_size == 1 else None)
     batch = pixels if name == "eager-pixels" else cached
     # the method's own networks first: a fresh student is wrapped by this configuration's compiler, the shared
     # teacher by the first configuration's

@@ -210,7 +210,7 @@ def _validation_videos(cfg) -> list:
 
 
 def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_videos=()) -> None:
-    from prodistill.accel import accelerate, release_graphs
+    from prodistill.accel import accelerate, recover_from_oom, release_graphs
 
     device = dist.device
     stage_dir = run_dir / f"stage{stage}"
@@ -238,7 +238,8 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
         validator = Validator(cfg.at_resolution(cfg.size_at(stage, steps - 1)), models, run_dir, list(val_videos))
     trainer = Trainer(cfg, method, loader, stage, stage_dir, steps, generator, logger, preview_fn=preview,
                       announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models,
-                      validator=validator, loader_at=loader_at, on_resize=lambda: release_graphs(method))
+                      validator=validator, loader_at=loader_at, on_resize=lambda: release_graphs(method),
+                      on_oom=recover_from_oom if device.type == "cuda" and dist.world_size == 1 else None)
     if ckpt is not None:
         trainer.resume(ckpt)
     else:

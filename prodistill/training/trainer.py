@@ -107,7 +107,8 @@ def warmup_schedule(warmup_steps: int):
 class Trainer:
     def __init__(self, cfg, method: Method, loader, stage: int, stage_dir: Path, total_steps: int,
                  generator: torch.Generator, logger: MetricsLogger, preview_fn=None, announce_first_step=False,
-                 dist: Distributed | None = None, models=None, validator=None, loader_at=None, on_resize=None):
+                 dist: Distributed | None = None, models=None, validator=None, loader_at=None, on_resize=None,
+                 on_oom=None):
         self.cfg, self.method, self.loader, self.stage = cfg, method, loader, stage
         self.dist = dist or Distributed(device=generator.device)
         self.models = models
@@ -120,6 +121,11 @@ class Trainer:
         """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.size = cfg.size_at(stage, 0)
         """(W, H) of `loader`'s clips: the stage's first resolution (`TrainConfig.size_at`)."""
+        self.on_oom = on_oom
+        """`on_oom()` after the GPU ran out of memory inside a phase's forward/backward passes: True when it freed
+        what makes that update fit (`prodistill.accel.recover_from_oom`: the compiler's queue finished, so the
+        update runs compiled rather than eagerly), and the update is then redone once, on the same micro-batches
+        with the same random draws. None (several processes, the CPU): the error propagates."""
         self.loader_at, self.on_resize = loader_at, on_resize
         """`loader_at((W, H))` builds a loader at another resolution, for --resolution-schedule; `on_resize()` runs
         after each switch (releasing what was built for the old shapes, such as CUDA graphs)."""
@@ -273,14 +279,30 @@ class Trainer:
         """One optimiser step of `phase`: accumulate over the micro-batches, clip, step, hook; after the
         phase's `last` update of the step, its LR schedule (warm-up counts training steps, not updates)."""
         opt, updates = self.optimizers[phase], self.updates[phase]
-        opt.zero_grad(set_to_none=True)
-        for i, (batch, cache) in enumerate(zip(micro, caches)):
-            with self.dist.accumulating(skip_sync=i < len(micro) - 1):
-                out = self.method.compute(phase, batch, cache)
-                (out.loss / len(micro)).backward()
-            cache.update(out.cache)
-            for k, v in out.logs.items():
-                logs[k] = logs.get(k, 0) + v / (len(micro) * updates)
+        before = None
+        if self.on_oom is not None:  # what the passes change, to redo them after running out of memory (the caches
+            before = (self.generator.get_state(), dict(logs))  # need nothing: redone passes write the same entries)
+        try:
+            self._accumulate(phase, micro, caches, logs, updates)
+        except torch.OutOfMemoryError as e:
+            if before is None:
+                raise
+            error = str(e).splitlines()[0]
+        else:
+            before = None
+        if before is not None:  # outside the except block: the failed passes' tensors are gone with its traceback
+            if not self.on_oom():
+                raise torch.OutOfMemoryError(
+                    f"the GPU ran out of memory in the {phase} update of stage {self.stage} step {self.step + 1} "
+                    f"({error}); lower --batch-size (raise --grad-accum to keep the clips per step), --resolution or "
+                    "--frames, or add --grad-checkpointing")
+            log.warning("the GPU ran out of memory in the %s update of step %d while region variants were still "
+                        "compiling (the steps run eagerly meanwhile, which needs more memory than the compiled step); "
+                        "the compiler has finished, so the update is redone compiled", phase, self.step + 1)
+            self.generator.set_state(before[0])
+            logs.clear()
+            logs.update(before[1])
+            self._accumulate(phase, micro, caches, logs, updates)
         params = [p for g in opt.param_groups for p in g["params"]]
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = self.dist.clip_grad_norm_(params, limit)
@@ -290,6 +312,17 @@ class Trainer:
         if last:
             self.schedulers[phase].step()
         self.method.after_optimizer_step(phase)
+
+    def _accumulate(self, phase: str, micro: list[dict], caches: list[dict], logs: dict, updates: int) -> None:
+        """The forward and backward passes of one update of `phase`: gradients summed over the micro-batches."""
+        self.optimizers[phase].zero_grad(set_to_none=True)
+        for i, (batch, cache) in enumerate(zip(micro, caches)):
+            with self.dist.accumulating(skip_sync=i < len(micro) - 1):
+                out = self.method.compute(phase, batch, cache)
+                (out.loss / len(micro)).backward()
+            cache.update(out.cache)
+            for k, v in out.logs.items():
+                logs[k] = logs.get(k, 0) + v / (len(micro) * updates)
 
     def _fit(self, stop: dict) -> None:
         cfg, method, main = self.cfg, self.method, self.dist.is_main
