@@ -279,30 +279,18 @@ class Trainer:
         """One optimiser step of `phase`: accumulate over the micro-batches, clip, step, hook; after the
         phase's `last` update of the step, its LR schedule (warm-up counts training steps, not updates)."""
         opt, updates = self.optimizers[phase], self.updates[phase]
-        before = None
-        if self.on_oom is not None:  # what the passes change, to redo them after running out of memory (the caches
-            before = (self.generator.get_state(), dict(logs))  # need nothing: redone passes write the same entries)
+        saved = None
+        if self.on_oom is not None:  # what the passes change (the caches need nothing: redone passes rewrite them)
+            saved = (self.generator.get_state(), dict(logs))
+        failure = None
         try:
             self._accumulate(phase, micro, caches, logs, updates)
         except torch.OutOfMemoryError as e:
-            if before is None:
+            if saved is None:
                 raise
-            error = str(e).splitlines()[0]
-        else:
-            before = None
-        if before is not None:  # outside the except block: the failed passes' tensors are gone with its traceback
-            if not self.on_oom():
-                raise torch.OutOfMemoryError(
-                    f"the GPU ran out of memory in the {phase} update of stage {self.stage} step {self.step + 1} "
-                    f"({error}); lower --batch-size (raise --grad-accum to keep the clips per step), --resolution or "
-                    "--frames, or add --grad-checkpointing")
-            log.warning("the GPU ran out of memory in the %s update of step %d while region variants were still "
-                        "compiling (the steps run eagerly meanwhile, which needs more memory than the compiled step); "
-                        "the compiler has finished, so the update is redone compiled", phase, self.step + 1)
-            self.generator.set_state(before[0])
-            logs.clear()
-            logs.update(before[1])
-            self._accumulate(phase, micro, caches, logs, updates)
+            failure = (str(e).splitlines() or ["out of memory"])[0]
+        if failure is not None:  # outside the except block: the failed passes' tensors went with its traceback
+            self._redo_out_of_memory(phase, failure, saved, micro, caches, logs, updates)
         params = [p for g in opt.param_groups for p in g["params"]]
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = self.dist.clip_grad_norm_(params, limit)
@@ -312,6 +300,23 @@ class Trainer:
         if last:
             self.schedulers[phase].step()
         self.method.after_optimizer_step(phase)
+
+    def _redo_out_of_memory(self, phase: str, failure: str, saved: tuple, micro: list[dict], caches: list[dict],
+                            logs: dict, updates: int) -> None:
+        """After `phase`'s passes ran out of GPU memory: if `on_oom` freed what makes them fit, redo them from the
+        random state and logs `saved` before them; else an error that says what to lower."""
+        if not self.on_oom():
+            raise torch.OutOfMemoryError(
+                f"the GPU ran out of memory in the {phase} update of stage {self.stage} step {self.step + 1} "
+                f"({failure}); lower --batch-size (raise --grad-accum to keep the clips per step), --resolution or "
+                "--frames, or add --grad-checkpointing")
+        log.warning("the GPU ran out of memory in the %s update of step %d while region variants were still "
+                    "compiling (the steps run eagerly meanwhile, which needs more memory than the compiled step); "
+                    "the compiler has finished, so the update is redone compiled", phase, self.step + 1)
+        self.generator.set_state(saved[0])
+        logs.clear()
+        logs.update(saved[1])
+        self._accumulate(phase, micro, caches, logs, updates)
 
     def _accumulate(self, phase: str, micro: list[dict], caches: list[dict], logs: dict, updates: int) -> None:
         """The forward and backward passes of one update of `phase`: gradients summed over the micro-batches."""
