@@ -45,6 +45,9 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     cpu_ms = result["explain"]["phase_cpu_ms"]  # the profiled step's ranges, each phase met
     assert set(cpu_ms) == {"teacher solve", "student forward", "EMA target", "discriminator forward"}
     assert all(v > 0 for v in cpu_ms.values())
+    teacher = result["explain"]["teacher_evaluation"]  # what one guided evaluation of the compiled teacher takes
+    assert teacher["ms"] > 0 and teacher["m"] == cfg.solver_steps and not teacher["graphed"]
+    assert teacher["solve_floor_ms"] == pytest.approx(cfg.solver_steps * teacher["ms"])
     table = format_train_table(result)
     assert "compile" in table and "plain" in table and "no bf16 peak" in table
 
