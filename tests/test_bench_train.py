@@ -46,7 +46,7 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     assert set(cpu_ms) == {"teacher solve", "student forward", "EMA target", "discriminator forward"}
     assert all(v > 0 for v in cpu_ms.values())
     teacher = result["explain"]["teacher_evaluation"]  # what one guided evaluation of the compiled teacher takes
-    assert teacher["ms"] > 0 and teacher["m"] == cfg.solver_steps and not teacher["graphed"]
+    assert teacher["ms"] > 0 and teacher["m"] == cfg.solver_steps and not teacher["gpu"]
     assert teacher["solve_floor_ms"] == pytest.approx(cfg.solver_steps * teacher["ms"])
     table = format_train_table(result)
     assert "compile" in table and "plain" in table and "no bf16 peak" in table

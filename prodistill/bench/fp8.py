@@ -21,7 +21,6 @@ is reported in one line and skipped; the others are still measured.
 from __future__ import annotations
 
 import datetime
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from prodistill.accel.fp8 import KERNELS, MARGIN, Fp8Unavailable, Row, Table, eligible, import_backend, wins
+from prodistill.bench.profile import time_ms
 
 BACKEND_COLUMNS = {"te": ("te",), "torchao": ("torchao-eager", "torchao"), "emulate": ("emulate",)}
 
@@ -83,59 +83,17 @@ def step_linear_shapes(preset_name: str, width: int, height: int, frames: int, b
     return shapes, with_bias
 
 
-def _timer(device: torch.device, fn, reps: int, warmup: int) -> float:
-    """Median milliseconds of `fn()`. On a GPU: GPU time, from replays of a CUDA graph of `GRAPH_CALLS` calls
-    (the step replays the teacher's solve as a graph and runs compiled regions whose launches the CPU queues
-    ahead, so per-call launch and Python overhead — TE's and autograd's alone exceed a small GEMM — is not what
-    the step pays); per call with CUDA events where a kernel cannot be captured. The wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        try:
-            return _graph_ms(fn, reps)
-        except Exception:  # not capturable: fall back to per-call timing (overhead included)
-            torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 GRAPH_CALLS = 10
-"""Calls captured in one CUDA graph by `_timer`, so one replay's launch is shared by ten GEMMs."""
+"""Calls captured in one CUDA graph by `time_ms`, so one replay's launch is shared by ten GEMMs."""
 
 
-def _graph_ms(fn, reps: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture-time allocations settle on a side stream first, as torch advises
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / GRAPH_CALLS)
-    del graph
-    return statistics.median(times)
+def _timer(device: torch.device, fn, reps: int, warmup: int) -> float:
+    """Median milliseconds of `fn()` (`prodistill.bench.profile.time_ms`): on a GPU, GPU time from replays of a CUDA
+    graph of `GRAPH_CALLS` calls — the step replays the teacher's solve as a graph and runs compiled regions whose
+    launches the CPU queues ahead, so per-call launch and Python overhead (TE's and autograd's alone exceed a small
+    GEMM) is not what the step pays; per call with CUDA events where a kernel cannot be captured."""
+    return time_ms(device, fn, reps, warmup, calls=GRAPH_CALLS)
+
 
 
 def _op(call, role: str, x: torch.Tensor, grad: torch.Tensor):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import statistics
+import time
 
 import torch
 
@@ -178,3 +180,53 @@ def format_breakdown(b: dict) -> str:
             f"{k} {r['tflop']:.1f} TFLOP at {r['tflops']:.0f} TFLOP/s"
             + (f" ({100 * r['mfu']:.0f} % of peak)" if r["mfu"] is not None else "") for k, r in b["phase_rates"].items()))
     return "\n".join(lines)
+
+
+def time_ms(device: torch.device, fn, reps: int, warmup: int, calls: int = 1) -> float:
+    """Median milliseconds of `fn()` over `reps` after `warmup` calls. On a GPU: GPU time from replays of a CUDA graph
+    of `calls` calls of `fn` (no launch or Python overhead: what a graphed or queued-ahead step pays), per call; per
+    call with CUDA events where `fn` cannot be captured. The wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        try:
+            return _graph_ms(fn, reps, calls)
+        except Exception:  # not capturable: fall back to per-call timing (overhead included)
+            torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _graph_ms(fn, reps: int, calls: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture-time allocations settle on a side stream first, as torch advises
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdown, phase_cpu_ms, phase_ranges
+from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdown, phase_cpu_ms, phase_ranges, time_ms
 
 DEFAULT_CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
 CONFIGS = (*DEFAULT_CONFIGS, "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc",
@@ -364,14 +364,15 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
     if method is not None and hasattr(method, "teacher_solve"):
         out["teacher_evaluation"] = teacher_evaluation_ms(cfg, models, method, device)
         t = out["teacher_evaluation"]
-        echo(f"one guided teacher evaluation (2 UNet calls{', graphed' if t['graphed'] else ''}): {t['ms']:.1f} ms; "
+        echo(f"one guided teacher evaluation (2 UNet calls, {'GPU' if t['gpu'] else 'wall'} time): {t['ms']:.1f} ms; "
              f"the solve's m = {t['m']} of them take at least {t['solve_floor_ms']:.1f} ms of every step")
     return out
 
 
 def teacher_evaluation_ms(cfg, models, method, device: torch.device, reps: int = 20) -> dict:
     """The time of one CFG-guided teacher evaluation as the solve makes it (the compiled teacher, the step's batch and
-    `--split-cfg`), median of `reps`: on CUDA the GPU time of a CUDA-graph replay, on the CPU wall time. The solve
+    `--split-cfg`), median of `reps` (`prodistill.bench.profile.time_ms`: on CUDA GPU time, of CUDA-graph replays where
+    the call can be captured; on the CPU wall time). The solve
     makes m of them, so m times this is what the teacher costs a step however well the rest overlaps (SPEC §6's
     step target at 512² is below it on an H200: README, run S)."""
     from prodistill.diffusion.solvers import frame_guidance, guided_denoiser
@@ -386,34 +387,9 @@ def teacher_evaluation_ms(cfg, models, method, device: torch.device, reps: int =
     teacher = guided_denoiser(solve.teacher_d, cond, cond.unconditional(), guidance, split=solve.split_cfg)
     sigma = torch.ones(b, device=device)
     x = x0 + torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    times = []
     with torch.no_grad():
-        if device.type == "cuda":
-            teacher(x, sigma)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(side):
-                teacher(x, sigma)
-                with torch.cuda.graph(graph):
-                    teacher(x, sigma)
-            torch.cuda.current_stream().wait_stream(side)
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            del graph
-        else:
-            teacher(x, sigma)
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                teacher(x, sigma)
-                times.append((time.perf_counter() - t0) * 1e3)
-    ms = statistics.median(times)
-    return {"ms": ms, "m": cfg.solver_steps, "solve_floor_ms": cfg.solver_steps * ms, "graphed": device.type == "cuda"}
+        ms = time_ms(device, lambda: teacher(x, sigma), reps, warmup=1)
+    return {"ms": ms, "m": cfg.solver_steps, "solve_floor_ms": cfg.solver_steps * ms, "gpu": device.type == "cuda"}
 
 
 @contextlib.contextmanager
