@@ -184,6 +184,12 @@ def test_running_out_of_memory_while_compiling_redoes_the_update_exactly(tmp_pat
         _toy_run(tmp_path, "plain", RunsOutOnce(fail_at=4, phase=phase))
     with pytest.raises(torch.OutOfMemoryError, match=rf"{phase} update of stage 1 step 2 .*--batch-size"):
         _toy_run(tmp_path, "nothing", RunsOutOnce(fail_at=4, phase=phase), on_oom=lambda: False)
+    from prodistill.training.distributed import Distributed
+
+    toy = Toy()  # several processes: no redo (the ranks would disagree on the step)
+    several = Trainer(tiny_config(tmp_path), toy, Numbers(), 1, tmp_path / "several", 1, toy.generator,
+                      MetricsLogger(tmp_path), dist=Distributed(world_size=2), on_oom=lambda: True)
+    assert several.on_oom is None
 
 
 def test_recover_from_oom_waits_for_queued_variants_only(monkeypatch):

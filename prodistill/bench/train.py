@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from prodistill.bench.profile import add_phase_rates, breakdown, format_breakdown, phase_cpu_ms, phase_ranges, time_ms
+from prodistill.bench.profile import (add_phase_rates, breakdown, flop_counter, format_breakdown, phase_cpu_ms,
+                                      phase_ranges, time_ms)
 
 DEFAULT_CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
 CONFIGS = (*DEFAULT_CONFIGS, "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc",
@@ -152,7 +153,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
     plans = accelerate(method, models, speedups)
     dist.wrap(method, models)
     trainer = Trainer(cfg, method, None, stage, Path(cfg.out), 1, generator, MetricsLogger(Path(cfg.out)), dist=dist,
-                      on_oom=recover_from_oom if device.type == "cuda" and dist.world_size == 1 else None)
+                      on_oom=recover_from_oom)
     batch = pixels if name == "eager-pixels" else cached
     # the method's own networks first: a fresh student is wrapped by this configuration's compiler, the shared
     # teacher by the first configuration's
@@ -186,8 +187,6 @@ def _describe_aot(aot: dict) -> str:
 
 
 def count_tflop(step) -> float:
-    from prodistill.bench.profile import flop_counter
-
     with flop_counter() as counter:
         step()
     return counter.get_total_flops() / 1e12
@@ -364,7 +363,7 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
     if method is not None and hasattr(method, "teacher_solve"):
         out["teacher_evaluation"] = teacher_evaluation_ms(cfg, models, method, device)
         t = out["teacher_evaluation"]
-        echo(f"one guided teacher evaluation (2 UNet calls, {'GPU' if t['gpu'] else 'wall'} time): {t['ms']:.1f} ms; "
+        echo(f"one guided teacher evaluation (both CFG branches, {'GPU' if t['gpu'] else 'wall'} time): {t['ms']:.1f} ms; "
              f"the solve's m = {t['m']} of them take at least {t['solve_floor_ms']:.1f} ms of every step")
     return out
 
@@ -372,15 +371,14 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
 def teacher_evaluation_ms(cfg, models, method, device: torch.device, reps: int = 20) -> dict:
     """The time of one CFG-guided teacher evaluation as the solve makes it (the compiled teacher, the step's batch and
     `--split-cfg`), median of `reps` (`prodistill.bench.profile.time_ms`: on CUDA GPU time, of CUDA-graph replays where
-    the call can be captured; on the CPU wall time). The solve
-    makes m of them, so m times this is what the teacher costs a step however well the rest overlaps (SPEC §6's
-    step target at 512² is below it on an H200: README, run S)."""
+    the call can be captured; on the CPU wall time). The solve makes m of them, so m times this is what the teacher
+    costs a step however well the rest overlaps (SPEC §6's step target at 512² is below it on an H200: README, run S)."""
     from prodistill.diffusion.solvers import frame_guidance, guided_denoiser
 
     solve = method.teacher_solve
     solve = getattr(solve, "fn", solve)  # a CUDA-graph wrapper (`prodistill.accel.graphs.GraphedCall`) around it
-    cached, _ = synthetic_batches(cfg, models, torch.Generator(device).manual_seed(cfg.seed))
     generator = torch.Generator(device).manual_seed(cfg.seed)
+    cached, _ = synthetic_batches(cfg, models, generator)
     x0, cond = models.prepare_batch(cached, cfg.fps, generator)
     b = x0.shape[0]
     guidance = frame_guidance(cfg.guidance_min, cfg.guidance_max, b, x0.shape[1], device)
@@ -413,7 +411,6 @@ def phase_tflop(cfg, models, device: torch.device) -> dict[str, float]:
     """TFLOP of each phase of one eager iteration (`prodistill.bench.profile.phase_ranges`; `rest`: the backward
     passes, optimisers and losses), counted with `FlopCounterMode` with every region uncompiled."""
     from prodistill.accel import method_networks
-    from prodistill.bench.profile import flop_counter
 
     step, _, _, method = _make_step("eager", cfg, models, device)
     flops: dict[str, float] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from prodistill.config import TrainConfig
+from prodistill.config import TrainConfig, _flag
 from prodistill.methods import build_method, method_class
 from prodistill.training import distributed
 from prodistill.training.checkpoint import latest_checkpoint, load_weights, read_meta
@@ -67,7 +67,7 @@ def check_run_dir(cfg: TrainConfig) -> Path:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         changed = [k for k in STRUCTURE if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            flags = ", ".join(f"--{_flag(k)}" for k in changed)
             raise RunError(f"--resume: {flags} {'differs' if len(changed) == 1 else 'differ'} from the run's "
                            f"({run_dir / 'config.yaml'}), and its checkpoints' networks depend on "
                            f"{'it' if len(changed) == 1 else 'them'}; leave {'it' if len(changed) == 1 else 'them'} "
@@ -239,7 +239,7 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
     trainer = Trainer(cfg, method, loader, stage, stage_dir, steps, generator, logger, preview_fn=preview,
                       announce_first_step=speedups.compile != "off" or speedups.cuda_graphs, dist=dist, models=models,
                       validator=validator, loader_at=loader_at, on_resize=lambda: release_graphs(method),
-                      on_oom=recover_from_oom if device.type == "cuda" and dist.world_size == 1 else None)
+                      on_oom=recover_from_oom)
     if ckpt is not None:
         trainer.resume(ckpt)
     else:

@@ -121,11 +121,12 @@ class Trainer:
         """Say that the first step compiles, and how long it took (compiled regions, CUDA-graph capture)."""
         self.size = cfg.size_at(stage, 0)
         """(W, H) of `loader`'s clips: the stage's first resolution (`TrainConfig.size_at`)."""
-        self.on_oom = on_oom
+        self.on_oom = on_oom if self.dist.world_size == 1 else None
         """`on_oom()` after the GPU ran out of memory inside a phase's forward/backward passes: True when it freed
         what makes that update fit (`prodistill.accel.recover_from_oom`: the compiler's queue finished, so the
         update runs compiled rather than eagerly), and the update is then redone once, on the same micro-batches
-        with the same random draws. None (several processes, the CPU): the error propagates."""
+        with the same random draws. None, and always under several processes (the ranks would disagree on the
+        step): the error propagates."""
         self.loader_at, self.on_resize = loader_at, on_resize
         """`loader_at((W, H))` builds a loader at another resolution, for --resolution-schedule; `on_resize()` runs
         after each switch (releasing what was built for the old shapes, such as CUDA graphs)."""
