@@ -429,6 +429,26 @@ def test_temporal_conv_as_one_gemm_is_the_conv3d_with_its_gradients():
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * scale)
 
 
+def test_temporal_gemm_form_is_used_only_up_to_its_measured_crossover(monkeypatch):
+    """Frames of at most 256 positions take the GEMM form (no conv3d call); larger frames take cuDNN's Conv3d. Both
+    equal nn.Conv3d."""
+    from prodistill.accel import rewrites
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 3, (3, 1, 1), padding=(1, 0, 0)).double()
+    calls = []
+    real = torch.nn.functional.conv3d
+    monkeypatch.setattr(torch.nn.functional, "conv3d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    small, large = torch.randn(1, 4, 3, 16, 16).double(), torch.randn(1, 4, 3, 16, 17).double()
+    want = [conv(small), conv(large)]
+    calls.clear()
+    conv.__class__ = rewrites.TemporalGemmConv3d
+    got = [conv(small), conv(large)]
+    assert rewrites.TemporalGemmConv3d.max_positions == 256 and calls == [large.shape]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_temporal_gemm_rewrite_keeps_the_step_losses_and_is_a_bench_configuration(tmp_path):
     from prodistill.accel.rewrites import TemporalGemmConv3d
     from prodistill.bench.train import parse_configs

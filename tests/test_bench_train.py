@@ -13,6 +13,9 @@ from prodistill.training.run import build_models
 
 def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, monkeypatch):
     monkeypatch.setenv("PRODISTILL_COMPILE_BACKEND", "eager")
+    monkeypatch.setenv("CUDA_SCALE_LAUNCH_QUEUES", "4x")  # recorded with the figures: it changes the CUDA driver's queues
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
     cfg = tiny_config(tmp_path, stage="2", compile_cache=str(tmp_path / "cache"))
     configs = parse_configs("compile,eager,plain,eager-pixels", torch.device("cpu"))
     assert configs == ["plain", "eager-pixels", "eager", "compile"]  # canonical order, whatever was asked
@@ -50,6 +53,7 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     assert teacher["solve_floor_ms"] == pytest.approx(cfg.solver_steps * teacher["ms"])
     table = format_train_table(result)
     assert "compile" in table and "plain" in table and "no bf16 peak" in table
+    assert result["cuda_env"] == {"CUDA_SCALE_LAUNCH_QUEUES": "4x"} and ", CUDA_SCALE_LAUNCH_QUEUES=4x)" in table
 
 
 def test_bench_train_refuses_unknown_and_gpu_only_configs_on_cpu():

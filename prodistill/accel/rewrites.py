@@ -15,12 +15,17 @@ Measured on an H200 (SVD-XT UNet, bf16, 512², 14 frames, batch 1, one eager for
 92.3 ms → 83.7 ms. Tried and dropped: the temporal res-blocks' Conv3d with kernel (3, 1, 1) run as a Conv2d with
 kernel (3, 1) over (frames, h·w) — exact too, but no faster (93.3 ms alone, 84.9 ms with the attention rewrite).
 
-- Temporal convolution as one GEMM (`temporal_gemm=True`; off by default, not measured yet: `bench train`
-  configuration `compile+graphs+conv-gemm`). The temporal res-blocks' Conv3d, kernel (3, 1, 1), is per output frame
+- Temporal convolution as one GEMM (`temporal_gemm=True`; off by default: `bench train` configuration
+  `compile+graphs+conv-gemm`). The temporal res-blocks' Conv3d, kernel (3, 1, 1), is per output frame
   W₀·x_{f−1} + W₁·x_f + W₂·x_{f+1} (zero frames beyond the ends): one GEMM of the channels-last stack
   [x_{f−1}, x_f, x_{f+1}] (B, F, h, w, 3C) with W (C_out, 3C). Inside a compiled region inductor writes that stack
   straight from the GroupNorm/SiLU kernel before it, so cuDNN's layout transposes around the Conv3d go away; the
   GEMM's result is a channels-last tensor seen as (B, C_out, F, h, w). In eager mode the stack is an extra copy.
+  Measured per shape on an H200 (compiled GroupNorm → SiLU → conv, bf16, 14 frames, CUDA-graph replays, forward /
+  forward+backward ms, Conv3d → GEMM): C=320 at 64², 0.229 → 0.286 / 0.974 → 1.321; C=640 at 32², 0.156 → 0.183 /
+  0.655 → 0.761; C=1280 at 16², 0.175 → 0.129 / 0.612 → 0.480; C=1280 at 8², 0.121 → 0.051 / 0.377 → 0.179. So the
+  GEMM form is used only where a frame has at most `TemporalGemmConv3d.max_positions` (256) positions, and cuDNN's
+  Conv3d elsewhere; the choice is made per input shape, once per compiled variant.
 """
 
 from __future__ import annotations
@@ -60,8 +65,13 @@ class TemporalGemmConv3d(nn.Conv3d):
     stack of each frame's neighbours (see the module docstring). Set on an existing Conv3d by swapping its class,
     so the parameters, their names and the state dict stay the same."""
 
+    max_positions = 256
+    """The GEMM form only where h·w is at most this (the measured crossover, module docstring); Conv3d above."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, f, h, w = x.shape
+        if h * w > self.max_positions:
+            return super().forward(x)
         y = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, 1, 1))  # (B, F+2, h, w, C), zero frames at the ends
         stack = torch.cat([y[:, 0:f], y[:, 1:f + 1], y[:, 2:f + 2]], dim=-1)  # [x_{f-1}, x_f, x_{f+1}]
         weight = self.weight[:, :, :, 0, 0].transpose(1, 2).reshape(self.out_channels, 3 * c)  # tap-major

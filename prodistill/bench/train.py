@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -288,7 +289,7 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
               "preset": cfg.preset, "method": cfg.method, "stage": cfg.stages()[0], "resolution": cfg.resolution,
               "frames": cfg.frames, "batch_size": cfg.batch_size, "solver_steps": cfg.solver_steps,
               "lora_rank": cfg.lora_rank, "peak_tflops": peak, "torch": torch.__version__,
-              "inductor_options": inductor_options(), "rows": []}
+              "inductor_options": inductor_options(), "cuda_env": cuda_env(), "rows": []}
     for name in configs:
         echo(f"{name} ...")
         row = run_config(name, cfg, models, device, warmup, iters, echo)
@@ -420,11 +421,21 @@ def phase_tflop(cfg, models, device: torch.device) -> dict[str, float]:
     return flops
 
 
+CUDA_ENV = ("CUDA_SCALE_LAUNCH_QUEUES", "CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF")
+"""Environment variables that change how the CUDA driver or torch's allocator run the same step (each read once, when
+CUDA starts), so two runs' figures are comparable only with them named."""
+
+
+def cuda_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in CUDA_ENV if os.environ.get(k)}
+
+
 def format_train_table(r: dict) -> str:
     width = max([16] + [len(row["config"]) + 2 for row in r["rows"]])
+    env = "".join(f", {k}={v}" for k, v in r.get("cuda_env", {}).items())
     lines = [f"bench train: {r['method']} stage {r['stage']}, {r['preset']}, {r['resolution']}, {r['frames']} frames, "
              f"batch {r['batch_size']}, m={r['solver_steps']}, LoRA r={r['lora_rank']} on {r['device']} "
-             f"(torch {r['torch']})",
+             f"(torch {r['torch']}{env})",
              f"{'config':{width}}{'s/it':>9}{'×plain':>8}{'TFLOP/it':>10}{'MFU':>8}{'peak GB':>9}{'reserved':>10}"
              f"{'1st it s':>10}{'steady s':>10}"]
     for row in r["rows"]:
