@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import os
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
