@@ -83,6 +83,40 @@ def test_graphed_teacher_solve_equals_eager(tmp_path):
     assert len(method.teacher_solve.graphs) == 1  # one capture, replayed
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_graphed_student_forward_and_backward_equal_eager(tmp_path, dtype):
+    """The student's forward and backward replayed as CUDA graphs give the eager output and LoRA gradients on fresh
+    inputs each call (fp32: same kernels, tight; bf16 under autocast: bf16 tolerance)."""
+    from prodistill.accel.graphs import GraphedTrainCall
+
+    cfg = tiny_config(tmp_path, device="cuda", dtype=dtype)
+    dev = torch.device("cuda")
+    models = build_models(cfg, dev)
+    method = build_method(cfg, models, 2, torch.Generator(dev).manual_seed(0))
+    graphed = GraphedTrainCall(method.student_d, method.trainable.values)
+    gen = torch.Generator(dev).manual_seed(1)
+    tol = 1e-4 if dtype == "fp32" else 2e-2
+    for _ in range(3):
+        pixels = torch.rand(2, cfg.frames, 3, 32, 32, device=dev, generator=gen) * 2 - 1
+        x0, cond = models.prepare_batch({"pixels": pixels}, cfg.fps, gen)
+        sigma = torch.rand(2, device=dev, generator=gen) * 5 + 0.1
+        x = x0 + sigma.view(-1, 1, 1, 1, 1) * torch.randn(x0.shape, device=dev, generator=gen)
+        results = []
+        for fn in (method.student_d, graphed):
+            out = fn(x, sigma, cond)
+            out.float().square().mean().backward()
+            results.append((out.detach().float(), {k: p.grad.clone() for k, p in method.trainable.items()
+                                                   if p.grad is not None}))
+            for p in method.trainable.values():
+                p.grad = None
+        (want, want_grads), (got, got_grads) = results
+        assert ((got - want).norm() / want.norm()).item() < tol
+        assert got_grads.keys() == want_grads.keys() and len(want_grads) > 10
+        for k, g in want_grads.items():
+            assert ((got_grads[k] - g).norm() / g.norm().clamp_min(1e-12)).item() < 5 * tol, k
+    assert len(graphed.graphs) == 1  # one signature: captured once, replayed
+
+
 @pytest.mark.parametrize("workers", [0, 4])
 def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     """Three OSV stage-2 steps with inductor regions, the graphed solve and EMA target and the exact rewrites give
@@ -91,18 +125,19 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
     fills the cache (its steps run eagerly while the variants compile), so that the compared run is compiled from
     its first step."""
     from prodistill.accel import Speedups
-    from prodistill.accel.graphs import GraphedCall
+    from prodistill.accel.graphs import GraphedCall, GraphedTrainCall
     from prodistill.bench.train import precompile_stats, precompiler
 
     torch._dynamo.reset()
     losses = {}
-    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, split_cfg=True, rewrites=True,
-                    cache_dir=tmp_path / "cache", compile_workers=workers)
+    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, graph_student=True, split_cfg=True,
+                    rewrites=True, cache_dir=tmp_path / "cache", compile_workers=workers)
     runs = (("eager", Speedups(), 3), *((("prime", fast, 1),) if workers else ()), ("fast", fast, 3))
     for name, speedups, steps in runs:
         cfg = tiny_config(tmp_path, device="cuda", dtype="bf16", max_steps=steps, out=str(tmp_path / name))
         method, gen = _accelerated_osv_stage2(cfg, speedups)
         assert isinstance(method.ema_d, GraphedCall) == (speedups is fast)  # the EMA target's forward graphed too
+        assert isinstance(method.student_d, GraphedTrainCall) == (speedups is fast)  # and the student's passes
         run_dir = tmp_path / name
         run_dir.mkdir()
         Trainer(cfg, method, RandomClips(1, cfg.frames, 32), 2, run_dir / "s", steps, gen, MetricsLogger(run_dir)).fit()
@@ -118,12 +153,14 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
 
 
 def test_graphed_step_follows_a_resolution_switch(tmp_path):
-    """OSV stage 2 with the teacher solve and the EMA target graphed, 32x32 then 48x32 from step 2 (fp32): the
-    switch releases the first size's graphs and captures the new size's, and the losses equal the eager run's."""
+    """OSV stage 2 with the teacher solve, the EMA target and the student's passes graphed, 32x32 then 48x32 from
+    step 2 (fp32): the switch releases the first size's graphs and captures the new size's, and the losses equal the
+    eager run's."""
     from prodistill.accel import Speedups, release_graphs
 
     losses = {}
-    for name, speedups in (("eager", Speedups()), ("graphed", Speedups(cuda_graphs=True, graph_ema=True))):
+    graphed = Speedups(cuda_graphs=True, graph_ema=True, graph_student=True)
+    for name, speedups in (("eager", Speedups()), ("graphed", graphed)):
         cfg = tiny_config(tmp_path, device="cuda", max_steps=4, resolution_schedule="2:48x32",
                           out=str(tmp_path / name))
         method, gen = _accelerated_osv_stage2(cfg, speedups)
@@ -135,6 +172,7 @@ def test_graphed_step_follows_a_resolution_switch(tmp_path):
         if name == "graphed":
             shapes = [key[1][0] for key in method.teacher_solve.graphs]  # (structure, first input's shape, ...)
             assert shapes == [torch.Size([1, cfg.frames, 4, 4, 6])], shapes  # only the 48x32 graph is left
+            assert [key[1][0] for key in method.student_d.graphs] == shapes
     assert len(losses["graphed"]) == 4
     for a, b in zip(losses["graphed"], losses["eager"]):
         assert a == pytest.approx(b, rel=1e-4)

@@ -63,6 +63,9 @@ class Speedups:
     graph_ema: bool = False
     """With cuda_graphs: the EMA target's forward is a CUDA graph too (single process only: DDP/FSDP forwards
     communicate)."""
+    graph_student: bool = False
+    """With cuda_graphs: the student's differentiated forward and its backward are CUDA graphs too
+    (`prodistill.accel.graphs.GraphedTrainCall`; single process, not with grad checkpointing or FP8)."""
     channels_last: bool = False
     rewrites: bool = False
     """`prodistill.accel.rewrites` (single process only: see there)."""
@@ -136,8 +139,8 @@ class Speedups:
         scope = "teacher" if self.compile == "teacher" else "all networks"
         parts = [f"FP8 ({self.fp8_backend}) where measured faster" if self.fp8 else None,
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
-                 ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")) if self.cuda_graphs
-                 else None,
+                 ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")
+                  + (" + student forward/backward" if self.graph_student else "")) if self.cuda_graphs else None,
                  ("exact rewrites" + (" (temporal convs as GEMMs too)" if self.temporal_gemm else "")) if self.rewrites
                  else None,
                  "channels-last convs" if self.channels_last else None,
@@ -197,6 +200,8 @@ def accelerate(method, models, speedups: Speedups) -> list:
     every Linear layer (`prodistill.accel.fp8.LayerPlan`; empty without `--fp8`), which `explain` lists."""
     from prodistill.accel import fp8
 
+    if speedups.cuda_graphs and speedups.graph_student and (speedups.grad_checkpointing or speedups.fp8):
+        raise SpeedupError("the student's CUDA graphs do not work with --grad-checkpointing or --fp8")
     plans = []
     table = fp8.Table.load(speedups.fp8_table) if speedups.fp8 else None
     for name, net, role, compiled in fp8_networks(method, models, speedups.compile):
@@ -251,14 +256,19 @@ def accelerate(method, models, speedups: Speedups) -> list:
                  len(regions), speedups.backend, how, cache)
     if hasattr(method, "teacher_solve") and hasattr(method.teacher_solve, "split_cfg"):
         method.teacher_solve.split_cfg = speedups.split_cfg
-    if speedups.cuda_graphs and hasattr(method, "teacher_solve"):
-        from prodistill.accel.graphs import GraphedCall, GraphedSolve
+    if speedups.cuda_graphs:
+        from prodistill.accel.graphs import GraphedCall, GraphedSolve, GraphedTrainCall
 
         background = compiler is not None and compiler.workers > 1
         hooks = dict(before_capture=compiler.flush if compiler else None,
                      ready=(lambda: not compiler.pending()) if background else None)
-        method.teacher_solve = GraphedSolve(method.teacher_solve, **hooks)
+        if hasattr(method, "teacher_solve"):
+            method.teacher_solve = GraphedSolve(method.teacher_solve, **hooks)
         if speedups.graph_ema and getattr(method, "ema_d", None) is not None:
             method.ema_d = GraphedCall(method.ema_d, name="EMA target", **hooks)
+        if speedups.graph_student and hasattr(method, "student_d"):
+            trainable = getattr(method, "trainable", None)
+            params = (lambda: trainable.values()) if trainable is not None else student.parameters
+            method.student_d = GraphedTrainCall(method.student_d, params, **hooks)
     return plans
 

@@ -18,8 +18,9 @@ function. One graph is kept per input signature (shapes and dtypes); all graphs 
 from __future__ import annotations
 
 import logging
-from dataclasses import fields, is_dataclass
-from typing import Callable
+import weakref
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -83,36 +84,48 @@ class GraphedCall:
 
     def __call__(self, *args) -> Tensor:
         structure, inputs = self._flatten(args)
-        key = (structure, *((t.shape, t.dtype, t.device) for t in inputs))
-        entry = self.graphs.get(key)
+        entry = self._lookup(structure, inputs)
         if entry is None:
-            if self.ready is not None and (key not in self.seen or not self.ready()):
-                self.seen.add(key)
-                return self.fn(*args)
-            if len(self.graphs) >= self.max_graphs:
-                if not self._warned:
-                    log.warning("%s: more than %d input shapes, running eagerly", self.name, self.max_graphs)
-                    self._warned = True
-                return self.fn(*args)
-            entry = self.graphs[key] = self._capture(structure, inputs)
+            return self.fn(*args)
         graph, static_in, static_out = entry
         for buf, t in zip(static_in, inputs):
             buf.copy_(t)
         graph.replay()
         return static_out.clone()
 
-    @torch.no_grad()
-    def _capture(self, structure: tuple, inputs: list[Tensor]):
-        static_in = [t.detach().clone().contiguous() for t in inputs]
-        args = self._rebuild(structure, static_in)
+    def _lookup(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()):
+        """The captured graph(s) of this signature, captured now if it is due; None where the call runs eagerly."""
+        key = (structure, *((t.shape, t.dtype, t.device) for t in inputs), tuple(map(id, params)))
+        entry = self.graphs.get(key)
+        if entry is None:
+            if self.ready is not None and (key not in self.seen or not self.ready()):
+                self.seen.add(key)
+                return None
+            if len(self.graphs) >= self.max_graphs:
+                if not self._warned:
+                    log.warning("%s: more than %d input shapes, running eagerly", self.name, self.max_graphs)
+                    self._warned = True
+                return None
+            entry = self.graphs[key] = self._capture(structure, inputs, params)
+        return entry
+
+    def _warm_up(self, run: Callable[[], object]) -> None:
+        """`run()` `warmup` times on a side stream, off any capture (lazy inits, compiled regions' first calls);
+        `before_capture` after the first."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, compiled-region first calls
+        with torch.cuda.stream(side):
             for i in range(self.warmup):
-                self.fn(*args)
+                run()
                 if i == 0 and self.before_capture is not None:
                     self.before_capture()  # e.g. compile the region variants the first call met
         torch.cuda.current_stream().wait_stream(side)
+
+    @torch.no_grad()
+    def _capture(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()):
+        static_in = [t.detach().clone().contiguous() for t in inputs]
+        args = self._rebuild(structure, static_in)
+        self._warm_up(lambda: self.fn(*args))
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -129,3 +142,96 @@ class GraphedSolve(GraphedCall):
     def __init__(self, solve: Solve, warmup: int = 2, before_capture: Callable[[], None] | None = None,
                  ready: Callable[[], bool] | None = None):
         super().__init__(solve, warmup, before_capture, ready, name="teacher solve")
+
+
+@dataclass
+class _TrainGraphs:
+    """The two graphs of one signature of a `GraphedTrainCall` and the tensors they read and write."""
+
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+    static_in: list[Tensor]
+    out: Tensor
+    grad_out: Tensor
+    grads: tuple[Tensor | None, ...]
+    params: tuple[Tensor, ...]
+    pending: Callable[[], object] = lambda: None
+    """A weak reference to the autograd node of the last forward replay whose backward has not run: while that node
+    lives (its graph was neither differentiated nor dropped), another forward replay would overwrite the activations
+    its backward reads."""
+
+
+class _Replay(torch.autograd.Function):
+    """The forward graph as an autograd node whose backward is the backward graph: the parameters are its inputs, so
+    autograd accumulates the graph's gradients into their `.grad` as for an eager call."""
+
+    @staticmethod
+    def forward(ctx, entry: _TrainGraphs, *params: Tensor) -> Tensor:
+        ctx.entry = entry
+        entry.forward.replay()
+        entry.pending = weakref.ref(ctx)
+        return entry.out.clone()  # the static output is rewritten by the next replay; callers may keep theirs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        entry = ctx.entry
+        entry.grad_out.copy_(grad)
+        entry.backward.replay()
+        entry.pending = lambda: None
+        # autograd clones a returned gradient it cannot steal (these buffers are held here) or adds it in place
+        return (None, *entry.grads)
+
+
+class GraphedTrainCall(GraphedCall):
+    """A drop-in for a differentiated call `fn(*args)` (the student's denoiser in the training step) on CUDA: per input
+    signature its forward and its backward — the gradients of `params()`, the parameters being trained — are captured
+    as two CUDA graphs (as `torch.cuda.make_graphed_callables` does, here with dataclass arguments, thread-local
+    capture and the background compiler's `ready`) and replayed through one autograd node, so `loss.backward()`
+    replays the backward graph and the parameters' `.grad` fill as in an eager step.
+
+    Eager instead: calls without grad mode (previews, samplers), calls whose inputs require grad, and a second call
+    while the output of the previous replay still waits for its backward (its activations would be overwritten).
+    The parameters must keep their storage between steps (the optimiser and the EMA swap work in place), and the
+    call must draw no random numbers."""
+
+    def __init__(self, fn: Callable[..., Tensor], params: Callable[[], Iterable[Tensor]], warmup: int = 2,
+                 before_capture: Callable[[], None] | None = None, ready: Callable[[], bool] | None = None,
+                 name: str = "student forward"):
+        super().__init__(fn, warmup, before_capture, ready, name)
+        self.params = params
+
+    def __call__(self, *args) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self.fn(*args)
+        structure, inputs = self._flatten(args)
+        params = tuple(p for p in self.params() if p.requires_grad)
+        if not params or any(t.requires_grad for t in inputs):
+            return self.fn(*args)
+        entry = self._lookup(structure, inputs, params)
+        if entry is None or entry.pending() is not None:
+            return self.fn(*args)
+        for buf, t in zip(entry.static_in, inputs):
+            buf.copy_(t)
+        return _Replay.apply(entry, *entry.params)
+
+    def _capture(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()) -> _TrainGraphs:
+        static_in = [t.detach().clone().contiguous() for t in inputs]
+        args = self._rebuild(structure, static_in)
+
+        def forward_backward():
+            out = self.fn(*args)
+            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
+
+        with torch.enable_grad():
+            self._warm_up(forward_backward)
+            pool = torch.cuda.graph_pool_handle()  # one per signature: its backward reads its forward's activations
+            forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(forward, pool=pool, capture_error_mode="thread_local"):
+                out = self.fn(*args)
+            grad_out = torch.empty_like(out)
+            with torch.cuda.graph(backward, pool=pool, capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+        log.info("%s and its backward captured as CUDA graphs for input shapes %s", self.name,
+                 [tuple(t.shape) for t in static_in[:1]])
+        return _TrainGraphs(forward, backward, static_in, out.detach(), grad_out, grads, params)

@@ -1,0 +1,174 @@
+"""The student's graphed forward/backward (`prodistill.accel.graphs.GraphedTrainCall`) on the CPU: its captures are
+replaced by a twin whose "graphs" rerun the recorded call into the same static tensors, so that everything around
+the capture — static inputs refilled, the autograd node, gradients reaching `.grad` and accumulating, the eager
+fallbacks — is checked here; tests/test_gpu.py checks real CUDA graphs against eager."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from prodistill.accel.graphs import GraphedTrainCall, _TrainGraphs
+
+
+class _Rerun:
+    """Stands in for a `torch.cuda.CUDAGraph`: `replay` reruns what was recorded."""
+
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.fn()
+
+
+class TwinGraphedTrainCall(GraphedTrainCall):
+    """`GraphedTrainCall` whose forward "graph" reruns the call on the static inputs and writes the static output,
+    and whose backward "graph" differentiates that run into the static gradient buffers."""
+
+    def _capture(self, structure, inputs, params=()):
+        static_in = [t.detach().clone() for t in inputs]
+        args = self._rebuild(structure, static_in)
+        with torch.enable_grad():
+            first = self.fn(*args)
+            grads = torch.autograd.grad(first, params, torch.ones_like(first), allow_unused=True)
+        out, live = torch.empty_like(first.detach()), {}
+        grad_out = torch.empty_like(out)
+        grads = tuple(None if g is None else torch.empty_like(g) for g in grads)
+
+        def forward():
+            with torch.enable_grad():
+                live["out"] = self.fn(*args)
+            out.copy_(live["out"].detach())
+
+        def backward():
+            for buf, g in zip(grads, torch.autograd.grad(live.pop("out"), params, grad_out, allow_unused=True)):
+                if buf is not None:
+                    buf.copy_(g)
+
+        return _TrainGraphs(_Rerun(forward), _Rerun(backward), static_in, out, grad_out, grads, params)
+
+
+@dataclass
+class Cond:
+    scale: Tensor
+    shift: Tensor
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.base = nn.Parameter(torch.randn(6, 6, generator=gen), requires_grad=False)  # frozen, like the UNet
+        self.lora = nn.Parameter(torch.randn(6, 6, generator=gen) * 0.1)
+        self.bias = nn.Parameter(torch.randn(6, generator=gen))
+        self.unused = nn.Parameter(torch.zeros(3))  # trainable but not in the forward (a skipped projection's LoRA)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        return torch.tanh(x @ (self.base + self.lora) + self.bias) * cond.scale / sigma + cond.shift
+
+
+def _inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(4, 6, generator=gen), torch.rand(1, generator=gen) + 0.5,
+            Cond(torch.randn(4, 6, generator=gen), torch.randn(6, generator=gen)))
+
+
+def _grads(net: Net) -> dict[str, Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_graphed_train_call_matches_eager_outputs_and_gradients_on_fresh_inputs():
+    net = Net()
+    graphed = TwinGraphedTrainCall(net, lambda: [p for p in net.parameters()])
+    for seed in range(3):
+        args = _inputs(seed)
+        want = net(*args)
+        (want.square().sum()).backward()
+        eager = _grads(net)
+        net.zero_grad(set_to_none=True)
+        got = graphed(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (got.square().sum()).backward()
+        assert _grads(net).keys() == eager.keys()
+        for name, g in _grads(net).items():
+            if name in ("base", "unused"):
+                assert g is None and eager[name] is None  # frozen, and unused: no gradient, as eagerly
+            else:
+                torch.testing.assert_close(g, eager[name], rtol=1e-6, atol=1e-7)
+        net.zero_grad(set_to_none=True)
+    (entry,) = graphed.graphs.values()  # one signature, captured once, replayed on every call
+    assert entry.forward.replays == 3 and entry.backward.replays == 3
+
+
+def test_graphed_train_call_accumulates_into_existing_grads_and_hands_out_its_own_output():
+    net = Net()
+    graphed = TwinGraphedTrainCall(net, net.parameters)
+    args = _inputs(0)
+    first = graphed(*args)
+    first.sum().backward()
+    once = net.lora.grad.clone()
+    second = graphed(*args)
+    second.sum().backward()  # micro-batches: gradients add up in .grad
+    torch.testing.assert_close(net.lora.grad, 2 * once)
+    assert net.lora.grad.data_ptr() != graphed.graphs[next(iter(graphed.graphs))].grads[1].data_ptr()
+    assert first.data_ptr() != second.data_ptr()  # a caller's output is not rewritten by the next replay
+    torch.testing.assert_close(first, second.detach())
+
+
+def test_graphed_train_call_runs_eagerly_without_grad_and_while_a_backward_is_pending():
+    net = Net()
+    graphed = TwinGraphedTrainCall(net, net.parameters)
+    a, b = _inputs(0), _inputs(1)
+    with torch.no_grad():
+        out = graphed(*a)
+    assert not graphed.graphs and out.grad_fn is None  # previews and samplers: the plain call
+    out_a = graphed(*a)
+    out_b = graphed(*b)  # a second differentiated call before the first's backward: eager, or it would overwrite
+    (entry,) = graphed.graphs.values()
+    assert entry.forward.replays == 1
+    (out_a.sum() + out_b.sum()).backward()
+    got = _grads(net)
+    net.zero_grad(set_to_none=True)
+    (net(*a).sum() + net(*b).sum()).backward()
+    torch.testing.assert_close(got["lora"], net.lora.grad, rtol=1e-6, atol=1e-7)
+    net.zero_grad(set_to_none=True)
+    graphed(*a)  # an output dropped without backward (a step redone after running out of memory) ...
+    graphed(*b).sum().backward()  # ... does not keep the next call from replaying
+    assert entry.forward.replays == 3 and entry.backward.replays == 2
+
+
+def test_graphed_train_call_runs_eagerly_while_the_compiler_is_busy_and_for_inputs_that_need_grad():
+    net = Net()
+    busy = [True]
+    graphed = TwinGraphedTrainCall(net, net.parameters, ready=lambda: not busy[0])
+    args = _inputs(0)
+    graphed(*args).sum().backward()
+    graphed(*args).sum().backward()
+    assert not graphed.graphs  # regions still compiling in the background: eager steps
+    busy[0] = False
+    graphed(*args).sum().backward()
+    assert len(graphed.graphs) == 1
+    x = args[0].clone().requires_grad_()
+    out = graphed(x, *args[1:])
+    out.sum().backward()
+    assert x.grad is not None and next(iter(graphed.graphs.values())).forward.replays == 1
+
+
+@pytest.mark.parametrize("option", ["grad_checkpointing", "fp8"])
+def test_student_graphs_are_refused_with_grad_checkpointing_and_fp8(tmp_path, option):
+    from prodistill.accel import SpeedupError, Speedups, accelerate
+    from prodistill.methods import build_method
+    from prodistill.training.run import build_models
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    models = build_models(cfg, torch.device("cpu"))
+    method = build_method(cfg, models, 2, torch.Generator().manual_seed(0))
+    speedups = Speedups(cuda_graphs=True, graph_student=True, **{option: True})
+    with pytest.raises(SpeedupError, match="student's CUDA graphs"):
+        accelerate(method, models, speedups)
