@@ -172,3 +172,16 @@ def test_student_graphs_are_refused_with_grad_checkpointing_and_fp8(tmp_path, op
     speedups = Speedups(cuda_graphs=True, graph_student=True, **{option: True})
     with pytest.raises(SpeedupError, match="student's CUDA graphs"):
         accelerate(method, models, speedups)
+
+
+def test_graphed_calls_run_eagerly_inside_an_autocast_that_caches_weights():
+    """A capture inside an outer autocast (weight cache on) would record the warm-up's cast of the trainable weights
+    and replay it after they change; the wrapper runs such calls eagerly, and captures under cache_enabled=False."""
+    net = Net()
+    graphed = TwinGraphedTrainCall(net, net.parameters)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphed(*_inputs(0)).float().sum().backward()
+    assert not graphed.graphs
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        graphed(*_inputs(0)).float().sum().backward()
+    assert len(graphed.graphs) == 1

@@ -98,6 +98,14 @@ class GraphedCall:
         key = (structure, *((t.shape, t.dtype, t.device) for t in inputs), tuple(map(id, params)))
         entry = self.graphs.get(key)
         if entry is None:
+            if inputs and torch.is_autocast_enabled(inputs[0].device.type) and torch.is_autocast_cache_enabled():
+                # an autocast entered around the call caches casts of trainable weights across calls: a capture would
+                # record the warm-up's cast, not a cast, and replay stale weights after the optimiser steps
+                if not self._warned:
+                    log.warning("%s: called inside an autocast with its weight cache on, running eagerly (enter "
+                                "autocast inside the call, or with cache_enabled=False)", self.name)
+                    self._warned = True
+                return None
             if self.ready is not None and (key not in self.seen or not self.ready()):
                 self.seen.add(key)
                 return None
