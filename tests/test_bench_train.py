@@ -92,6 +92,21 @@ def test_phase_ranges_put_every_callable_back():
     assert {"phase: teacher solve", "phase: discriminator forward"} <= names and "phase: student forward" not in names
     assert method.teacher_solve is solve and "forward" not in vars(disc) and method.student_d is None
 
+    class WithLogits:  # a method whose discriminator is called through `disc_logits` (the call accel may graph)
+        student_d = None
+
+        def __init__(self):
+            self.disc = disc
+
+        def disc_logits(self, x):
+            return self.disc(x)
+
+    method = WithLogits()
+    with phase_ranges(method), torch.profiler.profile() as prof:
+        method.disc_logits(torch.ones(2))
+    assert "phase: discriminator forward" in {e.name for e in prof.events()}
+    assert "disc_logits" not in vars(method) and "forward" not in vars(disc)
+
 
 def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
     from types import SimpleNamespace

@@ -130,7 +130,7 @@ def test_compiled_graphed_step_tracks_eager_losses(tmp_path, workers):
 
     torch._dynamo.reset()
     losses = {}
-    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, graph_student=True, split_cfg=True,
+    fast = Speedups(compile="all", cuda_graphs=True, graph_ema=True, graph_train=True, split_cfg=True,
                     rewrites=True, cache_dir=tmp_path / "cache", compile_workers=workers)
     runs = (("eager", Speedups(), 3), *((("prime", fast, 1),) if workers else ()), ("fast", fast, 3))
     for name, speedups, steps in runs:
@@ -159,7 +159,7 @@ def test_graphed_step_follows_a_resolution_switch(tmp_path):
     from prodistill.accel import Speedups, release_graphs
 
     losses = {}
-    graphed = Speedups(cuda_graphs=True, graph_ema=True, graph_student=True)
+    graphed = Speedups(cuda_graphs=True, graph_ema=True, graph_train=True)
     for name, speedups in (("eager", Speedups()), ("graphed", graphed)):
         cfg = tiny_config(tmp_path, device="cuda", max_steps=4, resolution_schedule="2:48x32",
                           out=str(tmp_path / name))

@@ -29,12 +29,13 @@ class TwinGraphedTrainCall(GraphedTrainCall):
     """`GraphedTrainCall` whose forward "graph" reruns the call on the static inputs and writes the static output,
     and whose backward "graph" differentiates that run into the static gradient buffers."""
 
-    def _capture(self, structure, inputs, params=()):
-        static_in = [t.detach().clone() for t in inputs]
+    def _capture_one(self, structure, inputs, params):
+        static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
         args = self._rebuild(structure, static_in)
+        wrt = (*(t for t in static_in if t.requires_grad), *params)
         with torch.enable_grad():
             first = self.fn(*args)
-            grads = torch.autograd.grad(first, params, torch.ones_like(first), allow_unused=True)
+            grads = torch.autograd.grad(first, wrt, torch.ones_like(first), allow_unused=True)
         out, live = torch.empty_like(first.detach()), {}
         grad_out = torch.empty_like(out)
         grads = tuple(None if g is None else torch.empty_like(g) for g in grads)
@@ -45,7 +46,7 @@ class TwinGraphedTrainCall(GraphedTrainCall):
             out.copy_(live["out"].detach())
 
         def backward():
-            for buf, g in zip(grads, torch.autograd.grad(live.pop("out"), params, grad_out, allow_unused=True)):
+            for buf, g in zip(grads, torch.autograd.grad(live.pop("out"), wrt, grad_out, allow_unused=True)):
                 if buf is not None:
                     buf.copy_(g)
 
@@ -100,7 +101,7 @@ def test_graphed_train_call_matches_eager_outputs_and_gradients_on_fresh_inputs(
             else:
                 torch.testing.assert_close(g, eager[name], rtol=1e-6, atol=1e-7)
         net.zero_grad(set_to_none=True)
-    (entry,) = graphed.graphs.values()  # one signature, captured once, replayed on every call
+    ((entry,),) = graphed.graphs.values()  # one signature, captured once, replayed on every call
     assert entry.forward.replays == 3 and entry.backward.replays == 3
 
 
@@ -114,7 +115,8 @@ def test_graphed_train_call_accumulates_into_existing_grads_and_hands_out_its_ow
     second = graphed(*args)
     second.sum().backward()  # micro-batches: gradients add up in .grad
     torch.testing.assert_close(net.lora.grad, 2 * once)
-    assert net.lora.grad.data_ptr() != graphed.graphs[next(iter(graphed.graphs))].grads[1].data_ptr()
+    ((entry,),) = graphed.graphs.values()
+    assert net.lora.grad.data_ptr() != entry.grads[0].data_ptr()  # .grad is autograd's, not the graph's buffer
     assert first.data_ptr() != second.data_ptr()  # a caller's output is not rewritten by the next replay
     torch.testing.assert_close(first, second.detach())
 
@@ -128,7 +130,7 @@ def test_graphed_train_call_runs_eagerly_without_grad_and_while_a_backward_is_pe
     assert not graphed.graphs and out.grad_fn is None  # previews and samplers: the plain call
     out_a = graphed(*a)
     out_b = graphed(*b)  # a second differentiated call before the first's backward: eager, or it would overwrite
-    (entry,) = graphed.graphs.values()
+    ((entry,),) = graphed.graphs.values()
     assert entry.forward.replays == 1
     (out_a.sum() + out_b.sum()).backward()
     got = _grads(net)
@@ -141,7 +143,7 @@ def test_graphed_train_call_runs_eagerly_without_grad_and_while_a_backward_is_pe
     assert entry.forward.replays == 3 and entry.backward.replays == 2
 
 
-def test_graphed_train_call_runs_eagerly_while_the_compiler_is_busy_and_for_inputs_that_need_grad():
+def test_graphed_train_call_runs_eagerly_while_the_compiler_is_busy():
     net = Net()
     busy = [True]
     graphed = TwinGraphedTrainCall(net, net.parameters, ready=lambda: not busy[0])
@@ -152,10 +154,40 @@ def test_graphed_train_call_runs_eagerly_while_the_compiler_is_busy_and_for_inpu
     busy[0] = False
     graphed(*args).sum().backward()
     assert len(graphed.graphs) == 1
-    x = args[0].clone().requires_grad_()
-    out = graphed(x, *args[1:])
-    out.sum().backward()
-    assert x.grad is not None and next(iter(graphed.graphs.values())).forward.replays == 1
+
+
+def test_graphed_train_call_passes_the_gradient_of_an_input_that_requires_grad():
+    """The discriminator judging the student's sample in the generator update: the gradient reaches the sample (and
+    through it what made it) as eagerly; the same tensors without grad are another signature."""
+    net = Net()
+    graphed = TwinGraphedTrainCall(net, net.parameters)
+    x, sigma, cond = _inputs(0)
+    w = torch.randn(6, 6, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    for fn in (net, graphed):
+        (fn(x @ w, sigma, cond).square().sum()).backward()
+        if fn is net:
+            want_w, want_lora = w.grad.clone(), net.lora.grad.clone()
+            w.grad = net.lora.grad = None
+    torch.testing.assert_close(w.grad, want_w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(net.lora.grad, want_lora, rtol=1e-6, atol=1e-6)
+    graphed(x, sigma, cond).sum().backward()
+    assert len(graphed.graphs) == 2
+
+
+def test_graphed_train_call_slots_serve_calls_before_one_backward():
+    """Two slots: real and fake judged before one backward both replay (two captures of one signature); a third call
+    in flight runs eagerly; the gradients are the eager ones."""
+    net = Net()
+    graphed = TwinGraphedTrainCall(net, net.parameters, slots=2)
+    a, b, c = _inputs(0), _inputs(1), _inputs(2)
+    for _ in range(2):
+        (graphed(*a).sum() - graphed(*b).square().sum() + graphed(*c).mean()).backward()
+        got = net.lora.grad.clone()
+        net.zero_grad(set_to_none=True)
+    (net(*a).sum() - net(*b).square().sum() + net(*c).mean()).backward()
+    torch.testing.assert_close(got, net.lora.grad, rtol=1e-6, atol=1e-6)
+    (captures,) = graphed.graphs.values()
+    assert len(captures) == 2 and [e.forward.replays for e in captures] == [2, 2]
 
 
 @pytest.mark.parametrize("option", ["grad_checkpointing", "fp8"])
@@ -169,7 +201,7 @@ def test_student_graphs_are_refused_with_grad_checkpointing_and_fp8(tmp_path, op
     cfg = tiny_config(tmp_path)
     models = build_models(cfg, torch.device("cpu"))
     method = build_method(cfg, models, 2, torch.Generator().manual_seed(0))
-    speedups = Speedups(cuda_graphs=True, graph_student=True, **{option: True})
+    speedups = Speedups(cuda_graphs=True, graph_train=True, **{option: True})
     with pytest.raises(SpeedupError, match="student's CUDA graphs"):
         accelerate(method, models, speedups)
 

@@ -27,8 +27,9 @@ and its teacher solve. The order matters, and is:
    (same classes and shapes, no LoRA): measured on an H200 at 512², 55 variants instead of 79 to compile and
    load, and 0.884 s/it against 0.910 with one batch-2B call.
 7. CUDA graphs (`--cuda-graphs`) of the frozen teacher's m-step solve and, in a single process, of the EMA
-   target's forward (`prodistill.accel.graphs`): last, because they record whatever the steps above made of
-   the networks.
+   target's forward and (`graph_train`, `bench train` configuration `+train-graphs`) of the student's and the
+   discriminator's passes with their backward (`prodistill.accel.graphs`): last, because they record whatever the
+   steps above made of the networks.
 
 `PRODISTILL_COMPILE_BACKEND` (default `inductor`) names the dynamo backend; tests use `aot_eager` or `eager`
 to check tracing and numerics on CPU in seconds. `PRODISTILL_INDUCTOR_OPTIONS` (a JSON object, e.g.
@@ -63,9 +64,10 @@ class Speedups:
     graph_ema: bool = False
     """With cuda_graphs: the EMA target's forward is a CUDA graph too (single process only: DDP/FSDP forwards
     communicate)."""
-    graph_student: bool = False
-    """With cuda_graphs: the student's differentiated forward and its backward are CUDA graphs too
-    (`prodistill.accel.graphs.GraphedTrainCall`; single process, not with grad checkpointing or FP8)."""
+    graph_train: bool = False
+    """With cuda_graphs: the step's differentiated calls — the student's denoiser and the discriminator's logits — and
+    their backward are CUDA graphs too (`prodistill.accel.graphs.GraphedTrainCall`; single process, not with grad
+    checkpointing or FP8)."""
     channels_last: bool = False
     rewrites: bool = False
     """`prodistill.accel.rewrites` (single process only: see there)."""
@@ -140,7 +142,8 @@ class Speedups:
         parts = [f"FP8 ({self.fp8_backend}) where measured faster" if self.fp8 else None,
                  f"compile ({scope}, {self.backend})" if self.compile != "off" else None,
                  ("CUDA graphs: teacher solve" + (" + EMA target" if self.graph_ema else "")
-                  + (" + student forward/backward" if self.graph_student else "")) if self.cuda_graphs else None,
+                  + (" + student and discriminator passes" if self.graph_train else "")) if self.cuda_graphs
+                 else None,
                  ("exact rewrites" + (" (temporal convs as GEMMs too)" if self.temporal_gemm else "")) if self.rewrites
                  else None,
                  "channels-last convs" if self.channels_last else None,
@@ -200,7 +203,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
     every Linear layer (`prodistill.accel.fp8.LayerPlan`; empty without `--fp8`), which `explain` lists."""
     from prodistill.accel import fp8
 
-    if speedups.cuda_graphs and speedups.graph_student and (speedups.grad_checkpointing or speedups.fp8):
+    if speedups.cuda_graphs and speedups.graph_train and (speedups.grad_checkpointing or speedups.fp8):
         raise SpeedupError("the student's CUDA graphs do not work with --grad-checkpointing or --fp8")
     plans = []
     table = fp8.Table.load(speedups.fp8_table) if speedups.fp8 else None
@@ -266,9 +269,14 @@ def accelerate(method, models, speedups: Speedups) -> list:
             method.teacher_solve = GraphedSolve(method.teacher_solve, **hooks)
         if speedups.graph_ema and getattr(method, "ema_d", None) is not None:
             method.ema_d = GraphedCall(method.ema_d, name="EMA target", **hooks)
-        if speedups.graph_student and hasattr(method, "student_d"):
+        if speedups.graph_train and hasattr(method, "student_d"):
             trainable = getattr(method, "trainable", None)
             params = (lambda: trainable.values()) if trainable is not None else student.parameters
             method.student_d = GraphedTrainCall(method.student_d, params, **hooks)
+        disc = getattr(method, "disc", None)
+        if speedups.graph_train and hasattr(method, "disc_logits") and isinstance(disc, nn.Module):
+            # the discriminator update judges real and fake before its backward: two captures of that signature
+            method.disc_logits = GraphedTrainCall(method.disc_logits, disc.parameters, name="discriminator", slots=2,
+                                                  **hooks)
     return plans
 

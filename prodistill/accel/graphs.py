@@ -95,7 +95,7 @@ class GraphedCall:
 
     def _lookup(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()):
         """The captured graph(s) of this signature, captured now if it is due; None where the call runs eagerly."""
-        key = (structure, *((t.shape, t.dtype, t.device) for t in inputs), tuple(map(id, params)))
+        key = (structure, *((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs), tuple(map(id, params)))
         entry = self.graphs.get(key)
         if entry is None:
             if inputs and torch.is_autocast_enabled(inputs[0].device.type) and torch.is_autocast_cache_enabled():
@@ -154,14 +154,16 @@ class GraphedSolve(GraphedCall):
 
 @dataclass
 class _TrainGraphs:
-    """The two graphs of one signature of a `GraphedTrainCall` and the tensors they read and write."""
+    """The two graphs of one capture of a `GraphedTrainCall` and the tensors they read and write."""
 
     forward: torch.cuda.CUDAGraph
     backward: torch.cuda.CUDAGraph
     static_in: list[Tensor]
+    """The call's tensors, in `_flatten` order; those that require grad are leaves the backward differentiates."""
     out: Tensor
     grad_out: Tensor
     grads: tuple[Tensor | None, ...]
+    """The gradients the backward graph writes: of the inputs that require grad, then of `params` (None: unused)."""
     params: tuple[Tensor, ...]
     pending: Callable[[], object] = lambda: None
     """A weak reference to the autograd node of the last forward replay whose backward has not run: while that node
@@ -170,11 +172,12 @@ class _TrainGraphs:
 
 
 class _Replay(torch.autograd.Function):
-    """The forward graph as an autograd node whose backward is the backward graph: the parameters are its inputs, so
-    autograd accumulates the graph's gradients into their `.grad` as for an eager call."""
+    """The forward graph as an autograd node whose backward is the backward graph: the caller's inputs that require
+    grad and the parameters are its inputs, so autograd passes the graph's gradients on and accumulates them into the
+    parameters' `.grad` as for an eager call."""
 
     @staticmethod
-    def forward(ctx, entry: _TrainGraphs, *params: Tensor) -> Tensor:
+    def forward(ctx, entry: _TrainGraphs, *differentiated: Tensor) -> Tensor:
         ctx.entry = entry
         entry.forward.replay()
         entry.pending = weakref.ref(ctx)
@@ -192,54 +195,66 @@ class _Replay(torch.autograd.Function):
 
 
 class GraphedTrainCall(GraphedCall):
-    """A drop-in for a differentiated call `fn(*args)` (the student's denoiser in the training step) on CUDA: per input
-    signature its forward and its backward — the gradients of `params()`, the parameters being trained — are captured
-    as two CUDA graphs (as `torch.cuda.make_graphed_callables` does, here with dataclass arguments, thread-local
-    capture and the background compiler's `ready`) and replayed through one autograd node, so `loss.backward()`
-    replays the backward graph and the parameters' `.grad` fill as in an eager step.
+    """A drop-in for a differentiated call `fn(*args)` of the training step (the student's denoiser, the
+    discriminator's logits) on CUDA: per input signature its forward and its backward — the gradients of the
+    inputs that require grad and of `params()`, the parameters being trained — are captured as two CUDA graphs (as
+    `torch.cuda.make_graphed_callables` does, here with dataclass arguments, thread-local capture and the background
+    compiler's `ready`) and replayed through one autograd node, so `loss.backward()` replays the backward graph and
+    the gradients flow on and fill `.grad` as in an eager step.
 
-    Eager instead: calls without grad mode (previews, samplers), calls whose inputs require grad, and a second call
-    while the output of the previous replay still waits for its backward (its activations would be overwritten).
+    Up to `slots` captures per signature serve calls whose backward is still pending (a discriminator judging real
+    and fake before one backward); a further call runs eagerly, as do calls without grad mode (previews, samplers).
     The parameters must keep their storage between steps (the optimiser and the EMA swap work in place), and the
     call must draw no random numbers."""
 
     def __init__(self, fn: Callable[..., Tensor], params: Callable[[], Iterable[Tensor]], warmup: int = 2,
                  before_capture: Callable[[], None] | None = None, ready: Callable[[], bool] | None = None,
-                 name: str = "student forward"):
+                 name: str = "student forward", slots: int = 1):
         super().__init__(fn, warmup, before_capture, ready, name)
-        self.params = params
+        self.params, self.slots = params, slots
 
     def __call__(self, *args) -> Tensor:
         if not torch.is_grad_enabled():
             return self.fn(*args)
         structure, inputs = self._flatten(args)
         params = tuple(p for p in self.params() if p.requires_grad)
-        if not params or any(t.requires_grad for t in inputs):
+        if not params and not any(t.requires_grad for t in inputs):
             return self.fn(*args)
-        entry = self._lookup(structure, inputs, params)
-        if entry is None or entry.pending() is not None:
+        captures = self._lookup(structure, inputs, params)
+        if captures is None:
             return self.fn(*args)
-        for buf, t in zip(entry.static_in, inputs):
-            buf.copy_(t)
-        return _Replay.apply(entry, *entry.params)
+        entry = next((e for e in captures if e.pending() is None), None)
+        if entry is None:
+            if len(captures) >= self.slots:
+                return self.fn(*args)
+            entry = self._capture_one(structure, inputs, params)
+            captures.append(entry)
+        with torch.no_grad():
+            for buf, t in zip(entry.static_in, inputs):
+                buf.copy_(t)
+        return _Replay.apply(entry, *(t for t in inputs if t.requires_grad), *entry.params)
 
-    def _capture(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()) -> _TrainGraphs:
-        static_in = [t.detach().clone().contiguous() for t in inputs]
+    def _capture(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()) -> list[_TrainGraphs]:
+        return [self._capture_one(structure, inputs, params)]
+
+    def _capture_one(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...]) -> _TrainGraphs:
+        static_in = [t.detach().clone().contiguous().requires_grad_(t.requires_grad) for t in inputs]
         args = self._rebuild(structure, static_in)
+        wrt = (*(t for t in static_in if t.requires_grad), *params)
 
         def forward_backward():
             out = self.fn(*args)
-            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
+            torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
 
         with torch.enable_grad():
             self._warm_up(forward_backward)
-            pool = torch.cuda.graph_pool_handle()  # one per signature: its backward reads its forward's activations
+            pool = torch.cuda.graph_pool_handle()  # one per capture: its backward reads its forward's activations
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(forward, pool=pool, capture_error_mode="thread_local"):
                 out = self.fn(*args)
             grad_out = torch.empty_like(out)
             with torch.cuda.graph(backward, pool=pool, capture_error_mode="thread_local"):
-                grads = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+                grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
         log.info("%s and its backward captured as CUDA graphs for input shapes %s", self.name,
                  [tuple(t.shape) for t in static_in[:1]])
         return _TrainGraphs(forward, backward, static_in, out.detach(), grad_out, grads, params)

@@ -86,7 +86,9 @@ def phase_ranges(method, flops: dict[str, float] | None = None):
     patched: list[tuple[object, str, object, bool]] = []
     targets = [(method, attr, name) for name, attr in PHASES if getattr(method, attr, None) is not None]
     disc = getattr(method, "disc", None)
-    if isinstance(disc, torch.nn.Module):
+    if hasattr(method, "disc_logits"):  # the call `prodistill.accel` may graph (then disc.forward never runs)
+        targets.append((method, "disc_logits", "discriminator forward"))
+    elif isinstance(disc, torch.nn.Module):
         targets.append((disc, "forward", "discriminator forward"))
     try:
         for obj, attr, name in targets:

@@ -39,14 +39,14 @@ from prodistill.bench.profile import (add_phase_rates, breakdown, flop_counter, 
 DEFAULT_CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
 CONFIGS = (*DEFAULT_CONFIGS, "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc",
            "compile+graphs+solve-graph", "compile+graphs+conv-gemm", "compile+graphs+no-rewrites",
-           "compile+graphs+student-graph")
+           "compile+graphs+train-graphs")
 """`+fused`: the `ops/` kernels (latent upsampler, pseudo-Huber) on top of compile+graphs; `+cfg2b`: the
 teacher's CFG as one batch-2B call (`--split-cfg off`) where compiling every network otherwise splits it into
 two batch-B calls (`--split-cfg auto`); `+nhwc`: channels-last conv weights (`--channels-last`); `+solve-graph`:
 only the teacher's solve graphed, the EMA target's forward eager; `+conv-gemm`: the experimental exact rewrite of
 the temporal convolutions as GEMMs (`prodistill.accel.rewrites.TemporalGemmConv3d`); `+no-rewrites`: without the exact rewrites
 (`--exact-rewrites off`), which every other configuration but plain has as the default of one process;
-`+student-graph`: the student's differentiated forward and its backward as CUDA graphs too
+`+train-graphs`: the student's and the discriminator's passes with their backward as CUDA graphs too
 (`prodistill.accel.graphs.GraphedTrainCall`, single process)."""
 FP8_BACKENDS = ("te", "torchao", "emulate")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}
@@ -150,7 +150,7 @@ def _make_step(name: str, cfg, models, device: torch.device):
     defaults = Speedups.from_config(cfg, device)
     speedups = replace(defaults, compile=scope, cuda_graphs="graphs" in base,
                        graph_ema="graphs" in base and "solve-graph" not in base and defaults.graph_ema,
-                       graph_student="student-graph" in base and defaults.graph_ema,
+                       graph_train="train-graphs" in base and defaults.graph_ema,
                        channels_last=defaults.channels_last or "nhwc" in base,
                        rewrites=runs_rewrites(name, cfg, device), fused_ops="fused" in base,
                        temporal_gemm="conv-gemm" in base and runs_rewrites(name, cfg, device),

@@ -69,7 +69,12 @@ class StepOutput:
 
 
 class Method:
-    """Base class: subclasses set `phases` and implement `parameters`, `compute` and the weight I/O."""
+    """Base class: subclasses set `phases` and implement `parameters`, `compute` and the weight I/O.
+
+    A method calls its networks through attributes that `prodistill.accel` may replace by compiled or graphed
+    stand-ins of the same signature, so a method holding one calls it through the attribute: `teacher_solve(x, path,
+    cond, guidance)` (the frozen teacher's guided solve), `student_d(x, σ, cond)` (the student's denoiser), `ema_d(x,
+    σ, cond)` (the EMA target's) and `disc_logits(x)` (the discriminator's logits, autocast entered inside)."""
 
     name: str = "method"
     phases: tuple[str, ...] = ("generator",)

@@ -118,7 +118,7 @@ class MCM(LCM):
             return m
         return self.head_target(m) if target else self.head(m)
 
-    def _disc_logits(self, frames: Tensor) -> Tensor:
+    def disc_logits(self, frames: Tensor) -> Tensor:
         with self.models.autocast():
             return self.disc(frames).float()
 
@@ -148,7 +148,7 @@ class MCM(LCM):
         prediction_m = self.motion(prediction)
         distance = pseudo_huber(target_m, prediction_m, huber_c(cfg, prediction_m)).mean()  # eq. 6 (eq. 8)
         fake = self._pick_frames(prediction)
-        g_adv = critic_g_loss(self._disc_logits(self._fake_input(fake)))  # eq. 4
+        g_adv = critic_g_loss(self.disc_logits(self._fake_input(fake)))  # eq. 4
         loss = distance + cfg.lambda_adv * g_adv  # eq. 9, its real or generated half as drawn in eq. 7
         logs = {"loss/distance": distance.detach(), "loss/g_adv": g_adv.detach(), "loss/g_total": loss.detach(),
                 "mcm/generated_trajectory": float(generated)}
@@ -158,7 +158,7 @@ class MCM(LCM):
         real = cache["real"]
         with torch.no_grad():
             fake = self._fake_input(cache["fake"])
-        real_logits, fake_logits = self._disc_logits(real), self._disc_logits(fake)
+        real_logits, fake_logits = self.disc_logits(real), self.disc_logits(fake)
         if self.cfg.disc_loss == "hinge":
             loss = hinge_d_loss(real_logits, fake_logits)  # eq. 5
         else:

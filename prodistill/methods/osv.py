@@ -49,7 +49,8 @@ class OSV(Method):
     def _randn(self, like: Tensor) -> Tensor:
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
-    def _disc_logits(self, latents: Tensor) -> Tensor:
+    def disc_logits(self, latents: Tensor) -> Tensor:
+        """The discriminator's logits of latents (B, F, C, h, w), or of their decoded frames (`--disc-input`)."""
         frames = self.models.decode_with_grad(latents) if self.cfg.disc_input == "decoded" else latents
         with self.models.autocast():
             return self.disc(frames).float()
@@ -80,15 +81,15 @@ class OSV(Method):
                                           solver_path(self.grid, n, m), guidance,
                                           ConsistencyParam.from_config(self.cfg))  # eq. 8, m teacher steps
             lam = self.cfg.lambda_acd  # eq. 9-10: the EMA target's output is the GAN's real
-        g_adv = hinge_g_loss(self._disc_logits(fake))
+        g_adv = hinge_g_loss(self.disc_logits(fake))
         distance = pseudo_huber(real, fake, huber_c(self.cfg, x0)).mean()  # λ(t_n) = 1
         loss = lam * g_adv + distance  # eq. 7 (stage 1) / eq. 10 (stage 2)
         logs = {"loss/g_adv": g_adv.detach(), "loss/distance": distance.detach(), "loss/g_total": loss.detach()}
         return StepOutput(loss, logs, {"real": real.detach(), "fake": fake.detach()})
 
     def _discriminator(self, cache: dict[str, Tensor]) -> StepOutput:
-        real_logits = self._disc_logits(cache["real"])
-        fake_logits = self._disc_logits(cache["fake"])
+        real_logits = self.disc_logits(cache["real"])
+        fake_logits = self.disc_logits(cache["fake"])
         loss = hinge_d_loss(real_logits, fake_logits)  # eq. 6 / eq. 9
         logs = {"loss/d": loss.detach(), "d/logits_real": real_logits.detach().mean(),
                 "d/logits_fake": fake_logits.detach().mean()}
