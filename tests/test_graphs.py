@@ -217,3 +217,30 @@ def test_graphed_calls_run_eagerly_inside_an_autocast_that_caches_weights():
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         graphed(*_inputs(0)).float().sum().backward()
     assert len(graphed.graphs) == 1
+
+
+@pytest.mark.parametrize("method_name,stage", [("osv", 1), ("osv", 2), ("mcm", 2)])
+def test_training_steps_with_graphed_student_and_discriminator_track_eager(tmp_path, method_name, stage):
+    """Three training steps with the student's denoiser and the discriminator's logits behind the twin (generator
+    update: the discriminator differentiated into the student's sample; discriminator update: real and fake in two
+    slots) give the eager run's losses, and the replays did run."""
+    from conftest import make_trainer, tiny_config
+    from prodistill.training.logger import read_metrics
+
+    losses = {}
+    for name in ("eager", "graphed"):
+        cfg = tiny_config(tmp_path, method=method_name, stage=str(stage), max_steps=3, out=str(tmp_path / name))
+        trainer, method, _ = make_trainer(cfg, tmp_path / name, stage=stage, total_steps=3)
+        if name == "graphed":
+            method.student_d = TwinGraphedTrainCall(method.student_d, method.trainable.values)
+            method.disc_logits = TwinGraphedTrainCall(method.disc_logits, method.disc.parameters, slots=2)
+        trainer.fit()
+        losses[name] = [(r["loss/g_total"], r["loss/d"]) for r in read_metrics(tmp_path / name) if "loss/d" in r]
+    assert len(losses["graphed"]) == len(losses["eager"]) == 3
+    for got, want in zip(losses["graphed"], losses["eager"]):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    student = [e for captures in method.student_d.graphs.values() for e in captures]
+    disc = [e for captures in method.disc_logits.graphs.values() for e in captures]
+    assert sum(e.backward.replays for e in student) == 3  # every generator update replayed (captured at step 1)
+    assert len(disc) == 3  # generator update (sample requires grad) + real and fake of the discriminator update
+    assert all(e.backward.replays == 3 for e in disc)
