@@ -84,7 +84,10 @@ class GraphedCall:
 
     def __call__(self, *args) -> Tensor:
         structure, inputs = self._flatten(args)
-        entry = self._lookup(structure, inputs)
+        key = self._key(structure, inputs)
+        entry = self.graphs.get(key)
+        if entry is None and self._due(key, inputs):
+            entry = self.graphs[key] = self._capture(structure, inputs)
         if entry is None:
             return self.fn(*args)
         graph, static_in, static_out = entry
@@ -93,29 +96,29 @@ class GraphedCall:
         graph.replay()
         return static_out.clone()
 
-    def _lookup(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()):
-        """The captured graph(s) of this signature, captured now if it is due; None where the call runs eagerly."""
-        key = (structure, *((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs), tuple(map(id, params)))
-        entry = self.graphs.get(key)
-        if entry is None:
-            if inputs and torch.is_autocast_enabled(inputs[0].device.type) and torch.is_autocast_cache_enabled():
-                # an autocast entered around the call caches casts of trainable weights across calls: a capture would
-                # record the warm-up's cast, not a cast, and replay stale weights after the optimiser steps
-                if not self._warned:
-                    log.warning("%s: called inside an autocast with its weight cache on, running eagerly (enter "
-                                "autocast inside the call, or with cache_enabled=False)", self.name)
-                    self._warned = True
-                return None
-            if self.ready is not None and (key not in self.seen or not self.ready()):
-                self.seen.add(key)
-                return None
-            if len(self.graphs) >= self.max_graphs:
-                if not self._warned:
-                    log.warning("%s: more than %d input shapes, running eagerly", self.name, self.max_graphs)
-                    self._warned = True
-                return None
-            entry = self.graphs[key] = self._capture(structure, inputs, params)
-        return entry
+    @staticmethod
+    def _key(structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()) -> tuple:
+        return (structure, *((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs), tuple(map(id, params)))
+
+    def _due(self, key: tuple, inputs: list[Tensor]) -> bool:
+        """Whether a signature with no graph yet is to be captured now (else the call runs eagerly)."""
+        if inputs and torch.is_autocast_enabled(inputs[0].device.type) and torch.is_autocast_cache_enabled():
+            # an autocast entered around the call caches casts of trainable weights across calls: a capture would
+            # record the warm-up's cast, not a cast, and replay stale weights after the optimiser steps
+            if not self._warned:
+                log.warning("%s: called inside an autocast with its weight cache on, running eagerly (enter "
+                            "autocast inside the call, or with cache_enabled=False)", self.name)
+                self._warned = True
+            return False
+        if self.ready is not None and (key not in self.seen or not self.ready()):
+            self.seen.add(key)
+            return False
+        if len(self.graphs) >= self.max_graphs:
+            if not self._warned:
+                log.warning("%s: more than %d input shapes, running eagerly", self.name, self.max_graphs)
+                self._warned = True
+            return False
+        return True
 
     def _warm_up(self, run: Callable[[], object]) -> None:
         """`run()` `warmup` times on a side stream, off any capture (lazy inits, compiled regions' first calls);
@@ -130,7 +133,7 @@ class GraphedCall:
         torch.cuda.current_stream().wait_stream(side)
 
     @torch.no_grad()
-    def _capture(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()):
+    def _capture(self, structure: tuple, inputs: list[Tensor]):
         static_in = [t.detach().clone().contiguous() for t in inputs]
         args = self._rebuild(structure, static_in)
         self._warm_up(lambda: self.fn(*args))
@@ -165,10 +168,14 @@ class _TrainGraphs:
     grads: tuple[Tensor | None, ...]
     """The gradients the backward graph writes: of the inputs that require grad, then of `params` (None: unused)."""
     params: tuple[Tensor, ...]
-    pending: Callable[[], object] = lambda: None
-    """A weak reference to the autograd node of the last forward replay whose backward has not run: while that node
-    lives (its graph was neither differentiated nor dropped), another forward replay would overwrite the activations
-    its backward reads."""
+    node: Callable[[], object] = lambda: None
+    """A weak reference to the autograd node of this capture's last forward replay."""
+
+    def busy(self) -> bool:
+        """Whether the last replay's backward is still to run: another forward replay would overwrite the activations
+        it reads (its node dead: the graph was dropped undifferentiated)."""
+        node = self.node()
+        return node is not None and not node.done
 
 
 class _Replay(torch.autograd.Function):
@@ -177,10 +184,11 @@ class _Replay(torch.autograd.Function):
     parameters' `.grad` as for an eager call."""
 
     @staticmethod
-    def forward(ctx, entry: _TrainGraphs, *differentiated: Tensor) -> Tensor:
-        ctx.entry = entry
+    def forward(ctx, nodes: list, key: tuple, entry: _TrainGraphs, *differentiated: Tensor) -> Tensor:
+        ctx.entry, ctx.done = entry, False
         entry.forward.replay()
-        entry.pending = weakref.ref(ctx)
+        entry.node = weakref.ref(ctx)
+        nodes.append((entry.node, key))
         return entry.out.clone()  # the static output is rewritten by the next replay; callers may keep theirs
 
     @staticmethod
@@ -189,9 +197,24 @@ class _Replay(torch.autograd.Function):
         entry = ctx.entry
         entry.grad_out.copy_(grad)
         entry.backward.replay()
-        entry.pending = lambda: None
+        ctx.done = True
         # autograd clones a returned gradient it cannot steal (these buffers are held here) or adds it in place
-        return (None, *entry.grads)
+        return (None, None, None, *entry.grads)
+
+
+class _Track(torch.autograd.Function):
+    """The identity, whose node records that an eager call's autograd graph is alive and whether its backward ran."""
+
+    @staticmethod
+    def forward(ctx, nodes: list, key: tuple, out: Tensor) -> Tensor:
+        ctx.done = False
+        nodes.append((weakref.ref(ctx), key))
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.done = True
+        return None, None, grad
 
 
 class GraphedTrainCall(GraphedCall):
@@ -202,16 +225,26 @@ class GraphedTrainCall(GraphedCall):
     compiler's `ready`) and replayed through one autograd node, so `loss.backward()` replays the backward graph and
     the gradients flow on and fill `.grad` as in an eager step.
 
-    Up to `slots` captures per signature serve calls whose backward is still pending (a discriminator judging real
-    and fake before one backward); a further call runs eagerly, as do calls without grad mode (previews, samplers).
-    The parameters must keep their storage between steps (the optimiser and the EMA swap work in place), and the
-    call must draw no random numbers."""
+    A capture is taken only while no autograd graph of an earlier call of this wrapper is alive: a live graph holds
+    the parameters' gradient-accumulator nodes, which belong to the stream they were made on, and a capture reaching
+    them from its own stream is invalid (CUDA: "operation would make the legacy stream depend on a capturing
+    blocking stream"). So calls run eagerly until such a moment — and so must any other graph through `params()`
+    be freed before the first call. A signature called again before its backward (a discriminator judging real and
+    fake before one backward) gets as many captures as were seen in flight, up to `slots`; a further call in flight
+    runs eagerly, as do calls without grad mode (previews, samplers). The parameters must keep their storage between
+    steps (the optimiser and the EMA swap work in place), and the call must draw no random numbers."""
 
     def __init__(self, fn: Callable[..., Tensor], params: Callable[[], Iterable[Tensor]], warmup: int = 2,
                  before_capture: Callable[[], None] | None = None, ready: Callable[[], bool] | None = None,
                  name: str = "student forward", slots: int = 1):
         super().__init__(fn, warmup, before_capture, ready, name)
         self.params, self.slots = params, slots
+        self.nodes: list[tuple[Callable[[], object], tuple]] = []  # (weak reference to a call's node, its key)
+        self.depth: dict[tuple, int] = {}  # captures a signature needs: calls seen in flight at once
+
+    def reset(self) -> None:
+        super().reset()
+        self.depth.clear()
 
     def __call__(self, *args) -> Tensor:
         if not torch.is_grad_enabled():
@@ -220,22 +253,23 @@ class GraphedTrainCall(GraphedCall):
         params = tuple(p for p in self.params() if p.requires_grad)
         if not params and not any(t.requires_grad for t in inputs):
             return self.fn(*args)
-        captures = self._lookup(structure, inputs, params)
-        if captures is None:
-            return self.fn(*args)
-        entry = next((e for e in captures if e.pending() is None), None)
-        if entry is None:
-            if len(captures) >= self.slots:
-                return self.fn(*args)
-            entry = self._capture_one(structure, inputs, params)
-            captures.append(entry)
-        with torch.no_grad():
-            for buf, t in zip(entry.static_in, inputs):
-                buf.copy_(t)
-        return _Replay.apply(entry, *(t for t in inputs if t.requires_grad), *entry.params)
-
-    def _capture(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...] = ()) -> list[_TrainGraphs]:
-        return [self._capture_one(structure, inputs, params)]
+        key = self._key(structure, inputs, params)
+        self.nodes = [(ref, k) for ref, k in self.nodes if ref() is not None]
+        captures = self.graphs.get(key)
+        if not self.nodes and (captures is not None or self._due(key, inputs)):
+            captures = self.graphs.setdefault(key, [])
+            while len(captures) < self.depth.get(key, 1):
+                captures.append(self._capture_one(structure, inputs, params))
+        entry = next((e for e in captures or () if not e.busy()), None)
+        if entry is not None:
+            with torch.no_grad():
+                for buf, t in zip(entry.static_in, inputs):
+                    buf.copy_(t)
+            return _Replay.apply(self.nodes, key, entry, *(t for t in inputs if t.requires_grad), *entry.params)
+        in_flight = sum(1 for ref, k in self.nodes if k == key and (node := ref()) is not None and not node.done)
+        self.depth[key] = min(self.slots, max(self.depth.get(key, 1), in_flight + 1))
+        out = self.fn(*args)
+        return _Track.apply(self.nodes, key, out) if out.requires_grad else out
 
     def _capture_one(self, structure: tuple, inputs: list[Tensor], params: tuple[Tensor, ...]) -> _TrainGraphs:
         static_in = [t.detach().clone().contiguous().requires_grad_(t.requires_grad) for t in inputs]
