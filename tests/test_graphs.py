@@ -220,7 +220,7 @@ def test_student_graphs_are_refused_with_grad_checkpointing_and_fp8(tmp_path, op
     models = build_models(cfg, torch.device("cpu"))
     method = build_method(cfg, models, 2, torch.Generator().manual_seed(0))
     speedups = Speedups(cuda_graphs=True, graph_train=True, **{option: True})
-    with pytest.raises(SpeedupError, match="student's CUDA graphs"):
+    with pytest.raises(SpeedupError, match="CUDA graphs of the training passes"):
         accelerate(method, models, speedups)
 
 

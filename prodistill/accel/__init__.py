@@ -204,7 +204,8 @@ def accelerate(method, models, speedups: Speedups) -> list:
     from prodistill.accel import fp8
 
     if speedups.cuda_graphs and speedups.graph_train and (speedups.grad_checkpointing or speedups.fp8):
-        raise SpeedupError("the student's CUDA graphs do not work with --grad-checkpointing or --fp8")
+        raise SpeedupError("CUDA graphs of the training passes (graph_train, +train-graphs) do not work with "
+                           "--grad-checkpointing or --fp8; leave one of them off")
     plans = []
     table = fp8.Table.load(speedups.fp8_table) if speedups.fp8 else None
     for name, net, role, compiled in fp8_networks(method, models, speedups.compile):

@@ -1,4 +1,4 @@
-"""Forward-only calls of the training step replayed as CUDA graphs: the frozen teacher's m-step guided solve
+"""Calls of the training step replayed as CUDA graphs: the frozen teacher's m-step guided solve
 (OSV eq. 8) and the EMA target f_θ⁻.
 
 The solve is the step's largest block of work (m = 5 guided UNet calls: measured on an H200 at 512², 600 ms of
@@ -13,6 +13,10 @@ eagerly it left the GPU idle most of its time (CPU-bound: 160 ms of wall time fo
 Static buffers: the call's tensor arguments (tensors, or dataclasses of tensors such as `SVDCondition`) are copied
 into tensors owned by the graph before each replay, and the result is copied out, so callers see an ordinary
 function. One graph is kept per input signature (shapes and dtypes); all graphs of a wrapper share one pool.
+
+`GraphedTrainCall` (experimental, `Speedups.graph_train`) does the same for the differentiated calls — the
+student's forward, launched from Python, took 186-240 ms of CPU for 56 ms of kernels in the profiled H200 steps,
+and the discriminator 83 ms for 3 ms — with a second graph for their backward.
 """
 
 from __future__ import annotations
@@ -228,8 +232,8 @@ class GraphedTrainCall(GraphedCall):
     A capture is taken only while no autograd graph of an earlier call of this wrapper is alive: a live graph holds
     the parameters' gradient-accumulator nodes, which belong to the stream they were made on, and a capture reaching
     them from its own stream is invalid (CUDA: "operation would make the legacy stream depend on a capturing
-    blocking stream"). So calls run eagerly until such a moment — and so must any other graph through `params()`
-    be freed before the first call. A signature called again before its backward (a discriminator judging real and
+    blocking stream"). So calls run eagerly until such a moment, and any other autograd graph through `params()`
+    must be freed before this wrapper's first call. A signature called again before its backward (a discriminator judging real and
     fake before one backward) gets as many captures as were seen in flight, up to `slots`; a further call in flight
     runs eagerly, as do calls without grad mode (previews, samplers). The parameters must keep their storage between
     steps (the optimiser and the EMA swap work in place), and the call must draw no random numbers."""
