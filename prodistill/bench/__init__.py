@@ -113,7 +113,7 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
                    "(osv and lcm only), eager-pixels, eager, graphs, compile-teacher+graphs, compile, compile+graphs); "
                    "add +fp8-te, +fp8-torchao or +fp8-emulate to any but plain and eager-pixels (e.g. eager+fp8-te, "
                    "compile-teacher+graphs+fp8-torchao); ablations of compile+graphs: +fused, +cfg2b, +nhwc, "
-                   "+solve-graph, +conv-gemm, +no-rewrites.")
+                   "+solve-graph, +conv-gemm, +no-rewrites, +train-graphs (experimental).")
 @click.option("--iters", type=click.IntRange(1), default=10, show_default=True, help="Timed iterations each.")
 @click.option("--warmup", type=click.IntRange(1), default=3, show_default=True,
               help="Untimed iterations first (the first one compiles).")
