@@ -113,8 +113,12 @@ def test_graphed_student_forward_and_backward_equal_eager(tmp_path, dtype):
         (want, want_grads), (got, got_grads) = results
         assert ((got - want).norm() / want.norm()).item() < tol
         assert got_grads.keys() == want_grads.keys() and len(want_grads) > 10
+        # the cross-attention's query/key factors have an exactly zero gradient (a softmax over one key): only
+        # rounding noise (~1e-10 on the H100), so each gradient is compared against its own norm or, where smaller,
+        # 1e-3 of the largest gradient's
+        floor = 1e-3 * max(g.norm() for g in want_grads.values())
         for k, g in want_grads.items():
-            assert ((got_grads[k] - g).norm() / g.norm().clamp_min(1e-12)).item() < 5 * tol, k
+            assert ((got_grads[k] - g).norm() / torch.maximum(g.norm(), floor)).item() < 5 * tol, k
     assert len(graphed.graphs) == 1  # one signature: captured once, replayed
 
 
