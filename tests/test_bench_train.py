@@ -56,6 +56,18 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     assert result["cuda_env"] == {"CUDA_SCALE_LAUNCH_QUEUES": "4x"} and ", CUDA_SCALE_LAUNCH_QUEUES=4x)" in table
 
 
+def test_the_table_says_where_graphed_training_passes_keep_their_memory():
+    row = {"sec_per_it": 0.8, "tflop_per_it": 226.3, "peak_reserved_gb": 28.6}
+    result = {"method": "osv", "stage": "2", "preset": "svd-xt", "resolution": "512x512", "frames": 14,
+              "batch_size": 1, "solver_steps": 5, "lora_rank": 64, "device": "GPU", "torch": "2", "peak_tflops": 989.0,
+              "rows": [{"config": "compile+graphs", **row, "peak_alloc_gb": 23.7},
+                       {"config": "compile+graphs+train-graphs", **row, "peak_alloc_gb": 5.8}]}
+    lines = format_train_table(result).splitlines()
+    assert lines[-1].startswith("peak GB of compile+graphs+train-graphs: without the student's") and "reserved" in lines[-1]
+    result["rows"] = result["rows"][:1]
+    assert "peak GB of" not in format_train_table(result)
+
+
 def test_bench_train_refuses_unknown_and_gpu_only_configs_on_cpu():
     with pytest.raises(ValueError, match="unknown configuration"):
         parse_configs("eager,fastest", torch.device("cpu"))

@@ -451,6 +451,10 @@ def format_train_table(r: dict) -> str:
                      f"{fmt('tflop_per_it', 10, 1)}{fmt('mfu', 8, 1, 100, '%')}{fmt('peak_alloc_gb', 9, 1)}"
                      f"{fmt('peak_reserved_gb', 10, 1)}{fmt('first_iter_s', 10, 1)}{fmt('warmup_s', 10, 1)}")
     lines += [f"{row['config']}: {row['fp8']}" for row in r["rows"] if "fp8" in row]
+    graphed = [row["config"] for row in r["rows"] if "+train-graphs" in row["config"] and "peak_alloc_gb" in row]
+    if graphed:  # a replay allocates nothing: the graphed passes' activations sit in pools reserved at capture
+        lines.append(f"peak GB of {', '.join(graphed)}: without the student's and discriminator's activations, which "
+                     "live in their CUDA graphs' pools (a replay allocates nothing); reserved is the step's footprint")
     if r["peak_tflops"] is None:
         lines.append("MFU: no bf16 peak known for this device (CPU times only show that the harness runs)")
     return "\n".join(lines)
