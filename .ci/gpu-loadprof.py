@@ -1,5 +1,6 @@
 """Time loading every ahead-of-time region variant (`*.aot`) under a folder in a fresh process, as a warm launch
-loads them (after importing what a training process has imported by then); with `profile`, under cProfile, printing the top functions by cumulative and own time.
+loads them (after importing what a training process has imported by then); with `profile`, under cProfile,
+printing the top functions by cumulative and own time.
 
     python3 .ci/gpu-loadprof.py FOLDER [profile]
 
