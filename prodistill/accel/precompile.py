@@ -283,7 +283,8 @@ def _load(path: str):
     torch (2.11-2.13) deep-copies each entry it deserialises so that the loaded function could be saved again;
     ours never are (a file is written once, by the process that compiled it). That copy walked about a million
     objects per warm launch of SVD-XT at 512² and was the largest single item of the H100's load profile (4.7 s
-    of 15.0 s for 59 files under cProfile): for the duration of the load the entry class copies as itself."""
+    of 15.0 s for 59 files under cProfile, which inflates many small calls): for the duration of the load the
+    entry class copies as itself."""
     entry_class = _aot_entry_class()
     with _LOADING, open(path, "rb") as f:
         if entry_class is None:
