@@ -3,6 +3,11 @@ same work as prodistill's step (counted FLOPs)."""
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -54,6 +59,27 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     table = format_train_table(result)
     assert "compile" in table and "plain" in table and "no bf16 peak" in table
     assert result["cuda_env"] == {"CUDA_SCALE_LAUNCH_QUEUES": "4x"} and ", CUDA_SCALE_LAUNCH_QUEUES=4x)" in table
+    # from the process's start: imports, the models, then the first configuration's first steps (10 ms ticks)
+    launch, first = result["launch"], result["rows"][0]
+    assert launch["before_models_s"] > 0 and launch["build_models_s"] > 0
+    assert first["at_speed_since_launch_s"] >= (launch["before_models_s"] + launch["build_models_s"]
+                                                + first["warmup_s"] - 0.05)
+    at_speed = [r["at_speed_since_launch_s"] for r in result["rows"]]
+    assert at_speed == sorted(at_speed)
+    assert f"plain at speed {first['at_speed_since_launch_s']:.1f} s after the process started" in table
+
+
+def test_seconds_since_launch_counts_from_the_process_start():
+    """In a fresh interpreter that sleeps 0.5 s first (the function's own source, without importing torch), and
+    across a sleep in this one."""
+    from prodistill.bench.train import seconds_since_launch
+
+    code = f"import os, time\ntime.sleep(0.5)\n{inspect.getsource(seconds_since_launch)}\nprint(seconds_since_launch())"
+    fresh = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= fresh < 5.0
+    before = seconds_since_launch()
+    time.sleep(0.3)
+    assert 0.25 <= seconds_since_launch() - before <= 2.0
 
 
 def test_the_table_says_where_graphed_training_passes_keep_their_memory():

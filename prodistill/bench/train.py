@@ -207,6 +207,19 @@ def _until_compiled(step, compiler) -> int:
     return steps
 
 
+def seconds_since_launch() -> float | None:
+    """Wall seconds since this process started (from Linux's /proc; None elsewhere), so that the bench can say
+    how long a user waits from the command to a step at speed: imports and model building included."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
     step, plans, networks, _ = _make_step(name, cfg, models, device)
     compiler = precompiler(networks)
@@ -223,6 +236,7 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         step()
     _sync(device)
     startup = time.perf_counter() - t0
+    at_speed = seconds_since_launch()
     memory = {}
     if device.type == "cuda":  # the warm-up's peak (eager steps while compiling, captures), then the timed steps'
         memory = {"startup_peak_alloc_gb": torch.cuda.max_memory_allocated(device) / 1e9,
@@ -237,6 +251,8 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
         times.append(time.perf_counter() - t0)
     row = {"config": name, "sec_per_it": statistics.median(times), "sec_min": min(times), "sec_max": max(times),
            "first_iter_s": first, "warmup_s": startup, "eager_steps_while_compiling": eager_steps, **memory}
+    if at_speed is not None:
+        row["at_speed_since_launch_s"] = at_speed
     aot = {k: v - before[k] for k, v in compiler.stats.items()} if compiler is not None else {}
     if aot:
         row["aot"] = aot
@@ -287,13 +303,18 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
     from prodistill.training.run import build_models
 
     echo(f"building {cfg.preset} models on {device} ...")
+    launch = {"before_models_s": seconds_since_launch()}
+    start = time.perf_counter()
     models = build_models(cfg, device)
+    launch["build_models_s"] = time.perf_counter() - start
     peak = device_peak_tflops(device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "preset": cfg.preset, "method": cfg.method, "stage": cfg.stages()[0], "resolution": cfg.resolution,
               "frames": cfg.frames, "batch_size": cfg.batch_size, "solver_steps": cfg.solver_steps,
               "lora_rank": cfg.lora_rank, "peak_tflops": peak, "torch": torch.__version__,
               "inductor_options": inductor_options(), "cuda_env": cuda_env(), "rows": []}
+    if launch["before_models_s"] is not None:
+        result["launch"] = launch
     for name in configs:
         echo(f"{name} ...")
         row = run_config(name, cfg, models, device, warmup, iters, echo)
@@ -455,6 +476,11 @@ def format_train_table(r: dict) -> str:
     if graphed:  # a replay allocates nothing: the graphed passes' activations sit in pools reserved at capture
         lines.append(f"peak GB of {', '.join(graphed)}: without the student's and discriminator's activations, which "
                      "live in their CUDA graphs' pools (a replay allocates nothing); reserved is the step's footprint")
+    launch, first = r.get("launch"), (r["rows"] or [{}])[0]
+    if launch and "at_speed_since_launch_s" in first:
+        lines.append(f"launch: {launch['before_models_s']:.1f} s of imports and set-up, models built in "
+                     f"{launch['build_models_s']:.1f} s, {first['config']} at speed "
+                     f"{first['at_speed_since_launch_s']:.1f} s after the process started")
     if r["peak_tflops"] is None:
         lines.append("MFU: no bf16 peak known for this device (CPU times only show that the harness runs)")
     return "\n".join(lines)
