@@ -306,6 +306,7 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
     launch = {"before_models_s": seconds_since_launch()}
     start = time.perf_counter()
     models = build_models(cfg, device)
+    _sync(device)  # the models' initialisation kernels are part of building them
     launch["build_models_s"] = time.perf_counter() - start
     peak = device_peak_tflops(device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
