@@ -285,8 +285,9 @@ def _load(path: str):
     objects per warm launch of SVD-XT at 512² and was the largest single item of the H100's load profile (4.7 s
     of 15.0 s for 59 files under cProfile, which inflates many small calls): for the duration of the load the
     entry class copies as itself."""
-    entry_class = _aot_entry_class()
     with _LOADING, open(path, "rb") as f:
+        # looked up under the lock, so that a concurrent load's temporary `__deepcopy__` is not taken for torch's
+        entry_class = _aot_entry_class()
         if entry_class is None:
             return torch.compiler.load_compiled_function(f)
         entry_class.__deepcopy__ = _itself
