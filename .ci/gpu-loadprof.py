@@ -1,9 +1,8 @@
 """Time loading every ahead-of-time region variant (`*.aot`) under a folder in a fresh process, as a warm launch
 loads them (after importing what a training process has imported by then); with `profile`, under cProfile,
-printing the top functions by cumulative and own time; with `torch`, through torch's own loader
-(`torch.compiler.load_compiled_function`, which also deep-copies every entry) instead of prodistill's.
+printing the top functions by cumulative and own time.
 
-    python3 .ci/gpu-loadprof.py FOLDER [time|profile|torch]
+    python3 .ci/gpu-loadprof.py FOLDER [profile]
 
 On the GPU machine, after `bench train ... --compile-cache /tmp/cc` has filled the cache:
 `bash .ci/gpu-run python3 .ci/gpu-loadprof.py /tmp/cc/aot profile`.
@@ -15,8 +14,6 @@ import pstats
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from prodistill.accel.precompile import _load
 
@@ -37,11 +34,7 @@ def main(folder: str, mode: str = "time") -> None:
         prof.enable()
     for f in files:
         try:
-            if mode == "torch":
-                with open(f, "rb") as file:
-                    torch.compiler.load_compiled_function(file)
-            else:
-                _load(str(f))
+            _load(str(f))
             loaded += 1
         except Exception as e:
             print("failed:", f.name, type(e).__name__, str(e)[:120])

@@ -209,46 +209,6 @@ def test_an_unloadable_file_falls_back_to_just_in_time_compile(tmp_path, caplog)
     torch.testing.assert_close(got, want)
 
 
-def test_loading_skips_torchs_copy_of_the_entry(tmp_path, monkeypatch):
-    """torch's loader deep-copies every AOT-autograd entry so that the loaded function could be saved again;
-    `_load` skips that copy (a loaded variant is never saved) and the loaded region still gives the eager output
-    and input gradient."""
-    from torch._functorch._aot_autograd.aot_autograd_result import BundledAOTAutogradResult as Entry
-
-    _, block, args = _res_block()
-    x = args[0].requires_grad_()
-    want = block(*args)
-    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
-    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=1)
-    compiler.wrap([block])
-    block(*args)
-    block(*args)  # compiled and saved (and loaded by this process)
-    (path,) = list((tmp_path / "aot").glob("*.aot"))
-    copies = []
-    deepcopy = copy.deepcopy
-
-    def counted(obj, memo=None):
-        out = deepcopy(obj, memo)
-        if isinstance(obj, Entry):
-            copies.append(out is not obj)
-        return out
-
-    monkeypatch.setattr(copy, "deepcopy", counted)
-    with open(path, "rb") as f:
-        torch.compiler.load_compiled_function(f)
-    assert copies == [True]  # what torch does on its own
-    copies.clear()
-    fresh = precompile.Precompiler(tmp_path, "aot_eager", workers=1)
-    vars(block).pop("forward")
-    fresh.wrap([block])
-    got = block(*args)
-    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
-    assert fresh.stats["loaded"] == 1 and fresh.stats["compiled"] == 0 and not fresh.failed
-    assert copies == [False] and "__deepcopy__" not in vars(Entry)  # not copied; the class is left as it was
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(got_grad, want_grad)
-
-
 class Scaled(torch.nn.Linear):
     """A Linear of another class (at module level: dynamo saves classes by their import path)."""
 

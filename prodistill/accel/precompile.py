@@ -274,39 +274,11 @@ def _guard_failure(fn, args: tuple, kwargs: dict) -> str:
         return "reason unavailable"
 
 
-_LOADING = threading.Lock()
-
-
 def _load(path: str):
-    """The compiled function saved in `path`, loaded without torch's deep copy of its AOT-autograd entry.
-
-    torch (2.11-2.13) deep-copies each entry it deserialises so that the loaded function could be saved again;
-    ours never are (a file is written once, by the process that compiled it). That copy walked about a million
-    objects per warm launch of SVD-XT at 512² and was the largest single item of the H100's load profile (4.7 s
-    of 15.0 s for 59 files under cProfile, which inflates many small calls): for the duration of the load the
-    entry class copies as itself."""
-    with _LOADING, open(path, "rb") as f:
-        # looked up under the lock, so that a concurrent load's temporary `__deepcopy__` is not taken for torch's
-        entry_class = _aot_entry_class()
-        if entry_class is None:
-            return torch.compiler.load_compiled_function(f)
-        entry_class.__deepcopy__ = _itself
-        try:
-            return torch.compiler.load_compiled_function(f)
-        finally:
-            del entry_class.__deepcopy__
-
-
-def _itself(obj, memo):
-    return obj
-
-
-def _aot_entry_class():
-    try:
-        from torch._functorch._aot_autograd.aot_autograd_result import BundledAOTAutogradResult
-    except ImportError:
-        return None
-    return None if "__deepcopy__" in vars(BundledAOTAutogradResult) else BundledAOTAutogradResult
+    """The compiled function saved in `path`. (torch deep-copies each loaded AOT-autograd entry so that the function
+    could be saved again; skipping that copy was tried in session 17 and measured no faster on an H200: README.)"""
+    with open(path, "rb") as f:
+        return torch.compiler.load_compiled_function(f)
 
 
 # -- the regions' calls ----------------------------------------------------------------------------------------
