@@ -61,6 +61,37 @@ def test_precompiled_teacher_matches_eager_and_a_second_launch_only_loads(tmp_pa
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_every_network_precompiled_trains_as_eager_with_checkpointed_waiting_blocks(tmp_path):
+    """OSV stage 2 with every network's regions compiled ahead of time in this process: the student's UNet blocks
+    run eagerly and activation-checkpointed in the first step (their variants wait in the queue; the backward
+    recomputes them) and compiled in the next; the losses follow the eager run's."""
+    cfg = tiny_config(tmp_path, max_steps=2)
+    eager, _, models = make_trainer(cfg, tmp_path / "eager", stage=2)
+    eager.fit()
+    checkpointed = []
+    original = precompile.checkpoint
+
+    def counted(fn, module, *args, **kwargs):
+        checkpointed.append(type(module).__name__)
+        return original(fn, module, *args, **kwargs)
+
+    precompile.checkpoint = counted
+    try:
+        fast, method, _ = make_trainer(cfg, tmp_path / "fast", stage=2, models=models)
+        accelerate(method, models, Speedups(compile="all", backend="aot_eager", compile_workers=1,
+                                            cache_dir=tmp_path / "cache"))
+        fast.fit()
+    finally:
+        precompile.checkpoint = original
+    assert {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel"} <= set(checkpointed)
+    stats = _compiler(method.student).stats
+    assert stats["compiled"] > 10 and stats["failed"] == 0
+    want, got = _losses(tmp_path / "eager"), _losses(tmp_path / "fast")
+    assert [s for s, *_ in got] == [s for s, *_ in want] == [1, 2]
+    torch.testing.assert_close(torch.tensor([g[1:] for g in got]), torch.tensor([w[1:] for w in want]),
+                               rtol=1e-5, atol=1e-6)
+
+
 def _res_block():
     from diffusers import UNetSpatioTemporalConditionModel
 
@@ -110,6 +141,50 @@ def test_variants_compile_in_background_worker_processes(tmp_path):
         block(x, *args[1:]).float().square().sum().backward()
     torch.testing.assert_close(x.grad, want_grad, rtol=2e-2, atol=2e-2)
     assert compiler.stats["loaded"] == 2 and not compiler.failed
+
+
+def _saved_bytes(fn) -> tuple[int, object]:
+    """The bytes autograd stores for the backward while `fn()` runs (tensors handed to saved-tensor hooks; a
+    checkpointed call hands over none of its intermediates), and `fn()`'s result."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(saved), out
+
+
+def test_waiting_unet_blocks_are_checkpointed(tmp_path):
+    """While its variant waits to be compiled, a res-block's differentiated eager call stores none of its
+    intermediates for the backward (recomputed there) and gives the same output and gradients, bit for bit; with
+    `checkpoint_waiting` off (`--grad-checkpointing`) it stores what plain eager stores."""
+    _, block, args = _res_block()
+    params = [p for p in block.parameters()]
+
+    def step(x):
+        out = block(x, *args[1:])
+        grads = torch.autograd.grad(out.square().sum(), [x, *params])
+        return out, grads
+
+    x = args[0].clone().requires_grad_()
+    plain_bytes, (want, want_grads) = _saved_bytes(lambda: step(x))
+    for on, folder in ((True, "on"), (False, "off")):
+        compiler = precompile.Precompiler(tmp_path / folder, "aot_eager", workers=1)
+        compiler.checkpoint_waiting = on
+        vars(block).pop("forward", None)
+        compiler.wrap([block])
+        nbytes, (got, got_grads) = _saved_bytes(lambda: step(x))
+        assert compiler.queue and compiler.stats["compiled"] == 0  # the call ran eagerly, its variant queued
+        assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+        if on:
+            assert plain_bytes > 100_000 and nbytes < plain_bytes / 5  # left: the block's inputs, the loss's save
+        else:
+            assert nbytes == plain_bytes
+    with torch.no_grad():  # not differentiated: nothing to checkpoint (and nothing stored)
+        assert _saved_bytes(lambda: block(*args))[0] == 0
 
 
 def test_background_compile_failure_falls_back_to_just_in_time(tmp_path, monkeypatch, caplog):

@@ -251,6 +251,7 @@ def accelerate(method, models, speedups: Speedups) -> list:
         nets = [models.teacher] if speedups.compile == "teacher" else networks
         if speedups.compile_workers > 0 and precompile.supported(speedups.backend):
             compiler = precompile.Precompiler.shared(cache, speedups.backend, speedups.compile_workers)
+            compiler.checkpoint_waiting = not speedups.grad_checkpointing
             regions = compile_regions(nets, backend=speedups.backend, wrap=compiler.wrap)
             how = f"ahead of time, {speedups.compile_workers} process(es)"
         else:
