@@ -319,7 +319,7 @@ class RegionCall:
 CHECKPOINTED_WHILE_WAITING = ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel")
 """The region classes whose differentiated eager calls are checkpointed while their variant compiles: the UNet's
 blocks, where an eager step's activations are (the samplers, DINOv2 and the discriminator keep theirs: little
-memory, and the discriminator may be differentiated twice, by a gradient penalty)."""
+memory)."""
 
 
 def _recomputable(module: nn.Module, args: tuple, kwargs: dict) -> bool:
