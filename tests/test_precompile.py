@@ -61,7 +61,7 @@ def test_precompiled_teacher_matches_eager_and_a_second_launch_only_loads(tmp_pa
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_every_network_precompiled_trains_as_eager_with_checkpointed_waiting_blocks(tmp_path):
+def test_every_network_precompiled_trains_as_eager_with_checkpointed_waiting_blocks(tmp_path, monkeypatch):
     """OSV stage 2 with every network's regions compiled ahead of time in this process: the student's UNet blocks
     run eagerly and activation-checkpointed in the first step (their variants wait in the queue; the backward
     recomputes them) and compiled in the next; the losses follow the eager run's."""
@@ -75,14 +75,11 @@ def test_every_network_precompiled_trains_as_eager_with_checkpointed_waiting_blo
         checkpointed.append(type(module).__name__)
         return original(fn, module, *args, **kwargs)
 
-    precompile.checkpoint = counted
-    try:
-        fast, method, _ = make_trainer(cfg, tmp_path / "fast", stage=2, models=models)
-        accelerate(method, models, Speedups(compile="all", backend="aot_eager", compile_workers=1,
-                                            cache_dir=tmp_path / "cache"))
-        fast.fit()
-    finally:
-        precompile.checkpoint = original
+    monkeypatch.setattr(precompile, "checkpoint", counted)
+    fast, method, _ = make_trainer(cfg, tmp_path / "fast", stage=2, models=models)
+    accelerate(method, models, Speedups(compile="all", backend="aot_eager", compile_workers=1,
+                                        cache_dir=tmp_path / "cache"))
+    fast.fit()
     assert {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel"} <= set(checkpointed)
     stats = _compiler(method.student).stats
     assert stats["compiled"] > 10 and stats["failed"] == 0
