@@ -26,17 +26,19 @@ import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
 from prodistill.accel.compile import compile_regions, inductor_options, use_cache_dir
+from prodistill.accel.layout import set_conv_layout
 from prodistill.accel.rewrites import apply_rewrites
 from prodistill.bench.profile import family, is_kernel, time_ms
 from prodistill.models.presets import get_preset
 
 
 def set_layout(unet, layout: str) -> None:
-    for m in unet.modules():
-        if isinstance(m, torch.nn.Conv2d) and layout in ("cl", "cl3d"):
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-        elif isinstance(m, torch.nn.Conv3d) and layout == "cl3d":
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    """`--channels-last`'s Conv2d weights (`prodistill.accel.layout`), and for `cl3d` the Conv3d weights too."""
+    set_conv_layout([unet], layout in ("cl", "cl3d"))
+    if layout == "cl3d":
+        for m in unet.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
 
 
 def kernel_ms(device, fn) -> dict:
