@@ -33,7 +33,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/prodistill PYTHONUNBUFFERED=1
 RUN python3 -m venv /opt/venv && pip install --no-cache-dir \
-    "numpy>=1.24" "pillow>=10.0" "av>=12.0" "click>=8.1" \
+    "numpy>=1.24" "pillow>=10.0" "av>=17.0" "click>=8.1" \
     "onnxruntime-gpu>=1.18" "tensorrt-cu12>=10.0" "cuda-python>=12.4" \
     "starlette>=0.40" "uvicorn>=0.30" "python-multipart>=0.0.9" "prometheus-client>=0.20"
 

@@ -20,6 +20,30 @@ def _levels(num_frames: int, step: int = 8, size=(32, 48)) -> np.ndarray:
     return np.stack([np.full((*size, 3), step * k, np.uint8) for k in range(num_frames)])
 
 
+def _decode_into(queue, path):
+    queue.put(read_frames(path, [0, 3]))
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
+def test_decoding_in_a_forked_worker_after_the_parent_decoded(tmp_path):
+    """A DataLoader worker forked after the parent decoded a clip (the parent's loader with 0 workers, a preview)
+    decodes too: with PyAV 18's threaded colour conversion it waited forever there (the test then fails at the
+    join's limit instead of hanging)."""
+    import multiprocessing
+
+    path = write_mp4(tmp_path / "a.mp4", _levels(6), fps=7)
+    want = read_frames(path, [0, 3])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_into, args=(queue, path))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    child.kill()
+    assert not hung, "decoding in the forked child did not finish within 60 s"
+    np.testing.assert_array_equal(queue.get(timeout=10), want)
+
+
 def test_h264_round_trip(tmp_path):
     yy, xx = np.mgrid[0:64, 0:96]
     smooth = np.stack([(xx * 2 + yy + 10 * k) % 256 for k in range(6)]).astype(np.uint8)

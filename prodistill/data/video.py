@@ -171,7 +171,10 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
         try:
             for frame in container.decode(stream):
                 if count in wanted:
-                    decoded[count] = frame.to_ndarray(format="rgb24")
+                    # one scaling thread: PyAV ≥ 17 keeps a swscale context with its own thread pool across
+                    # calls, and a DataLoader worker forked after the parent decoded inherits it without its
+                    # threads, so a threaded conversion there waits forever (PyAV 18.1.1, fork start method)
+                    decoded[count] = frame.to_ndarray(format="rgb24", threads=1)
                 count += 1
                 if count > last:
                     break
