@@ -84,6 +84,7 @@ def main() -> None:
     with torch.no_grad():
         want = forward().float()
         eager_ms = time_ms(device, forward, 20, 1)
+        print(f"eager {eager_ms:.2f} ms; compiling", flush=True)  # kept if a slow compile is cut off
         compile_regions([unet])
         start = time.perf_counter()
         got = forward().float()
