@@ -17,10 +17,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Built-in clips go to a per-session temp cache, never into the user's home."""
-    monkeypatch.setenv("PRODISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Built-in clips and compile caches go to a per-session temp folder, never into the user's home. Session-wide,
+    so that module fixtures (the distributed tests' reference run) see it too: a function-scoped one was set up
+    after them, and their run read the built-in clips of another cache than the run compared with it."""
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRODISTILL_CACHE", str(base / "cache"))
+        mp.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
+        yield
 
 
 def tiny_config(tmp_path, **overrides):

@@ -20,6 +20,19 @@ def _levels(num_frames: int, step: int = 8, size=(32, 48)) -> np.ndarray:
     return np.stack([np.full((*size, 3), step * k, np.uint8) for k in range(num_frames)])
 
 
+def test_the_same_frames_encode_to_the_same_file(tmp_path):
+    """H.264 output is a function of the frames: x264's macroblock tree gave 39 distinct files of 40 writes of
+    this built-in clip (PyAV 18.1.1), so built-in clips differed between builds and runs compared unequal."""
+    from export.runtime.pipeline import write_mp4 as runtime_write_mp4
+    from prodistill.data.builtin import _CLIPS, _render
+
+    frames = _render(_CLIPS[2])
+    written = {write_mp4(tmp_path / f"{k}.mp4", frames, fps=7).read_bytes() for k in range(4)}
+    assert len(written) == 1
+    served = {runtime_write_mp4(tmp_path / f"r{k}.mp4", frames, 7.0).read_bytes() for k in range(4)}
+    assert len(served) == 1
+
+
 def _decode_into(queue, path):
     queue.put(read_frames(path, [0, 3]))
 
@@ -67,7 +80,9 @@ def test_builtin_clips_are_real_moving_video_built_once():
     for f in files:
         frames = read_frames(f, [0, 31]).astype(float)
         assert frames.std() > 20  # a photograph, not a flat field
-        assert np.abs(frames[1] - frames[0]).mean() > 3  # it moves
+        # it moves: ≥ 2 % of the pixels change by more than 30 levels between the first and the last frame (the
+        # clip with a small moving disc over a still photograph: 2.8 %; an encoded still: none)
+        assert (np.abs(frames[1] - frames[0]).max(axis=-1) > 30).mean() > 0.02
 
 
 def test_clip_indices_resample_fps():

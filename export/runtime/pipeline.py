@@ -120,7 +120,9 @@ def write_mp4(path: Path, frames_fhwc: np.ndarray, fps: float) -> Path:
     rate = Fraction(fps).limit_denominator(1001)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": "17", "preset": "medium"})
+        # mbtree=0: the same frames give the same file (x264's macroblock tree did not, in PyAV 17-18.1 wheels)
+        stream = container.add_stream("libx264", rate=rate, options={"crf": "17", "preset": "medium",
+                                                                     "x264-params": "mbtree=0"})
         stream.width, stream.height, stream.pix_fmt = frames_fhwc.shape[2], frames_fhwc.shape[1], "yuv420p"
         for index, rgb in enumerate(frames_fhwc):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")

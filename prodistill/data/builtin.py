@@ -8,7 +8,7 @@ tilts and zooms over a photograph (a moving crop window resized back with an ant
 discs cut from other photographs move across the frame along lines and arcs. Everything is a fixed
 function of the clip table below, so every machine builds byte-for-byte the same inputs to the encoder.
 
-The clips are built once into `$PRODISTILL_CACHE/builtin-clips-v2` (PRODISTILL_CACHE defaults to
+The clips are built once into `$PRODISTILL_CACHE/builtin-clips-v3` (PRODISTILL_CACHE defaults to
 `~/.cache/prodistill`) and reused. A build happens in a temporary sibling folder that is renamed into place
 only when complete, so an interrupted build is never mistaken for a finished one, and when several ranks
 build at once the first rename wins and the others discard their copy. Bump the folder's version when the
@@ -36,7 +36,7 @@ CLIP_WIDTH = 160
 CLIP_HEIGHT = 128
 CLIP_FPS = 14.0
 CLIP_FRAMES = 32
-_FOLDER = "builtin-clips-v2"
+_FOLDER = "builtin-clips-v3"
 _DONE = "DONE"
 # Photographs are first resized so the shorter side is twice the clip height: the camera then zooms
 # between 1x and ~2x without ever upsampling, and every frame is a mild anti-aliased downscale.
@@ -210,7 +210,7 @@ def _render(clip: _Clip) -> np.ndarray:
 def ensure_builtin_clips(root: str | Path | None = None) -> Path:
     """Return the folder of built-in clips, building it first if it is not there yet.
 
-    `root` defaults to `$PRODISTILL_CACHE/builtin-clips-v2`. The folder holds eight H.264 mp4 clips of
+    `root` defaults to `$PRODISTILL_CACHE/builtin-clips-v3`. The folder holds eight H.264 mp4 clips of
     CLIP_FRAMES frames at CLIP_FPS, CLIP_WIDTH x CLIP_HEIGHT pixels, and a DONE marker.
     """
     root = Path(root).expanduser() if root is not None else _default_root()
