@@ -1,16 +1,18 @@
 """Time one SVD-XT UNet forward as the teacher's solve runs it (bf16, 512², 14 frames, batch 1 as the split CFG calls
-it, the exact rewrite, random weights, no grad), eagerly and with prodistill's regions compiled just in time, each
-replayed as a CUDA graph (median of 20 replays, `prodistill.bench.profile.time_ms`), plus the compiled forward's
-kernel time by family (one ungraphed call under the profiler). For trying what could make the teacher's forward
-faster — the step's largest cost (README, Speed, run S) — without a whole `bench train`:
+it, the exact rewrite, random weights, no grad), eagerly and with prodistill's regions compiled, each replayed as a
+CUDA graph (median of 20 replays, `prodistill.bench.profile.time_ms`), plus the compiled forward's kernel time by
+family (one ungraphed call under the profiler). For trying what could make the teacher's forward faster — the
+step's largest cost (README, Speed, run S) — without a whole `bench train`:
 
-    python3 .ci/gpu-unet-forward.py [--layout nchw|cl|cl3d] [--json FILE] [--tiny]
+    python3 .ci/gpu-unet-forward.py [--layout nchw|cl|cl3d] [--workers N] [--json FILE] [--tiny]
 
 `--layout cl` makes the Conv2d weights channels-last (as `--channels-last` does); `cl3d` also the temporal Conv3d
 weights channels-last-3d. Inductor options come from $PRODISTILL_INDUCTOR_OPTIONS as for `bench train`, e.g.
 `PRODISTILL_INDUCTOR_OPTIONS='{"max_autotune_gemm": true}'` (Triton GEMM templates, autotuned). Compiles into a
-fresh cache folder each run, so the compile time printed is a cold one. `--tiny` runs the tiny preset's UNet on
-the CPU (wall time), to check the script here.
+fresh cache folder each run, so the compile time printed is a cold one: ahead of time in `--workers` background
+processes as a launch does (default 8), or just in time in this process with `--workers 0` (on session 19's H100
+that did not finish within 110 s). `--tiny` runs the tiny preset's UNet on the CPU (wall time), to check the
+script here.
 
 On the GPU machine: `bash .ci/gpu-run python3 .ci/gpu-unet-forward.py --json $OUT/fwd.json`.
 """
@@ -27,6 +29,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 
 from prodistill.accel.compile import compile_regions, inductor_options, use_cache_dir
 from prodistill.accel.layout import set_conv_layout
+from prodistill.accel.precompile import Precompiler
 from prodistill.accel.rewrites import apply_rewrites
 from prodistill.bench.profile import family, is_kernel, time_ms
 from prodistill.models.presets import get_preset
@@ -59,11 +62,13 @@ def kernel_ms(device, fn) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layout", choices=("nchw", "cl", "cl3d"), default="nchw")
+    p.add_argument("--workers", type=int, default=8, help="ahead-of-time compile processes; 0: just in time")
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
     options = inductor_options()  # a bad $PRODISTILL_INDUCTOR_OPTIONS stops here, before any model is built
-    use_cache_dir(tempfile.mkdtemp(prefix="unet-forward-"))
+    cache = tempfile.mkdtemp(prefix="unet-forward-")
+    use_cache_dir(cache)
     device = torch.device("cpu" if a.tiny else "cuda")
     torch.manual_seed(0)
     config = get_preset("tiny").unet if a.tiny else dict(num_frames=25)
@@ -85,8 +90,16 @@ def main() -> None:
         want = forward().float()
         eager_ms = time_ms(device, forward, 20, 1)
         print(f"eager {eager_ms:.2f} ms; compiling", flush=True)  # kept if a slow compile is cut off
-        compile_regions([unet])
         start = time.perf_counter()
+        if a.workers:
+            compiler = Precompiler(cache, workers=a.workers)
+            compile_regions([unet], wrap=compiler.wrap)
+            forward()  # hands every variant to the workers (its regions run eagerly meanwhile)
+            compiler.flush()
+            aot = compiler.stats
+        else:
+            aot = {}
+            compile_regions([unet])
         got = forward().float()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -95,7 +108,7 @@ def main() -> None:
         families = kernel_ms(device, forward)
     out = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                layout=a.layout, inductor_options=options, eager_ms=round(eager_ms, 2),
-               compile_s=round(compile_s, 1), compiled_ms=round(compiled_ms, 2),
+               compile_s=round(compile_s, 1), aot=aot, compiled_ms=round(compiled_ms, 2),
                relative_difference=float((got - want).norm() / want.norm()), kernel_ms_by_family=families)
     print(json.dumps(out, indent=1))
     if a.json:
