@@ -81,7 +81,7 @@ def test_builtin_clips_are_real_moving_video_built_once():
         frames = read_frames(f, [0, 31]).astype(float)
         assert frames.std() > 20  # a photograph, not a flat field
         # it moves: ≥ 2 % of the pixels change by more than 30 levels between the first and the last frame (the
-        # clip with a small moving disc over a still photograph: 2.8 %; an encoded still: none)
+        # clip with the least motion, a small disc moving over a still photograph, has 2.8 %)
         assert (np.abs(frames[1] - frames[0]).max(axis=-1) > 30).mean() > 0.02
 
 

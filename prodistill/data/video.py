@@ -173,9 +173,9 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
         try:
             for frame in container.decode(stream):
                 if count in wanted:
-                    # one scaling thread: PyAV ≥ 17 keeps a swscale context with its own thread pool across
-                    # calls, and a DataLoader worker forked after the parent decoded inherits it without its
-                    # threads, so a threaded conversion there waits forever (PyAV 18.1.1, fork start method)
+                    # one scaling thread: PyAV 18.1.1 keeps a threaded swscale context across calls, and a
+                    # DataLoader worker forked after the parent decoded inherits it without its threads, so a
+                    # threaded conversion there waits forever (17.0.0 did not; `threads` needs PyAV ≥ 17)
                     decoded[count] = frame.to_ndarray(format="rgb24", threads=1)
                 count += 1
                 if count > last:
