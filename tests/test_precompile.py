@@ -43,6 +43,7 @@ def test_precompiled_teacher_matches_eager_and_a_second_launch_only_loads(tmp_pa
     stats = _compiler(models.teacher).stats
     files = sorted((tmp_path / "cache" / "aot").glob("*.aot"))
     assert stats["compiled"] == len(files) > 4 and stats["failed"] == 0
+    assert sorted(v["file"] for v in stats["variants"]) == [f.name for f in files]  # each one's compile time kept
     assert {f.name.split("-")[0] for f in files} == {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel",
                                                        "Downsample2D", "Upsample2D"}
     for module in models.teacher.modules():  # what a new process would have: plain modules, a fresh Precompiler
@@ -102,10 +103,11 @@ def _res_block():
     return unet, block, (x, temb, torch.zeros(1, 4))
 
 
-def test_variants_compile_in_background_worker_processes(tmp_path):
+def test_variants_compile_in_background_worker_processes(tmp_path, caplog):
     """Two variants (with and without grad) met under bf16 autocast are handed at once to two spawned processes
     compiling from weightless copies; meanwhile their calls run eagerly; once compiled the loaded code passes
-    its checks and gives eager's outputs and gradients (bf16 rounding apart), and the pool is stopped."""
+    its checks and gives eager's outputs and gradients (bf16 rounding apart), and the pool is stopped. Each
+    variant's compile time and when it was ready are kept, and the batch's log line names the slowest."""
     _, block, args = _res_block()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
@@ -125,9 +127,14 @@ def test_variants_compile_in_background_worker_processes(tmp_path):
     with torch.no_grad(), autocast:  # called again while (most likely) still compiling: eager, same result
         again = block(*args)
     torch.testing.assert_close(again, want)
-    compiler.flush()  # what the CUDA-graph capture does: wait for the background work
+    with caplog.at_level("INFO", logger=precompile.log.name):
+        compiler.flush()  # what the CUDA-graph capture does: wait for the background work
     assert not compiler.pending() and compiler.pool is None
     assert compiler.stats["compiled"] == 2 and len(list((tmp_path / "aot").glob("*.aot"))) == 2
+    timed = compiler.stats["variants"]
+    assert sorted(v["file"] for v in timed) == sorted(p.name for p in (tmp_path / "aot").glob("*.aot"))
+    assert all(0 < v["compile_s"] <= v["ready_after_s"] for v in timed)  # a worker's own time is within the batch's
+    assert "slowest: SpatioTemporalResBlock" in caplog.text
     assert not list((tmp_path / "aot").glob("*.job"))
     with torch.no_grad(), autocast:
         got = block(*args)

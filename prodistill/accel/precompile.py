@@ -367,7 +367,11 @@ class Precompiler:
         self.pool: ProcessPoolExecutor | None = None
         self._batch: dict = {}
         """The background batch under way: its start time and size, for the log line when it ends."""
-        self.stats = {"loaded": 0, "compiled": 0, "compile_s": 0.0, "load_s": 0.0, "failed": 0}
+        self._done_at: dict[str, float] = {}
+        """When each background variant finished (set by the pool's thread; read when its result is collected)."""
+        self.stats = {"loaded": 0, "compiled": 0, "compile_s": 0.0, "load_s": 0.0, "failed": 0, "variants": []}
+        """Counters, and per compiled variant its file, its own compile seconds and when it was ready (seconds
+        after its batch began), which tell what a cold start waits for; a batch's log line names the slowest."""
         self.checkpoint_waiting = True
         """Activation-checkpoint the differentiated eager calls of UNet regions while they wait (module docstring);
         `accelerate` turns it off under `--grad-checkpointing`, which checkpoints the UNet's stages already."""
@@ -477,7 +481,7 @@ class Precompiler:
         errors = {}
         for path, job in _progress(jobs.items(), len(jobs)):
             try:
-                compile_job(job)
+                self._timed(path, compile_job(job), time.perf_counter() - start)
             except Exception as e:
                 errors[path] = f"{type(e).__name__}: {e}"
         self._finish(list(jobs), errors, time.perf_counter() - start)
@@ -502,12 +506,13 @@ class Precompiler:
                 else:
                     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = old
         if not self._batch:
-            self._batch = {"start": time.perf_counter(), "size": 0}
+            self._batch = {"start": time.perf_counter(), "size": 0, "first": len(self.stats["variants"])}
             log.info("compiling region variants ahead of time in %d background processes (files in %s); the "
                      "steps run eagerly until they are ready", self.workers, self.folder)
         self._batch["size"] += 1
         torch.save(job, _job_file(path))
-        self.futures[path] = self.pool.submit(_compile_in_worker, _job_file(path))
+        self.futures[path] = future = self.pool.submit(_compile_in_worker, _job_file(path))
+        future.add_done_callback(lambda _, path=path: self._done_at.__setitem__(path, time.perf_counter()))
 
     def _collect(self) -> None:
         """Take in the finished background compilations; when none is left, log the batch and free the pool."""
@@ -521,14 +526,22 @@ class Precompiler:
             if future.exception() is not None:
                 e = future.exception()
                 errors[path] = f"{type(e).__name__}: {e}"
+            else:
+                done_at = self._done_at.pop(path, time.perf_counter())
+                self._timed(path, future.result(), done_at - self._batch["start"])
         if finished:
             self._finish(finished, errors, None)
         if not self.futures and self._batch:
             wall = time.perf_counter() - self._batch["start"]
             self.stats["compile_s"] += wall
-            log.info("compiled %d region variants in the background in %.1f s", self._batch["size"], wall)
+            log.info("compiled %d region variants in the background in %.1f s%s", self._batch["size"], wall,
+                     slowest(self.stats["variants"][self._batch["first"]:]))
             self._batch = {}
             self.close()
+
+    def _timed(self, path: str, seconds: float, ready_after: float) -> None:
+        self.stats["variants"].append({"file": Path(path).name, "compile_s": round(seconds, 2),
+                                       "ready_after_s": round(ready_after, 2)})
 
     def _finish(self, paths: list[str], errors: dict[str, str], wall: float | None) -> None:
         for path, error in errors.items():
@@ -562,6 +575,14 @@ class Precompiler:
             self.close()
         except Exception:
             pass
+
+
+def slowest(variants: list[dict], n: int = 3) -> str:
+    """'; slowest: ...' naming the `n` variants that took longest to compile (region class, seconds, when it was
+    ready), for a log line; '' for none."""
+    top = sorted(variants, key=lambda v: -v["compile_s"])[:n]
+    return "; slowest: " + ", ".join(f"{v['file'].split('-')[0]} {v['compile_s']:.1f} s (ready at "
+                                     f"{v['ready_after_s']:.1f} s)" for v in top) if top else ""
 
 
 def _job_file(path: str) -> str:
