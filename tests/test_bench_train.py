@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from prodistill.bench.train import count_eager_tflop, format_train_table, parse_configs, run_train_bench
+from prodistill.bench.train import _counts, count_eager_tflop, format_train_table, parse_configs, run_train_bench, since
 from prodistill.training.run import build_models
 
 
@@ -217,3 +217,13 @@ def test_bench_train_times_the_other_methods_steps(tmp_path, monkeypatch, method
         flops = result["explain"]["phase_tflop"]
         assert sum(flops.values()) == pytest.approx(rows["eager"]["tflop_per_it"], rel=1e-6)
         assert flops["teacher solve"] > 0 and flops["student forward"] > 0
+
+
+def test_a_rows_precompile_figures_are_its_own_share_of_the_shared_compiler():
+    """The configurations of one run share one precompiler: a row reports what it did since the row began."""
+    stats = {"compiled": 3, "compile_s": 10.0, "variants": [{"file": "a"}, {"file": "b"}, {"file": "c"}]}
+    before = _counts(stats)
+    stats["compiled"] += 2
+    stats["compile_s"] += 4.5
+    stats["variants"] += [{"file": "d"}, {"file": "e"}]
+    assert since(stats, before) == {"compiled": 2, "compile_s": 4.5, "variants": [{"file": "d"}, {"file": "e"}]}

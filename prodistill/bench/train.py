@@ -178,6 +178,16 @@ def precompiler(networks):
     return None
 
 
+def _counts(stats: dict) -> dict:
+    """The precompiler's counters now, and for its lists (timed variants) their lengths."""
+    return {k: len(v) if isinstance(v, list) else v for k, v in stats.items()}
+
+
+def since(stats: dict, before: dict) -> dict:
+    """What the precompiler did since `before = _counts(stats)`: counters' differences, lists' new entries."""
+    return {k: v[before[k]:] if isinstance(v, list) else v - before[k] for k, v in stats.items()}
+
+
 def precompile_stats(networks) -> dict:
     """The ahead-of-time compiler's counters (variants compiled and loaded, seconds), or {} when none is used."""
     compiler = precompiler(networks)
@@ -223,7 +233,7 @@ def seconds_since_launch() -> float | None:
 def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters: int, echo=print) -> dict:
     step, plans, networks, _ = _make_step(name, cfg, models, device)
     compiler = precompiler(networks)
-    before = dict(compiler.stats) if compiler is not None else {}  # shared by the configurations of one run
+    before = _counts(compiler.stats) if compiler is not None else {}  # shared by the configurations of one run
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -253,7 +263,7 @@ def run_config(name: str, cfg, models, device: torch.device, warmup: int, iters:
            "first_iter_s": first, "warmup_s": startup, "eager_steps_while_compiling": eager_steps, **memory}
     if at_speed is not None:
         row["at_speed_since_launch_s"] = at_speed
-    aot = {k: v - before[k] for k, v in compiler.stats.items()} if compiler is not None else {}
+    aot = since(compiler.stats, before) if compiler is not None else {}  # this configuration's share
     if aot:
         row["aot"] = aot
     if device.type == "cuda":
