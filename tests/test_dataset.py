@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
 
@@ -37,13 +38,11 @@ def _decode_into(queue, path):
     queue.put(read_frames(path, [0, 3]))
 
 
-@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_decoding_in_a_forked_worker_after_the_parent_decoded(tmp_path):
     """A DataLoader worker forked after the parent decoded a clip (the parent's loader with 0 workers, a preview)
     decodes too: with PyAV 18's threaded colour conversion it waited forever there (the test then fails at the
     join's limit instead of hanging)."""
-    import multiprocessing
-
     path = write_mp4(tmp_path / "a.mp4", _levels(6), fps=7)
     want = read_frames(path, [0, 3])
     ctx = multiprocessing.get_context("fork")
