@@ -13,6 +13,7 @@ import torch
 from conftest import make_trainer, tiny_config
 from prodistill.accel import Speedups, accelerate
 from prodistill.accel import precompile
+from prodistill.accel.compile import REGION_MODULES
 from prodistill.training.logger import read_metrics
 
 pytestmark = pytest.mark.skipif(not precompile.supported("aot_eager"),
@@ -107,7 +108,8 @@ def test_variants_compile_in_background_worker_processes(tmp_path, caplog):
     """Two variants (with and without grad) met under bf16 autocast are handed at once to two spawned processes
     compiling from weightless copies; meanwhile their calls run eagerly; once compiled the loaded code passes
     its checks and gives eager's outputs and gradients (bf16 rounding apart), and the pool is stopped. Each
-    variant's compile time and when it was ready are kept, and the batch's log line names the slowest."""
+    variant's compile time and when it was ready are kept, and the batch's log line names the slowest. The pool
+    is started and warmed up first, as a first launch does."""
     _, block, args = _res_block()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
@@ -117,6 +119,7 @@ def test_variants_compile_in_background_worker_processes(tmp_path, caplog):
         block(x, *args[1:]).float().square().sum().backward()
     want_grad = x.grad.clone()
     compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
+    compiler.prewarm("cpu", REGION_MODULES)  # the workers start (and import) before any variant is met
     compiler.wrap([block])
     with torch.no_grad(), autocast:
         block(*args)  # submitted, eager
@@ -344,3 +347,114 @@ def test_inductor_options_reach_the_compilers_and_the_variant_identity(tmp_path,
         monkeypatch.setenv("PRODISTILL_INDUCTOR_OPTIONS", text)
         with pytest.raises(SpeedupError, match=message):
             Speedups.from_config(tiny_config(tmp_path, compile="on"), torch.device("cpu"))
+
+
+class _FakePool:
+    """A ProcessPoolExecutor that records what it is handed and finishes each call when the test says so."""
+
+    def __init__(self, *args, **kwargs):
+        self.handed: list[tuple] = []
+        self.futures: list = []
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        self.handed.append((fn.__name__, *args))
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def shutdown(self, **kwargs):
+        pass
+
+
+def _job(tmp_path, name: str, layers: int, grad: bool) -> tuple[str, precompile.Job]:
+    module = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(layers)))
+    job = precompile.Job(str(tmp_path / f"{name}.aot"), precompile._skeleton(module), (torch.zeros(1, 2),), {},
+                         grad, ("cpu", torch.bfloat16, False), "cpu", "aot_eager", precompile._global_flags(), {})
+    return job.path, job
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_background_variants_are_handed_out_longest_first(tmp_path, monkeypatch):
+    """Variants wait in the parent until a worker is free, and go out differentiated first, then the larger
+    (more parameter tensors) first — not in the order the step met them — so that a cold launch does not end
+    waiting on a long compilation started last. Each variant's record says when it was queued and ready."""
+    monkeypatch.setattr(precompile, "ProcessPoolExecutor", _FakePool)
+    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
+    jobs = [_job(tmp_path, "small-nograd", 1, False), _job(tmp_path, "big-nograd", 4, False),
+            _job(tmp_path, "small-grad", 1, True), _job(tmp_path, "big-grad", 3, True)]
+    assert sorted(precompile.expected_cost(j) for _, j in jobs) == [
+        precompile.expected_cost(jobs[i][1]) for i in (3, 2, 1, 0)]
+    with compiler._cv:  # all four met before the feeder looks (as in a step's first calls)
+        for path, job in jobs:
+            compiler._submit(path, job)
+    pool = compiler.pool
+
+    def handed():
+        return [args[1].split("/")[-1].split(".aot")[0] for args in pool.handed]
+
+    _wait_for(lambda: len(pool.handed) == 2)
+    assert handed() == ["big-grad", "small-grad"] and compiler.pending()  # two workers: two under way
+    pool.futures[1].set_result(1.5)
+    _wait_for(lambda: len(pool.handed) == 3)
+    assert handed()[2] == "big-nograd"
+    pool.futures[0].set_result(2.0)
+    _wait_for(lambda: len(pool.handed) == 4)
+    pool.futures[2].set_result(0.5)
+    pool.futures[3].set_exception(RuntimeError("boom"))
+    compiler.flush()
+    assert compiler.pool is None and not compiler.futures
+    assert compiler.stats["compiled"] == 3 and compiler.stats["failed"] == 1
+    timed = {v["file"]: v for v in compiler.stats["variants"]}
+    assert set(timed) == {"big-grad.aot", "small-grad.aot", "big-nograd.aot"}
+    assert all(0 <= v["queued_after_s"] <= v["ready_after_s"] for v in timed.values())
+    assert timed["small-grad.aot"]["compile_s"] == 1.5
+
+
+def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path, monkeypatch):
+    """`start_compile_workers`: on an empty cache, the pool starts at once and each worker is given the warm-up
+    (compiler and region-class imports); not with one worker, compiling off or a cache holding variant files. A
+    prewarmed pool that gets no variant is stopped when the steps ask whether anything is pending."""
+    from prodistill.accel import start_compile_workers
+
+    monkeypatch.setattr(precompile, "ProcessPoolExecutor", _FakePool)
+    monkeypatch.setattr(precompile, "_SHARED", {})
+    cpu = torch.device("cpu")
+    speedups = Speedups(compile="all", backend="aot_eager", compile_workers=3, cache_dir=tmp_path / "cold")
+    assert start_compile_workers(speedups, cpu)
+    compiler = precompile.Precompiler.shared(tmp_path / "cold", "aot_eager", 3)
+    assert [h[0] for h in compiler.pool.handed] == ["_warm_up"] * 3
+    assert compiler.pool.handed[0][1:] == ("cpu", REGION_MODULES)
+    assert not compiler.pending() and compiler.pool is None  # nothing came: stopped
+    (tmp_path / "warm" / "aot").mkdir(parents=True)
+    (tmp_path / "warm" / "aot" / "SpatioTemporalResBlock-0.aot").write_bytes(b"")
+    for other in (speedups.__class__(**{**vars(speedups), "compile_workers": 1}),
+                  speedups.__class__(**{**vars(speedups), "compile": "off"}),
+                  speedups.__class__(**{**vars(speedups), "cache_dir": tmp_path / "warm"})):
+        assert not start_compile_workers(other, cpu)
+    assert precompile.Precompiler.shared(tmp_path / "warm", "aot_eager", 3).pool is None
+
+
+def test_the_warm_up_imports_every_region_class(monkeypatch):
+    """What a worker imports as it starts defines every region class (REGION_MODULES kept in step with
+    REGION_CLASSES); a module that is not installed is skipped; inductor's own compile processes are started."""
+    import importlib
+
+    from torch._inductor.async_compile import AsyncCompile
+
+    from prodistill.accel.compile import REGION_CLASSES
+
+    warmed = []
+    monkeypatch.setattr(AsyncCompile, "warm_pool", classmethod(lambda cls: warmed.append(cls)))
+    precompile._warm_up("cpu", (*REGION_MODULES, "no_such_module_for_prodistill"))
+    assert warmed == [AsyncCompile]
+    modules = [importlib.import_module(name) for name in REGION_MODULES]
+    assert all(any(hasattr(m, cls) for m in modules) for cls in REGION_CLASSES)

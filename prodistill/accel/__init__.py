@@ -198,6 +198,26 @@ def release_graphs(method) -> int:
     return len(wrappers)
 
 
+def start_compile_workers(speedups: Speedups, device: torch.device) -> bool:
+    """On a first launch (no variant file in the compile cache yet) of a single process that compiles ahead of time
+    in several background processes, start those processes now, before the models are built, so that they have
+    imported the compiler and the region classes by the time the first step hands them variants
+    (`Precompiler.prewarm`); whether it did. A warm launch starts none: it loads files instead."""
+    if speedups.compile == "off" or speedups.compile_workers <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    from prodistill.accel import precompile
+    from prodistill.accel.compile import REGION_MODULES, use_cache_dir
+
+    if not precompile.supported(speedups.backend):
+        return False
+    compiler = precompile.Precompiler.shared(use_cache_dir(speedups.cache_dir), speedups.backend,
+                                             speedups.compile_workers)
+    if not compiler.cold():
+        return False
+    compiler.prewarm(str(device), REGION_MODULES)
+    return True
+
+
 def accelerate(method, models, speedups: Speedups) -> list:
     """Apply `speedups` to a built method in the order of this module's docstring. Returns the FP8 plan of
     every Linear layer (`prodistill.accel.fp8.LayerPlan`; empty without `--fp8`), which `explain` lists."""

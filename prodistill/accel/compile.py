@@ -44,6 +44,13 @@ REGION_CLASSES = (
 )
 """Class names of the modules compiled as regions (matched anywhere in a network's module tree)."""
 
+REGION_MODULES = ("diffusers.models.resnet", "diffusers.models.transformers.transformer_temporal",
+                  "diffusers.models.downsampling", "diffusers.models.upsampling",
+                  "transformers.models.dinov2.modeling_dinov2", "prodistill.models.discriminator",
+                  "peft.tuners.lora")
+"""Where those classes (and the LoRA layers inside the student's regions) are defined: what a background compile
+process imports to rebuild a region (`prodistill.accel.precompile.Precompiler.prewarm`)."""
+
 RECOMPILE_LIMIT = 192
 """Per code object: SVD-XT's 14 res-block shapes × {teacher, EMA, student} = 42 variants per resolution, so a run
 may train at up to four resolutions (`--stage1-resolution`, `--resolution-schedule`)."""

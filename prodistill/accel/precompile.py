@@ -40,6 +40,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import heapq
+import importlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -186,6 +189,47 @@ class Job:
     """`_global_flags()` of the training process, set in the worker before compiling."""
     options: dict
     """`inductor_options()` of the training process."""
+
+
+def expected_cost(job: Job) -> tuple:
+    """Sort key of a background variant, the longest to compile first: a differentiated variant (forward and
+    backward graphs: 10-19 s each for SVD-XT's UNet blocks on an H100, against 1-8 s for a forward-only one) before
+    the others, then more parameter tensors (more layers, LoRA factors) first."""
+    params = list(job.module.parameters())
+    inputs = [t for t in _tensors((job.args, job.kwargs)) if t.requires_grad]
+    differentiated = job.grad and (bool(inputs) or any(p.requires_grad for p in params))
+    return (not differentiated, -len(params))
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _warm_up(device: str, modules: tuple[str, ...]) -> None:
+    """(In a worker, as it starts.) Import the compiler and `modules`, start inductor's own compile processes and,
+    on a GPU, the CUDA context: what the first variant would otherwise wait for."""
+    import torch._dynamo.aot_compile  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    if device.startswith("cuda"):
+        torch.empty(0, device=device)
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        AsyncCompile.warm_pool()
+    except Exception:  # private API: a torch without it compiles all the same
+        pass
 
 
 def _skeleton(module: nn.Module) -> nn.Module:
@@ -375,6 +419,13 @@ class Precompiler:
         self.checkpoint_waiting = True
         """Activation-checkpoint the differentiated eager calls of UNet regions while they wait (module docstring);
         `accelerate` turns it off under `--grad-checkpointing`, which checkpoints the UNet's stages already."""
+        self._held: list[tuple] = []
+        """Background variants not yet handed to the pool: a heap, most expensive first (`expected_cost`)."""
+        self._running = 0
+        self._feeder: threading.Thread | None = None
+        self._cv = threading.Condition()
+        self._order = itertools.count()
+        self._queued_at: dict[str, float] = {}
 
     @classmethod
     def shared(cls, cache_dir: Path, backend: str = "inductor", workers: int = 0) -> "Precompiler":
@@ -462,6 +513,8 @@ class Precompiler:
         """Whether variants are still being compiled in the background (their calls run eagerly meanwhile)."""
         if self.futures and all(f.done() for f in self.futures.values()):
             self._collect()
+        if not self.futures and self.pool is not None:
+            self.close()  # a prewarmed pool that got no variant: the cache held them all
         return bool(self.futures)
 
     def flush(self) -> None:
@@ -492,27 +545,85 @@ class Precompiler:
             done, remaining = wait(remaining, return_when="FIRST_COMPLETED")
             yield from done
 
+    def cold(self) -> bool:
+        """Whether the cache folder holds no variant file yet (a first launch on it)."""
+        return not any(self.folder.glob("*.aot"))
+
+    def prewarm(self, device: str, modules: tuple[str, ...] = ()) -> None:
+        """Start the background processes now, each importing the compiler, the `modules` that define the
+        regions, and (on a GPU) its CUDA context, so that the first variant handed to a worker starts compiling at
+        once instead of after those seconds. Meant for a first launch on an empty cache, before the models are
+        built; a pool that is still idle when the steps ask whether anything is pending is stopped."""
+        if self.workers <= 1 or self.pool is not None:
+            return
+        self._start_pool()
+        for _ in range(self.workers):
+            self.pool.submit(_warm_up, device, tuple(modules))
+
+    def _start_pool(self) -> None:
+        threads = max(1, (os.cpu_count() or 2) // self.workers)
+        old = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # the spawned workers inherit it
+        try:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            _close_at_exit(self)
+        finally:
+            if old is None:
+                os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS")
+            else:
+                os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = old
+        self._feeder = threading.Thread(target=self._feed, args=(self.pool,), name="prodistill-precompile",
+                                         daemon=True)
+        self._feeder.start()
+
     def _submit(self, path: str, job: Job) -> None:
+        """Queue `job` for the pool. Variants are handed to it no faster than its processes take them, most
+        expensive first (`expected_cost`), so that the longest compilations do not start last: a cold launch
+        waits for the last variant to be ready."""
         if self.pool is None:
-            threads = max(1, (os.cpu_count() or 2) // self.workers)
-            old = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
-            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # the spawned workers inherit it
-            try:
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-                _close_at_exit(self)
-            finally:
-                if old is None:
-                    os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS")
-                else:
-                    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = old
+            self._start_pool()
         if not self._batch:
             self._batch = {"start": time.perf_counter(), "size": 0, "first": len(self.stats["variants"])}
             log.info("compiling region variants ahead of time in %d background processes (files in %s); the "
                      "steps run eagerly until they are ready", self.workers, self.folder)
         self._batch["size"] += 1
         torch.save(job, _job_file(path))
-        self.futures[path] = future = self.pool.submit(_compile_in_worker, _job_file(path))
-        future.add_done_callback(lambda _, path=path: self._done_at.__setitem__(path, time.perf_counter()))
+        self._queued_at[path] = time.perf_counter()
+        self.futures[path] = future = Future()
+        with self._cv:
+            heapq.heappush(self._held, (expected_cost(job), next(self._order), path, future))
+            self._cv.notify()
+
+    def _feed(self, pool: ProcessPoolExecutor) -> None:
+        """The pool's feeder thread: hands the most expensive held variant to the pool whenever fewer than
+        `workers` are under way."""
+        while True:
+            with self._cv:
+                while self.pool is pool and (not self._held or self._running >= self.workers):
+                    self._cv.wait()
+                if self.pool is not pool:
+                    return
+                *_, path, future = heapq.heappop(self._held)
+                self._running += 1
+            try:
+                work = pool.submit(_compile_in_worker, _job_file(path))
+            except RuntimeError as e:  # shut down meanwhile
+                future.set_exception(e)
+                return
+            work.add_done_callback(lambda work, path=path, future=future: self._finished(path, future, work))
+
+    def _finished(self, path: str, future: Future, work: Future) -> None:
+        """(The pool's thread.) Note when `path` was ready, free its slot and pass its outcome on."""
+        self._done_at[path] = time.perf_counter()
+        with self._cv:
+            self._running -= 1
+            self._cv.notify()
+        if work.cancelled():
+            future.set_exception(RuntimeError("the compile pool was shut down"))
+        elif work.exception() is not None:
+            future.set_exception(work.exception())
+        else:
+            future.set_result(work.result())
 
     def _collect(self) -> None:
         """Take in the finished background compilations; when none is left, log the batch and free the pool."""
@@ -528,7 +639,9 @@ class Precompiler:
                 errors[path] = f"{type(e).__name__}: {e}"
             else:
                 done_at = self._done_at.pop(path, time.perf_counter())
-                self._timed(path, future.result(), done_at - self._batch["start"])
+                queued_at = self._queued_at.pop(path, self._batch["start"])
+                self._timed(path, future.result(), done_at - self._batch["start"],
+                            queued_at - self._batch["start"])
         if finished:
             self._finish(finished, errors, None)
         if not self.futures and self._batch:
@@ -539,9 +652,9 @@ class Precompiler:
             self._batch = {}
             self.close()
 
-    def _timed(self, path: str, seconds: float, ready_after: float) -> None:
+    def _timed(self, path: str, seconds: float, ready_after: float, queued_after: float = 0.0) -> None:
         self.stats["variants"].append({"file": Path(path).name, "compile_s": round(seconds, 2),
-                                       "ready_after_s": round(ready_after, 2)})
+                                       "queued_after_s": round(queued_after, 2), "ready_after_s": round(ready_after, 2)})
 
     def _finish(self, paths: list[str], errors: dict[str, str], wall: float | None) -> None:
         for path, error in errors.items():
@@ -560,7 +673,11 @@ class Precompiler:
         """Stop the worker processes (at the end of a batch, or with compilations cut short at exit)."""
         if self.pool is None:
             return
-        pool, self.pool = self.pool, None
+        with self._cv:
+            pool, self.pool = self.pool, None
+            self._held.clear()
+            self._running = 0
+            self._cv.notify_all()  # the feeder thread sees its pool gone and ends
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         if self.futures:  # cut short: the workers would otherwise finish their variants before the exit

@@ -309,9 +309,12 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
                     explain: bool = False, echo=print, on_row=None) -> dict:
     """All `configs` in order; `on_row(result)` after each (the CLI saves the JSON, so a run stopped midway
     keeps what it measured)."""
+    from prodistill.accel import Speedups, start_compile_workers
     from prodistill.accel.compile import inductor_options
     from prodistill.training.run import build_models
 
+    if any(name.startswith("compile") for name in configs):
+        start_compile_workers(Speedups.from_config(cfg, device), device)  # a cold cache: they import meanwhile
     echo(f"building {cfg.preset} models on {device} ...")
     launch = {"before_models_s": seconds_since_launch()}
     start = time.perf_counter()

@@ -156,7 +156,7 @@ def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps
 
 
 def run_training(cfg: TrainConfig) -> Path:
-    from prodistill.accel import Speedups
+    from prodistill.accel import Speedups, start_compile_workers
 
     if distributed.restart_count() > 0 and not cfg.resume and (Path(cfg.out) / "config.yaml").is_file():
         log.info("torchrun restart %d: resuming %s from its last checkpoint", distributed.restart_count(), cfg.out)
@@ -169,6 +169,7 @@ def run_training(cfg: TrainConfig) -> Path:
     method_class(cfg.method).check(cfg)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
+    start_compile_workers(speedups, device)  # a first launch: they import while the models are built
     dist = distributed.setup(device, cfg.dist_timeout, cfg.parallel)
     try:
         with dist.local_main_first():  # the built-in clips are rendered once per host
