@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,7 +433,7 @@ def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path,
     assert start_compile_workers(speedups, cpu)
     compiler = precompile.Precompiler.shared(tmp_path / "cold", "aot_eager", 3)
     assert [h[0] for h in compiler.pool.handed] == ["_warm_up"] * 3
-    assert compiler.pool.handed[0][1:] == ("cpu", REGION_MODULES)
+    assert compiler.pool.handed[0][1:] == ("cpu", REGION_MODULES, "aot_eager", {})
     assert not compiler.pending() and compiler.pool is None  # nothing came: stopped
     (tmp_path / "warm" / "aot").mkdir(parents=True)
     (tmp_path / "warm" / "aot" / "SpatioTemporalResBlock-0.aot").write_bytes(b"")
@@ -445,16 +446,17 @@ def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path,
 
 def test_the_warm_up_imports_every_region_class(monkeypatch):
     """What a worker imports as it starts defines every region class (REGION_MODULES kept in step with
-    REGION_CLASSES); a module that is not installed is skipped; inductor's own compile processes are started."""
+    REGION_CLASSES); a module that is not installed is skipped; it compiles one tiny differentiated region."""
     import importlib
-
-    from torch._inductor.async_compile import AsyncCompile
 
     from prodistill.accel.compile import REGION_CLASSES
 
-    warmed = []
-    monkeypatch.setattr(AsyncCompile, "warm_pool", classmethod(lambda cls: warmed.append(cls)))
-    precompile._warm_up("cpu", (*REGION_MODULES, "no_such_module_for_prodistill"))
-    assert warmed == [AsyncCompile]
+    assert precompile._warm_up("cpu", (), "aot_eager", {}) > 0  # the real compile goes through
+    compiled = []
+    monkeypatch.setattr(precompile, "compile_job", lambda job: compiled.append(job) or 0.0)
+    assert precompile._warm_up("cpu", (*REGION_MODULES, "no_such_module_for_prodistill"), "aot_eager", {}) >= 0
+    assert [(job.grad, job.backend, job.device, Path(job.path).name) for job in compiled] == [
+        (True, "aot_eager", "cpu", "warm-up.aot")]
+    assert not Path(compiled[0].path).parent.exists()  # compiled into a folder that is gone
     modules = [importlib.import_module(name) for name in REGION_MODULES]
     assert all(any(hasattr(m, cls) for m in modules) for cls in REGION_CLASSES)
