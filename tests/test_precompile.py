@@ -420,9 +420,9 @@ def test_background_variants_are_handed_out_longest_first(tmp_path, monkeypatch)
     assert timed["small-grad.aot"]["compile_s"] == 1.5
 
 
-def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path, monkeypatch):
+def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path, monkeypatch, caplog):
     """`start_compile_workers`: on an empty cache, the pool starts at once and each worker is given the warm-up
-    (compiler and region-class imports); not with one worker, compiling off or a cache holding variant files. A
+    (imports, one tiny compile; a failed one is a warning); not with one worker, compiling off or a cache holding variant files. A
     prewarmed pool that gets no variant is stopped when the steps ask whether anything is pending."""
     from prodistill.accel import start_compile_workers
 
@@ -434,6 +434,9 @@ def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path,
     compiler = precompile.Precompiler.shared(tmp_path / "cold", "aot_eager", 3)
     assert [h[0] for h in compiler.pool.handed] == ["_warm_up"] * 3
     assert compiler.pool.handed[0][1:] == ("cpu", REGION_MODULES, "aot_eager", {})
+    with caplog.at_level(logging.WARNING, logger="prodistill"):
+        compiler.pool.futures[0].set_exception(RuntimeError("no GPU"))  # a failed warm-up is said, not fatal
+    assert "warming up a background compile process failed (RuntimeError: no GPU)" in caplog.text
     assert not compiler.pending() and compiler.pool is None  # nothing came: stopped
     (tmp_path / "warm" / "aot").mkdir(parents=True)
     (tmp_path / "warm" / "aot" / "SpatioTemporalResBlock-0.aot").write_bytes(b"")

@@ -212,6 +212,13 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
+def _warm_up_failed(future: Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        e = future.exception()
+        log.warning("warming up a background compile process failed (%s: %s); its first variant compiles without "
+                    "it", type(e).__name__, e)
+
+
 class _WarmUpRegion(nn.Module):
     """A tiny region of the layer kinds the real ones hold (norm, SiLU, convolution, Linear), compiled once by each
     background process as it starts."""
@@ -571,7 +578,8 @@ class Precompiler:
         self._start_pool()
         options = inductor_options() if self.backend == "inductor" else {}
         for _ in range(self.workers):
-            self.pool.submit(_warm_up, device, tuple(modules), self.backend, options)
+            warm_up = self.pool.submit(_warm_up, device, tuple(modules), self.backend, options)
+            warm_up.add_done_callback(_warm_up_failed)
 
     def _start_pool(self) -> None:
         threads = max(1, (os.cpu_count() or 2) // self.workers)
@@ -667,7 +675,8 @@ class Precompiler:
 
     def _timed(self, path: str, seconds: float, ready_after: float, queued_after: float = 0.0) -> None:
         self.stats["variants"].append({"file": Path(path).name, "compile_s": round(seconds, 2),
-                                       "queued_after_s": round(queued_after, 2), "ready_after_s": round(ready_after, 2)})
+                                       "queued_after_s": round(queued_after, 2),
+                                       "ready_after_s": round(ready_after, 2)})
 
     def _finish(self, paths: list[str], errors: dict[str, str], wall: float | None) -> None:
         for path, error in errors.items():
