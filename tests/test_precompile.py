@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -422,8 +423,9 @@ def test_background_variants_are_handed_out_longest_first(tmp_path, monkeypatch)
 
 def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path, monkeypatch, caplog):
     """`start_compile_workers`: on an empty cache, the pool starts at once and each worker is given the warm-up
-    (imports, one tiny compile; a failed one is a warning); not with one worker, compiling off or a cache holding variant files. A
-    prewarmed pool that gets no variant is stopped when the steps ask whether anything is pending."""
+    (imports, one tiny compile; a failed one is a warning); not with one worker, compiling off or a cache holding
+    variant files. A prewarmed pool that gets no variant is stopped when the steps ask whether anything is
+    pending."""
     from prodistill.accel import start_compile_workers
 
     monkeypatch.setattr(precompile, "ProcessPoolExecutor", _FakePool)
@@ -440,9 +442,8 @@ def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path,
     assert not compiler.pending() and compiler.pool is None  # nothing came: stopped
     (tmp_path / "warm" / "aot").mkdir(parents=True)
     (tmp_path / "warm" / "aot" / "SpatioTemporalResBlock-0.aot").write_bytes(b"")
-    for other in (speedups.__class__(**{**vars(speedups), "compile_workers": 1}),
-                  speedups.__class__(**{**vars(speedups), "compile": "off"}),
-                  speedups.__class__(**{**vars(speedups), "cache_dir": tmp_path / "warm"})):
+    for other in (replace(speedups, compile_workers=1), replace(speedups, compile="off"),
+                  replace(speedups, cache_dir=tmp_path / "warm")):
         assert not start_compile_workers(other, cpu)
     assert precompile.Precompiler.shared(tmp_path / "warm", "aot_eager", 3).pool is None
 
