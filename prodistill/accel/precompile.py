@@ -193,9 +193,11 @@ class Job:
 
 
 def expected_cost(job: Job) -> tuple:
-    """Sort key of a background variant, the longest to compile first: a differentiated variant (forward and
-    backward graphs: 10-19 s each for SVD-XT's UNet blocks on an H100, against 1-8 s for a forward-only one) before
-    the others, then more parameter tensors (more layers, LoRA factors) first."""
+    """Sort key of a background variant, the one expected to take longest to compile first: a differentiated
+    variant (a forward and a backward graph) before a forward-only one, then more parameter tensors (more layers,
+    LoRA factors) first. A guess from what a variant holds, not a measurement: on session 20's H100, past each
+    process's first variant, SVD-XT's forward-only res-blocks and attention models took 4.1-9.7 s and a training
+    step's mix of variants up to 13.9 s."""
     params = list(job.module.parameters())
     inputs = [t for t in _tensors((job.args, job.kwargs)) if t.requires_grad]
     differentiated = job.grad and (bool(inputs) or any(p.requires_grad for p in params))
@@ -236,8 +238,8 @@ def _warm_up(device: str, modules: tuple[str, ...], backend: str, options: dict)
     """(In a worker, as it starts.) Import `modules` (the region classes) and compile a tiny differentiated region
     on `device` through `compile_job`, as a variant would be, into a throw-away file: the seconds a process's first
     variant otherwise spends on imports, the CUDA context, inductor's own compile processes and the first kernel
-    build (measured on an H100: a worker's first variant took 13-19 s, later ones of the same classes 5-12 s).
-    Returns the seconds it took."""
+    build (measured on an H100 for the teacher's forward-only variants: each process's first res-block or
+    attention model took 13.1-19.1 s, later ones 4.1-9.7 s). Returns the seconds it took."""
     start = time.perf_counter()
     for name in modules:
         try:
