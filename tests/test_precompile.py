@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -425,7 +426,7 @@ def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path,
     """`start_compile_workers`: on an empty cache, the pool starts at once and each worker is given the warm-up
     (imports, one tiny compile; a failed one is a warning); not with one worker, compiling off or a cache holding
     variant files. A prewarmed pool that gets no variant is stopped when the steps ask whether anything is
-    pending."""
+    pending; variants met while the processes warm up wait, and the longest goes out first when one is free."""
     from prodistill.accel import start_compile_workers
 
     monkeypatch.setattr(precompile, "ProcessPoolExecutor", _FakePool)
@@ -436,10 +437,19 @@ def test_a_first_launch_starts_the_compile_processes_before_the_models(tmp_path,
     compiler = precompile.Precompiler.shared(tmp_path / "cold", "aot_eager", 3)
     assert [h[0] for h in compiler.pool.handed] == ["_warm_up"] * 3
     assert compiler.pool.handed[0][1:] == ("cpu", REGION_MODULES, "aot_eager", {})
-    with caplog.at_level(logging.WARNING, logger="prodistill"):
-        compiler.pool.futures[0].set_exception(RuntimeError("no GPU"))  # a failed warm-up is said, not fatal
-    assert "warming up a background compile process failed (RuntimeError: no GPU)" in caplog.text
     assert not compiler.pending() and compiler.pool is None  # nothing came: stopped
+    assert start_compile_workers(speedups, cpu)  # still cold: started again
+    pool = compiler.pool
+    for path, job in (_job(tmp_path, "small", 1, True), _job(tmp_path, "big", 3, True)):
+        compiler._submit(path, job)  # met while every process still warms up: both wait
+    with caplog.at_level(logging.WARNING, logger="prodistill"):
+        pool.futures[0].set_exception(RuntimeError("no GPU"))  # a failed warm-up is said, not fatal; a slot frees
+    assert "warming up a background compile process failed (RuntimeError: no GPU)" in caplog.text
+    _wait_for(lambda: len(pool.handed) == 4)
+    assert pool.handed[3][1].endswith("big.aot.%d.job" % os.getpid())  # the longer one first
+    pool.futures[1].set_result(1.0)
+    _wait_for(lambda: len(pool.handed) == 5)
+    compiler.close()
     (tmp_path / "warm" / "aot").mkdir(parents=True)
     (tmp_path / "warm" / "aot" / "SpatioTemporalResBlock-0.aot").write_bytes(b"")
     for other in (replace(speedups, compile_workers=1), replace(speedups, compile="off"),

@@ -214,13 +214,6 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _warm_up_failed(future: Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        e = future.exception()
-        log.warning("warming up a background compile process failed (%s: %s); its first variant compiles without "
-                    "it", type(e).__name__, e)
-
-
 class _WarmUpRegion(nn.Module):
     """A tiny region of the layer kinds the real ones hold (norm, SiLU, convolution, Linear), compiled once by each
     background process as it starts."""
@@ -580,8 +573,18 @@ class Precompiler:
         self._start_pool()
         options = inductor_options() if self.backend == "inductor" else {}
         for _ in range(self.workers):
+            with self._cv:
+                self._running += 1  # a warming process is busy: variants wait in the queue, longest first
             warm_up = self.pool.submit(_warm_up, device, tuple(modules), self.backend, options)
-            warm_up.add_done_callback(_warm_up_failed)
+            warm_up.add_done_callback(lambda future, pool=self.pool: self._warmed(pool, future))
+
+    def _warmed(self, pool: ProcessPoolExecutor, future: Future) -> None:
+        """(The pool's thread.) A process finished warming up: its slot is free."""
+        self._free(pool)
+        if not future.cancelled() and future.exception() is not None:
+            e = future.exception()
+            log.warning("warming up a background compile process failed (%s: %s); its first variant compiles "
+                        "without it", type(e).__name__, e)
 
     def _start_pool(self) -> None:
         threads = max(1, (os.cpu_count() or 2) // self.workers)
@@ -633,14 +636,18 @@ class Precompiler:
             except RuntimeError as e:  # shut down meanwhile
                 future.set_exception(e)
                 return
-            work.add_done_callback(lambda work, path=path, future=future: self._finished(path, future, work))
+            work.add_done_callback(lambda work, path=path, future=future: self._finished(pool, path, future, work))
 
-    def _finished(self, path: str, future: Future, work: Future) -> None:
+    def _free(self, pool: ProcessPoolExecutor) -> None:
+        with self._cv:
+            if self.pool is pool:  # (a pool already closed has no slots to free)
+                self._running -= 1
+                self._cv.notify()
+
+    def _finished(self, pool: ProcessPoolExecutor, path: str, future: Future, work: Future) -> None:
         """(The pool's thread.) Note when `path` was ready, free its slot and pass its outcome on."""
         self._done_at[path] = time.perf_counter()
-        with self._cv:
-            self._running -= 1
-            self._cv.notify()
+        self._free(pool)
         if work.cancelled():
             future.set_exception(RuntimeError("the compile pool was shut down"))
         elif work.exception() is not None:
