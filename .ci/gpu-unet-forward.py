@@ -4,14 +4,16 @@ CUDA graph (median of 20 replays, `prodistill.bench.profile.time_ms`), plus the 
 family (one ungraphed call under the profiler). For trying what could make the teacher's forward faster — the
 step's largest cost (README, Speed, run S) — without a whole `bench train`:
 
-    python3 .ci/gpu-unet-forward.py [--layout nchw|cl|cl3d] [--workers N] [--json FILE] [--tiny]
+    python3 .ci/gpu-unet-forward.py [--layout nchw|cl|cl3d] [--workers N] [--no-prewarm] [--json FILE] [--tiny]
 
 `--layout cl` makes the Conv2d weights channels-last (as `--channels-last` does); `cl3d` also the temporal Conv3d
 weights channels-last-3d. Inductor options come from $PRODISTILL_INDUCTOR_OPTIONS as for `bench train`, e.g.
 `PRODISTILL_INDUCTOR_OPTIONS='{"max_autotune_gemm": true}'` (Triton GEMM templates, autotuned). Compiles into a
 fresh cache folder each run, so the compile time printed is a cold one: ahead of time in `--workers` background
 processes as a launch does (default 8), or just in time in this process with `--workers 0` (on session 19's H100
-that did not finish within 110 s). `--tiny` runs the tiny preset's UNet on the CPU (wall time), to check the
+that did not finish within 110 s). With several workers their processes start and warm up before the model is
+built, as on a launch's empty cache (`Precompiler.prewarm`); `--no-prewarm` starts them when the first variant is
+met, as before session 20, for comparing the two on one machine. `--tiny` runs the tiny preset's UNet on the CPU (wall time), to check the
 script here.
 
 On the GPU machine: `bash .ci/gpu-run python3 .ci/gpu-unet-forward.py --json $OUT/fwd.json`.
@@ -27,7 +29,7 @@ import time
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
-from prodistill.accel.compile import compile_regions, inductor_options, use_cache_dir
+from prodistill.accel.compile import REGION_MODULES, compile_regions, inductor_options, use_cache_dir
 from prodistill.accel.layout import set_conv_layout
 from prodistill.accel.precompile import Precompiler
 from prodistill.accel.rewrites import apply_rewrites
@@ -63,6 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layout", choices=("nchw", "cl", "cl3d"), default="nchw")
     p.add_argument("--workers", type=int, default=8, help="ahead-of-time compile processes; 0: just in time")
+    p.add_argument("--no-prewarm", action="store_true", help="start the workers at the first variant, not before")
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true")
     a = p.parse_args()
@@ -70,6 +73,9 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="unet-forward-")
     use_cache_dir(cache)
     device = torch.device("cpu" if a.tiny else "cuda")
+    compiler = Precompiler(cache, workers=a.workers) if a.workers else None
+    if compiler is not None and not a.no_prewarm:
+        compiler.prewarm(str(device), REGION_MODULES)  # what a first launch does before building its models
     torch.manual_seed(0)
     config = get_preset("tiny").unet if a.tiny else dict(num_frames=25)
     with device:  # initialised on the GPU; a few parameters made by legacy constructors stay on the CPU, hence `.to`
@@ -91,8 +97,7 @@ def main() -> None:
         eager_ms = time_ms(device, forward, 20, 1)
         print(f"eager {eager_ms:.2f} ms; compiling", flush=True)  # kept if a slow compile is cut off
         start = time.perf_counter()
-        if a.workers:
-            compiler = Precompiler(cache, workers=a.workers)
+        if compiler is not None:
             compile_regions([unet], wrap=compiler.wrap)
             forward()  # hands every variant to the workers (its regions run eagerly meanwhile)
             compiler.flush()
@@ -107,8 +112,8 @@ def main() -> None:
         compiled_ms = time_ms(device, forward, 20, 2)
         families = kernel_ms(device, forward)
     out = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-               layout=a.layout, inductor_options=options, eager_ms=round(eager_ms, 2),
-               compile_s=round(compile_s, 1), aot=aot, compiled_ms=round(compiled_ms, 2),
+               layout=a.layout, prewarm=bool(compiler and not a.no_prewarm), inductor_options=options,
+               eager_ms=round(eager_ms, 2), compile_s=round(compile_s, 1), aot=aot, compiled_ms=round(compiled_ms, 2),
                relative_difference=float((got - want).norm() / want.norm()), kernel_ms_by_family=families)
     print(json.dumps(out, indent=1))
     if a.json:
