@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -378,8 +379,6 @@ def _job(tmp_path, name: str, layers: int, grad: bool) -> tuple[str, precompile.
 
 
 def _wait_for(condition, seconds: float = 10.0) -> None:
-    import time
-
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
