@@ -473,3 +473,26 @@ def test_the_warm_up_imports_every_region_class(monkeypatch):
     assert not Path(compiled[0].path).parent.exists()  # compiled into a folder that is gone
     modules = [importlib.import_module(name) for name in REGION_MODULES]
     assert all(any(hasattr(m, cls) for m in modules) for cls in REGION_CLASSES)
+
+
+def test_a_broken_pool_fails_every_held_variant(tmp_path, monkeypatch):
+    """When the pool cannot take work any more (a process died), the variant being handed out and every one still
+    held fail — each then compiles just in time — rather than waiting for ever."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Broken(_FakePool):
+        def submit(self, fn, *args):
+            if len(self.handed) == 1:
+                raise BrokenProcessPool("a child process terminated abruptly")
+            return super().submit(fn, *args)
+
+    monkeypatch.setattr(precompile, "ProcessPoolExecutor", Broken)
+    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
+    with compiler._cv:
+        for path, job in (_job(tmp_path, "a", 3, True), _job(tmp_path, "b", 2, True), _job(tmp_path, "c", 1, True)):
+            compiler._submit(path, job)
+    _wait_for(lambda: sum(f.done() for f in compiler.futures.values()) == 2)
+    compiler.pool.futures[0].set_result(1.0)
+    compiler.flush()
+    assert compiler.stats["compiled"] == 1 and compiler.stats["failed"] == 2 and not compiler.pending()
+    assert {Path(p).name for p in compiler.failed} == {"b.aot", "c.aot"}

@@ -633,8 +633,11 @@ class Precompiler:
                 self._running += 1
             try:
                 work = pool.submit(_compile_in_worker, _job_file(path))
-            except RuntimeError as e:  # shut down meanwhile
-                future.set_exception(e)
+            except RuntimeError as e:  # shut down meanwhile, or broken (a process died): no held variant will run
+                with self._cv:
+                    held, self._held = self._held, []
+                for future in (future, *(entry[-1] for entry in held)):
+                    future.set_exception(e)  # each falls back to compiling just in time
                 return
             work.add_done_callback(lambda work, path=path, future=future: self._finished(pool, path, future, work))
 
