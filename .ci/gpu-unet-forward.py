@@ -13,8 +13,8 @@ fresh cache folder each run, so the compile time printed is a cold one: ahead of
 processes as a launch does (default 8), or just in time in this process with `--workers 0` (on session 19's H100
 that did not finish within 110 s). With several workers their processes start and warm up before the model is
 built, as on a launch's empty cache (`Precompiler.prewarm`); `--no-prewarm` starts them when the first variant is
-met, as before session 20, for comparing the two on one machine. `--tiny` runs the tiny preset's UNet on the CPU (wall time), to check the
-script here.
+met, as before session 20, for comparing the two on one machine. `--tiny` runs the tiny preset's UNet on the CPU
+(wall time), to check the script here.
 
 On the GPU machine: `bash .ci/gpu-run python3 .ci/gpu-unet-forward.py --json $OUT/fwd.json`.
 """

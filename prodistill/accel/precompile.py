@@ -436,7 +436,6 @@ class Precompiler:
         self._held: list[tuple] = []
         """Background variants not yet handed to the pool: a heap, most expensive first (`expected_cost`)."""
         self._running = 0
-        self._feeder: threading.Thread | None = None
         self._cv = threading.Condition()
         self._order = itertools.count()
         self._queued_at: dict[str, float] = {}
@@ -598,9 +597,7 @@ class Precompiler:
                 os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS")
             else:
                 os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = old
-        self._feeder = threading.Thread(target=self._feed, args=(self.pool,), name="prodistill-precompile",
-                                         daemon=True)
-        self._feeder.start()
+        threading.Thread(target=self._feed, args=(self.pool,), name="prodistill-precompile", daemon=True).start()
 
     def _submit(self, path: str, job: Job) -> None:
         """Queue `job` for the pool. Variants are handed to it no faster than its processes take them, most
