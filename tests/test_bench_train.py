@@ -3,7 +3,9 @@ same work as prodistill's step (counted FLOPs)."""
 
 from __future__ import annotations
 
+import gzip
 import inspect
+import json
 import subprocess
 import sys
 import time
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from prodistill.bench.train import _counts, count_eager_tflop, format_train_table, parse_configs, run_train_bench, since
+from prodistill.bench.train import (_counts, count_eager_tflop, format_train_table, parse_configs, run_train_bench, since,
+                                    trace_path)
 from prodistill.training.run import build_models
 
 
@@ -25,8 +28,9 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     configs = parse_configs("compile,eager,plain,eager-pixels", torch.device("cpu"))
     assert configs == ["plain", "eager-pixels", "eager", "compile"]  # canonical order, whatever was asked
     saved = []
+    trace = trace_path(tmp_path / "bench.json")
     result = run_train_bench(cfg, torch.device("cpu"), configs, warmup=1, iters=1, explain=True,
-                             echo=lambda *_: None, on_row=lambda r: saved.append(len(r["rows"])))
+                             echo=lambda *_: None, on_row=lambda r: saved.append(len(r["rows"])), trace=trace)
     rows = {r["config"]: r for r in result["rows"]}
     assert saved == [1, 2, 3, 4]
     assert all(r["sec_per_it"] > 0 and r["first_iter_s"] > 0 for r in rows.values())
@@ -53,6 +57,10 @@ def test_bench_train_runs_every_cpu_config_and_counts_the_same_work(tmp_path, mo
     cpu_ms = result["explain"]["phase_cpu_ms"]  # the profiled step's ranges, each phase met
     assert set(cpu_ms) == {"teacher solve", "student forward", "EMA target", "discriminator forward"}
     assert all(v > 0 for v in cpu_ms.values())
+    assert trace.name == "bench.trace.json.gz" and result["explain"]["trace"] == str(trace)
+    with gzip.open(trace, "rt") as f:  # the profiled step's timeline, phases included, for Perfetto
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert "phase: teacher solve" in names and "phase: student forward" in names
     teacher = result["explain"]["teacher_evaluation"]  # what one guided evaluation of the compiled teacher takes
     assert teacher["ms"] > 0 and teacher["m"] == cfg.solver_steps and not teacher["gpu"]
     assert teacher["solve_floor_ms"] == pytest.approx(cfg.solver_steps * teacher["ms"])
@@ -180,13 +188,47 @@ def test_breakdown_sums_phases_families_and_the_busy_union_by_hand():
     assert "teacher solve 0.0 TFLOP at 2 TFLOP/s (50 % of peak)" in format_breakdown(b)
 
 
+def test_idle_gaps_attribute_the_gpus_waits_to_what_the_training_thread_ran_by_hand():
+    from types import SimpleNamespace
+
+    from prodistill.bench.profile import format_idle, idle_gaps
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cpu, thread=1, parent=None):
+        return SimpleNamespace(name=name, device_type=device, thread=thread, cpu_parent=parent,
+                               time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
+
+    solve = event("phase: teacher solve", 0, 1000)
+    item = event("aten::item", 1000, 1350)
+    events = [solve, event("cudaGraphLaunch", 10, 900, parent=solve), item,
+              event("aten::_local_scalar_dense", 1010, 1340, parent=item),  # inside aten::item: not counted again
+              event("## Call CompiledFxGraph fq3kz7abcdefghijklmnop ##", 1400, 1600),
+              event("aten::mm", 0, 2000, thread=2),  # another thread (a data loader's): not the training thread
+              event("gemm_kernel", 50, 900, cuda), event("conv_kernel", 905, 1200, cuda),
+              event("triton_poi_fused_0", 1500, 1800, cuda), event("phase: teacher solve", 0, 1000, cuda)]
+    g = idle_gaps(SimpleNamespace(events=lambda: events))
+    # idle: 0-50 (before the first kernel), 900-905 (a short gap between queued kernels), 1200-1500
+    assert g["window_ms"] == pytest.approx(1.8) and g["idle_ms"] == pytest.approx(0.355)
+    assert g["gaps"] == 2 and g["gaps_ms"] == pytest.approx(0.35) and g["short_gaps_ms"] == pytest.approx(0.005)
+    # 0-50: cudaGraphLaunch from 10 (40 µs), nothing before it (10 µs); 1200-1500: aten::item to 1350 (150 µs),
+    # nothing 1350-1400 (50 µs), the compiled graph's call from 1400 (100 µs)
+    assert g["by_cpu_op_ms"] == pytest.approx({"aten::item": 0.15, "## Call CompiledFxGraph ##": 0.1,
+                                               "Python (between ops)": 0.06, "cudaGraphLaunch": 0.04})
+    assert g["by_phase_ms"] == pytest.approx({"outside phases": 0.3, "teacher solve": 0.05})
+    assert g["longest"][0] == pytest.approx({"at_ms": 1.2, "ms": 0.3, "after_kernel": "conv_kernel",
+                                             "cpu": "aten::item"})
+    assert g["longest"][1]["after_kernel"] == "(the step's start)"
+    assert "GPU idle 0.4 ms of the profiled 1.8 ms: 0.3 ms in 2 gaps" in format_idle(g)
+
+
 def test_explain_profiles_the_fastest_of_prodistills_configurations_not_the_yardstick(tmp_path, monkeypatch):
     import prodistill.bench.train as bench
 
     times = {"plain": 0.5, "eager": 2.0, "compile": 1.0}
     monkeypatch.setattr(bench, "run_config", lambda name, *a, **k: {"config": name, "sec_per_it": times[name],
                                                                   "tflop_per_it": 1.0})
-    monkeypatch.setattr(bench, "explain_step", lambda cfg, models, device, best, echo: {"best": best})
+    monkeypatch.setattr(bench, "explain_step", lambda cfg, models, device, best, echo, trace: {"best": best})
     monkeypatch.setattr("prodistill.training.run.build_models", lambda cfg, device: None)
     cfg = tiny_config(tmp_path)
     result = bench.run_train_bench(cfg, torch.device("cpu"), ["plain", "eager", "compile"], 1, 1, explain=True,

@@ -122,9 +122,11 @@ def data_command(data_arg, preset, resolution, frames, batch_size, batches, trai
 @click.option("--compile-workers", type=int, default=-1, show_default=True,
               help="As for train: processes compiling region variants ahead of time, in the background when more "
                    "than one (-1: auto; 0: just in time).")
-@click.option("--explain", is_flag=True, help="Add dynamo graph/recompile counts, the SDPA backend table, a "
-                                              "profiler table of the last configuration's top kernels, and for "
-                                              "each +fp8 configuration every Linear layer's FP8 decision and why.")
+@click.option("--explain", is_flag=True, help="Add dynamo graph/recompile counts, the SDPA backend table, for the "
+                                              "fastest of prodistill's configurations a profiled step (top kernels, "
+                                              "time by phase and kernel family, when and why the GPU sat idle; its "
+                                              "timeline in NAME.trace.json.gz beside --json), and for each +fp8 "
+                                              "configuration every Linear layer's FP8 decision and why.")
 @click.option("--fp8-table", default=None, help="FP8 per-shape table for the +fp8 configurations (JSON of "
                                                 "`prodistill bench fp8`; default: the one shipped in the package).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -140,7 +142,8 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
     import tempfile
 
     from prodistill.bench.scaling import ScalingError, format_scaling_table, run_scaling_bench, run_worker, worker_argv
-    from prodistill.bench.train import format_train_table, parse_configs, run_train_bench, write_train_json
+    from prodistill.bench.train import (format_train_table, parse_configs, run_train_bench, trace_path,
+                                        write_train_json)
     from prodistill.config import build_config
     from prodistill.training.distributed import launched_by_torchrun
     from prodistill.training.run import resolve_device
@@ -163,7 +166,8 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
                 result = run_scaling_bench(nproc, worker_argv(**options, explain=explain), echo=click.echo)
             else:
                 result = run_train_bench(cfg, dev, names, warmup, iters, explain, echo=click.echo,
-                                         on_row=lambda r: write_train_json(r, Path(json_path)))
+                                         on_row=lambda r: write_train_json(r, Path(json_path)),
+                                         trace=trace_path(Path(json_path)) if explain else None)
     except (ValueError, ScalingError) as e:
         raise click.ClickException(str(e)) from e
     if explain:

@@ -11,7 +11,9 @@ achieved TFLOP/s and its share of the device's bf16 peak follow (`add_phase_rate
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import re
 import statistics
 import time
@@ -143,6 +145,100 @@ def breakdown(prof, wall_s: float) -> dict:
             "kernel_ms": total_ms, "kernels": len(kernels),
             "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
             "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1]))}
+
+
+IDLE_GAP_US = 20.0
+"""GPU idle gaps shorter than this are launch latency between queued kernels; longer ones mean the GPU waited for
+the CPU (`idle_gaps`)."""
+
+
+def _op_name(name: str) -> str:
+    """A CPU event's name with per-graph cache keys (inductor's `## Call CompiledFxGraph <key> ##`) and numbers
+    dropped, so that calls of one kind group together."""
+    return re.sub(r"\s+", " ", re.sub(r"\b([0-9a-z]{16,}|\d+|None)\b", "", name)).strip()
+
+
+def _overlap_us(a: float, b: float, e) -> float:
+    return max(0.0, min(b, e.time_range.end) - max(a, e.time_range.start))
+
+
+def idle_gaps(prof, min_us: float = IDLE_GAP_US, top: int = 8) -> dict:
+    """When, in a profiled step, the GPU had no kernel running, and what the training thread was doing meanwhile.
+
+    The window runs from the training thread's first profiled CPU event to the last kernel's (or CPU event's) end;
+    the GPU's idle time in it is split into gaps of at least `min_us` — each attributed, by overlap, to the outermost
+    CPU op or range the training thread was inside (an op under a phase range counts as outermost; `Python
+    (between ops)` where it ran none) and to the phase it was in (`outside phases`) — and the rest, the short gaps
+    between queued kernels. The training thread is the one that ran the phase ranges (else the busiest)."""
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if is_kernel(e))
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.time_range is not None]
+    threads = [e.thread for e in cpu if e.name.startswith(PREFIX)] or [e.thread for e in cpu]
+    if not threads:
+        return {}
+    main = max(set(threads), key=threads.count)
+    cpu = [e for e in cpu if e.thread == main]
+    phases = [e for e in cpu if e.name.startswith(PREFIX)]
+
+    def outermost(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None and parent.name.startswith(PREFIX):
+            parent = parent.cpu_parent
+        return parent is None and not e.name.startswith(PREFIX)
+
+    ops = sorted((e for e in cpu if outermost(e)), key=lambda e: e.time_range.start)  # one thread's: disjoint
+    op_ends = [e.time_range.end for e in ops]
+    start = min(e.time_range.start for e in cpu)
+    end = max([e.time_range.end for e in cpu] + [k[1] for k in kernels])
+    gaps, cursor, previous = [], start, "(the step's start)"
+    for a, b, name in [*kernels, (end, end, "")]:
+        if a > cursor:
+            gaps.append((cursor, a, previous))
+        if b > cursor:
+            cursor, previous = b, name
+    idle_us = sum(b - a for a, b, _ in gaps)
+    long = [g for g in gaps if g[1] - g[0] >= min_us]
+    by_op: dict[str, float] = {}
+    by_phase: dict[str, float] = {}
+    listed = []
+    for a, b, after in long:
+        during = itertools.takewhile(lambda e: e.time_range.start < b,
+                                     itertools.islice(ops, bisect.bisect_right(op_ends, a), None))
+        inside = {"Python (between ops)": b - a}
+        for e in during:
+            us = _overlap_us(a, b, e)
+            inside[_op_name(e.name)] = inside.get(_op_name(e.name), 0.0) + us
+            inside["Python (between ops)"] -= us
+        phase = {"outside phases": b - a}
+        for e in phases:
+            us = _overlap_us(a, b, e)
+            phase[e.name.removeprefix(PREFIX)] = phase.get(e.name.removeprefix(PREFIX), 0.0) + us
+            phase["outside phases"] -= us
+        for totals, part in ((by_op, inside), (by_phase, phase)):
+            for name, us in part.items():
+                if us > 1e-9:
+                    totals[name] = totals.get(name, 0.0) + us / 1e3
+        listed.append({"at_ms": (a - start) / 1e3, "ms": (b - a) / 1e3, "after_kernel": after,
+                       "cpu": max(inside, key=inside.get)})
+    long_ms = sum(b - a for a, b, _ in long) / 1e3
+    return {"window_ms": (end - start) / 1e3, "idle_ms": idle_us / 1e3, "gaps": len(long), "gaps_ms": long_ms,
+            "short_gaps_ms": idle_us / 1e3 - long_ms, "min_gap_us": min_us,
+            "by_cpu_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "by_phase_ms": dict(sorted(by_phase.items(), key=lambda kv: -kv[1])),
+            "longest": sorted(listed, key=lambda g: -g["ms"])[:top]}
+
+
+def format_idle(g: dict, ops: int = 6) -> str:
+    if not g:
+        return ""
+    lines = [f"GPU idle {g['idle_ms']:.1f} ms of the profiled {g['window_ms']:.1f} ms: {g['gaps_ms']:.1f} ms in "
+             f"{g['gaps']} gaps of ≥ {g['min_gap_us']:.0f} µs, {g['short_gaps_ms']:.1f} ms between queued kernels",
+             "  during the gaps the training thread ran: " + ", ".join(
+                 f"{k} {v:.1f} ms" for k, v in list(g["by_cpu_op_ms"].items())[:ops]),
+             "  by phase: " + ", ".join(f"{k} {v:.1f} ms" for k, v in g["by_phase_ms"].items())]
+    lines += [f"  {x['ms']:.2f} ms at {x['at_ms']:.1f} ms, after {x['after_kernel'][:60]}, CPU in {x['cpu'][:60]}"
+              for x in g["longest"]]
+    return "\n".join(lines)
 
 
 def phase_cpu_ms(prof) -> dict[str, float]:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from prodistill.bench.profile import (add_phase_rates, breakdown, flop_counter, format_breakdown, phase_cpu_ms,
-                                      phase_ranges, time_ms)
+from prodistill.bench.profile import (add_phase_rates, breakdown, flop_counter, format_breakdown, format_idle,
+                                      idle_gaps, phase_cpu_ms, phase_ranges, time_ms)
 
 DEFAULT_CONFIGS = ("plain", "eager-pixels", "eager", "graphs", "compile-teacher+graphs", "compile", "compile+graphs")
 CONFIGS = (*DEFAULT_CONFIGS, "compile+graphs+fused", "compile+graphs+cfg2b", "compile+graphs+nhwc",
@@ -306,9 +306,9 @@ def count_eager_tflop(cfg, models, device: torch.device, rewrites: bool) -> floa
 
 
 def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, iters: int,
-                    explain: bool = False, echo=print, on_row=None) -> dict:
+                    explain: bool = False, echo=print, on_row=None, trace: Path | None = None) -> dict:
     """All `configs` in order; `on_row(result)` after each (the CLI saves the JSON, so a run stopped midway
-    keeps what it measured)."""
+    keeps what it measured); with `explain`, the profiled step's trace goes to `trace` if given."""
     from prodistill.accel import Speedups, start_compile_workers
     from prodistill.accel.compile import inductor_options
     from prodistill.training.run import build_models
@@ -343,7 +343,7 @@ def run_train_bench(cfg, device: torch.device, configs: list[str], warmup: int, 
         # the fastest of prodistill's configurations (the plain yardstick only when it ran alone)
         ours = [r for r in result["rows"] if r["config"] != "plain"] or result["rows"]
         best = min(ours, key=lambda r: r["sec_per_it"])["config"]
-        result["explain"] = explain_step(cfg, models, device, best, echo)
+        result["explain"] = explain_step(cfg, models, device, best, echo, trace=trace)
         result["explain"]["fp8"] = {r["config"]: r["fp8_layers"] for r in result["rows"] if "fp8_layers" in r}
     return result
 
@@ -358,10 +358,12 @@ def _derive(result: dict) -> None:
             r["speedup_vs_plain"] = plain["sec_per_it"] / r["sec_per_it"]
 
 
-def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> dict:
+def explain_step(cfg, models, device: torch.device, best: str, echo=print, trace: Path | None = None) -> dict:
     """Dynamo's graph and recompile counts of the run, the SDPA backend table at the step's attention shapes
     (GPU), and profiler tables of configuration `best`: its top kernels, its aten ops by input shape, and (GPU)
-    the step's time by phase and kernel family (`prodistill.bench.profile`)."""
+    the step's time by phase and kernel family and when the GPU sat idle and why (`prodistill.bench.profile`);
+    the profiled step's timeline is written to `trace` (Chrome trace format, gzipped if it ends in .gz; open it in
+    Perfetto) if given."""
     from torch._dynamo.utils import counters
 
     from prodistill.accel.attention import measure, svd_attention_shapes
@@ -389,6 +391,10 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
             step()
             _sync(device)
             wall = time.perf_counter() - t0
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+        out["trace"] = str(trace)
+        echo(f"profiled step's timeline: {trace}")
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     out["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25)
     # aten ops by input shape: which convolution / matmul shapes the time goes to (ops inside a CUDA-graph replay
@@ -399,7 +405,9 @@ def explain_step(cfg, models, device: torch.device, best: str, echo=print) -> di
     if device.type == "cuda":
         out["breakdown"] = add_phase_rates(breakdown(prof, wall), out["phase_tflop"], device_peak_tflops(device))
         out["breakdown"]["phase_cpu_ms"] = out["phase_cpu_ms"]
+        out["idle"] = idle_gaps(prof)
         echo(format_breakdown(out["breakdown"]))
+        echo(format_idle(out["idle"]))
     if method is not None and hasattr(method, "teacher_solve"):
         out["teacher_evaluation"] = teacher_evaluation_ms(cfg, models, method, device)
         t = out["teacher_evaluation"]
@@ -504,3 +512,8 @@ def write_train_json(result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def trace_path(json_path: Path) -> Path:
+    """Where `--explain` writes the profiled step's timeline: beside the JSON, `NAME.trace.json.gz`."""
+    return json_path.with_name(json_path.name.removesuffix(".json") + ".trace.json.gz")
