@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -496,3 +498,83 @@ def test_a_broken_pool_fails_every_held_variant(tmp_path, monkeypatch):
     compiler.flush()
     assert compiler.stats["compiled"] == 1 and compiler.stats["failed"] == 2 and not compiler.pending()
     assert {Path(p).name for p in compiler.failed} == {"b.aot", "c.aot"}
+
+
+def test_variants_met_after_the_pool_broke_fail_at_once_and_a_new_pool_follows(tmp_path, monkeypatch):
+    """A process that died (here while warming up) or could not start (`submit` raising OSError) leaves a pool that
+    takes no work: the variants met after that fail at once too — each compiles just in time — instead of waiting
+    for a feeder that is gone (which hung `flush`, `pending` and the graph capture for ever); once nothing is under
+    way the pool is replaced, and the next variant goes to a new one."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Breaking(_FakePool):
+        error = None
+
+        def submit(self, fn, *args):
+            if self.error is not None:
+                raise self.error
+            return super().submit(fn, *args)
+
+    monkeypatch.setattr(precompile, "ProcessPoolExecutor", Breaking)
+    for error in (BrokenProcessPool("a child process terminated abruptly"), OSError(12, "Cannot allocate memory")):
+        compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
+        compiler.prewarm("cpu", ())
+        pool = compiler.pool
+        pool.error = error
+        for future in pool.futures:  # the warm-ups end (a dead process fails them)
+            future.set_exception(RuntimeError("warm-up ended"))
+        for name in ("a", "b"):
+            compiler._submit(*_job(tmp_path, name, 1, True))
+            _wait_for(lambda: compiler.futures[str(tmp_path / f"{name}.aot")].done())
+        compiler.flush()
+        assert compiler.stats["failed"] == 2 and not compiler.pending() and compiler.pool is None
+        compiler._submit(*_job(tmp_path, "c", 1, True))
+        assert compiler.pool is not pool
+        _wait_for(lambda: len(compiler.pool.handed) == 1)
+        compiler.pool.futures[0].set_result(1.0)
+        compiler.flush()
+        assert compiler.stats["compiled"] == 1
+
+
+def test_closing_stops_processes_still_warming_up(tmp_path, monkeypatch):
+    """A launch that ends (an error building the models, say) while its processes still warm up stops them rather
+    than waiting for their warm-ups at the exit."""
+    stopped = []
+
+    class Process:
+        def terminate(self):
+            stopped.append(self)
+
+    class WithProcesses(_FakePool):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self._processes = {i: Process() for i in range(2)}
+
+    monkeypatch.setattr(precompile, "ProcessPoolExecutor", WithProcesses)
+    compiler = precompile.Precompiler(tmp_path, "aot_eager", workers=2)
+    compiler.prewarm("cpu", ())
+    compiler.pool.futures[0].set_result(1.0)  # one warm-up done, one still running
+    compiler.close()
+    assert len(stopped) == 2
+    compiler.prewarm("cpu", ())
+    for future in compiler.pool.futures:
+        future.set_result(1.0)
+    compiler.close()  # idle processes: shut down without being killed
+    assert len(stopped) == 2
+
+
+def test_a_worker_exits_when_the_training_process_is_gone():
+    """Each worker watches its parent: a training process killed without stopping its workers does not leave them
+    compiling (and holding a CUDA context) on their own."""
+    code = ("import sys, time; from prodistill.accel.precompile import _watch_parent; "
+            "_watch_parent(int(sys.argv[1])); print('watching', flush=True); time.sleep(8)")
+    gone = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1  # its parent is not pid 1, so "gone": it left before its work (which exits 0)
+    alive = subprocess.Popen([sys.executable, "-c", code, str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    try:
+        assert alive.stdout.readline() == "watching\n"
+        time.sleep(2.5)
+        assert alive.poll() is None  # its parent is still there: it keeps working
+    finally:
+        alive.kill()
+        alive.wait()

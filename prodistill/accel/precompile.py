@@ -578,25 +578,21 @@ class Precompiler:
             warm_up.add_done_callback(lambda future, pool=self.pool: self._warmed(pool, future))
 
     def _warmed(self, pool: ProcessPoolExecutor, future: Future) -> None:
-        """(The pool's thread.) A process finished warming up: its slot is free."""
+        """(The pool's thread.) A process finished warming up: its slot is free. (A pool already closed stopped
+        its processes: nothing to say.)"""
+        current = self.pool is pool
         self._free(pool)
-        if not future.cancelled() and future.exception() is not None:
+        if current and not future.cancelled() and future.exception() is not None:
             e = future.exception()
             log.warning("warming up a background compile process failed (%s: %s); its first variant compiles "
                         "without it", type(e).__name__, e)
 
     def _start_pool(self) -> None:
-        threads = max(1, (os.cpu_count() or 2) // self.workers)
-        old = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
-        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # the spawned workers inherit it
-        try:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            _close_at_exit(self)
-        finally:
-            if old is None:
-                os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS")
-            else:
-                os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = old
+        """The worker processes (started by the pool as work reaches it; each runs inductor's default number of
+        compile threads) and the feeder thread that hands them the held variants."""
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_watch_parent, initargs=(os.getpid(),))
+        _close_at_exit(self)
         threading.Thread(target=self._feed, args=(self.pool,), name="prodistill-precompile", daemon=True).start()
 
     def _submit(self, path: str, job: Job) -> None:
@@ -619,24 +615,34 @@ class Precompiler:
 
     def _feed(self, pool: ProcessPoolExecutor) -> None:
         """The pool's feeder thread: hands the most expensive held variant to the pool whenever fewer than
-        `workers` are under way."""
+        `workers` are under way. Once the pool cannot take work (shut down, broken by a process that died, or a
+        process that could not start), every variant held then or later fails at once — each compiles just in
+        time — until the pool is replaced (`close`, when nothing is left under way)."""
+        broken = None
         while True:
             with self._cv:
-                while self.pool is pool and (not self._held or self._running >= self.workers):
+                while self.pool is pool and (not self._held or (broken is None and self._running >= self.workers)):
                     self._cv.wait()
                 if self.pool is not pool:
                     return
-                *_, path, future = heapq.heappop(self._held)
-                self._running += 1
-            try:
-                work = pool.submit(_compile_in_worker, _job_file(path))
-            except RuntimeError as e:  # shut down meanwhile, or broken (a process died): no held variant will run
-                with self._cv:
-                    held, self._held = self._held, []
-                for future in (future, *(entry[-1] for entry in held)):
-                    future.set_exception(e)  # each falls back to compiling just in time
-                return
-            work.add_done_callback(lambda work, path=path, future=future: self._finished(pool, path, future, work))
+                if broken is None:
+                    *_, path, future = heapq.heappop(self._held)
+                    self._running += 1
+                    failing = [future]
+                else:
+                    failing, self._held = [entry[-1] for entry in self._held], []
+            if broken is None:
+                try:
+                    work = pool.submit(_compile_in_worker, _job_file(path))
+                except Exception as e:
+                    broken = e
+                    self._free(pool)
+                else:
+                    work.add_done_callback(lambda work, path=path, future=future:
+                                           self._finished(pool, path, future, work))
+                    continue
+            for future in failing:
+                future.set_exception(broken)
 
     def _free(self, pool: ProcessPoolExecutor) -> None:
         with self._cv:
@@ -706,12 +712,13 @@ class Precompiler:
             return
         with self._cv:
             pool, self.pool = self.pool, None
+            busy = self._running > 0  # variants, or warm-ups, under way
             self._held.clear()
             self._running = 0
             self._cv.notify_all()  # the feeder thread sees its pool gone and ends
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        if self.futures:  # cut short: the workers would otherwise finish their variants before the exit
+        if busy or self.futures:  # cut short: the workers would otherwise finish their work before the exit
             for process in processes:
                 process.terminate()
             for path in self.futures:
@@ -731,6 +738,17 @@ def slowest(variants: list[dict], n: int = 3) -> str:
     top = sorted(variants, key=lambda v: -v["compile_s"])[:n]
     return "; slowest: " + ", ".join(f"{v['file'].split('-')[0]} {v['compile_s']:.1f} s (ready at "
                                      f"{v['ready_after_s']:.1f} s)" for v in top) if top else ""
+
+
+def _watch_parent(parent: int) -> None:
+    """(Each worker process, as it starts.) Exit when the training process is gone — killed, so that it could not
+    stop its workers — rather than finish a compilation nobody waits for, holding a CUDA context."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="prodistill-parent-watch", daemon=True).start()
 
 
 def _job_file(path: str) -> str:
