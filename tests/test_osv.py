@@ -138,3 +138,35 @@ def test_signal_finishes_the_step_saves_and_resume_matches(tmp_path):
     t_b.resume(latest_checkpoint(run / "stage2"))
     t_b.fit()
     assert _losses(run, 2) == _losses(tmp_path / "straight", 2)
+
+
+def test_a_signal_during_a_stages_last_step_stops_before_the_next_stage(tmp_path, capsys):
+    """A pre-emption that lands in stage 1's last step (or its checkpoint, preview or validation) is not dropped:
+    stage 1 ends saved and the run stops there, rather than training stage 2 to its end; in the run's last stage it
+    ends the run as it would have ended anyway. The first signal is acknowledged at once."""
+    import os
+    import signal
+
+    import pytest
+
+    from conftest import RandomClips
+    from prodistill.training.trainer import TrainingInterrupted
+
+    class PreemptedAtTheEnd(RandomClips):
+        def __next__(self):
+            if self.position == 2:  # fetching the stage's last (third) step's batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__next__()
+
+    cfg = tiny_config(tmp_path, max_steps=3, ckpt_every=10, log_every=10, stage="both")
+    assert cfg.stages() == (1, 2)
+    for stage, stops in ((1, True), (2, False)):
+        trainer, _, _ = make_trainer(cfg, stage=stage, run_dir=tmp_path / f"run{stage}")
+        trainer.loader = PreemptedAtTheEnd(cfg.batch_size, cfg.frames, cfg.size()[0])
+        if stops:
+            with pytest.raises(TrainingInterrupted, match="at the end of stage 1, which is complete and saved"):
+                trainer.fit()
+        else:
+            trainer.fit()
+        assert latest_checkpoint(tmp_path / f"run{stage}" / f"stage{stage}").name == "ckpt-0000003"
+        assert "signal 15: stopping after this step and its checkpoint\n" in capsys.readouterr().err

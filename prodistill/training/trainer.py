@@ -55,6 +55,9 @@ def stop_requests():
     def handler(signum, frame):
         if flag["signal"] is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if flag["signal"] is None:  # said at once: the step (a compiling one, say) may take a while yet
+            again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+            sys.stderr.write(f"\nsignal {signum}: stopping after this step and its checkpoint{again}\n")
         flag["signal"] = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -375,3 +378,9 @@ class Trainer:
             if self.validator is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or last):
                 self._validate(ckpt if saved else self.save(), main)
         progress.close()
+        # a signal during the stage's last step, its checkpoint, preview or validation: the stage is saved, so stop
+        # before the next one (the run's last stage has nothing left to stop)
+        if self.dist.any(stop["signal"] is not None) and self.stage != cfg.stages()[-1]:
+            cause = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
+            raise TrainingInterrupted(f"stopped by {cause} at the end of stage {self.stage}, which is complete and "
+                                      "saved; rerun with --resume to continue with the next stage")
