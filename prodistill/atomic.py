@@ -39,3 +39,21 @@ def save_tensors(tensors: dict, path: str | Path) -> None:
 
     save_file(tensors, str(path))
     os.chmod(path, umask_mode(0o666))
+
+
+def folder_problem(path: str | Path, flag: str, given: str | Path | None = None) -> str | None:
+    """One sentence saying why a folder could not be made or written at `path` (for `flag`, whose value was `given`,
+    by default `path`), or None: checked by making (and removing) a temporary folder in the nearest existing one,
+    so that a run is refused before any model is built rather than failing when it first writes."""
+    path = Path(path).expanduser().absolute()
+    given = path if given is None else given
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{flag} {given}: {existing} is a file, not a folder; choose another {flag}"
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        return f"{flag} {given} cannot be written ({e.strerror} in {existing}); choose another {flag}"
+    return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,6 +109,35 @@ def test_bench_train_refuses_unknown_and_gpu_only_configs_on_cpu():
         parse_configs("eager,fastest", torch.device("cpu"))
     with pytest.raises(ValueError, match="need --device cuda"):
         parse_configs("eager,compile+graphs", torch.device("cpu"))
+    # asked for none: the default list, without what needs a GPU (it asked for graphs the user never named)
+    assert parse_configs(None, torch.device("cpu")) == ["plain", "eager-pixels", "eager", "compile"]
+
+
+def test_unwritable_places_are_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    """--out, --compile-cache and bench's --json under a file (or where nothing can be written) are one sentence
+    each before the models are built, not a traceback at the first write."""
+    from click.testing import CliRunner
+
+    from prodistill.cli import main
+
+    monkeypatch.setattr("prodistill.training.run.build_models",
+                        lambda *a: pytest.fail("models built before a bad path was refused"))
+    (tmp_path / "afile").write_text("")
+    bad = str(tmp_path / "afile" / "sub")
+    for args, flag in ((["train", "--out", bad], "--out"),
+                       (["train", "--out", str(tmp_path / "run"), "--compile", "on", "--compile-cache", bad],
+                        "--compile-cache"),
+                       (["bench", "train", "--preset", "tiny", "--configs", "eager", "--json", bad + "/b.json"],
+                        "--json")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and f"{flag} " in result.output
+        assert "is a file, not a folder; choose another " + flag in result.output, result.output
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: only the file case can be checked
+        return
+    result = CliRunner().invoke(main, ["train", "--out", str(locked / "run")])
+    assert "cannot be written (Permission denied" in result.output
 
 
 def test_a_configurations_flops_are_those_of_the_counted_row_doing_its_math():

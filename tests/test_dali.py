@@ -213,3 +213,9 @@ def test_train_cli_with_dali_decoder_on_cpu(dali, tmp_path):
         "--disc-head-channels", "8", "--out", str(tmp_path / "run")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    # H.264 needs NVDEC: refused before any model is built, not a pipeline error at the first batch
+    write_mp4(tmp_path / "h264" / "v.mp4", _frames(20, 48, 64), fps=14)
+    result = CliRunner().invoke(main, ["train", "--decoder", "dali", "--device", "cpu", "--data",
+                                       str(tmp_path / "h264"), "--out", str(tmp_path / "run2")])
+    assert result.exit_code != 0 and "--decoder dali on the CPU decodes vp8, vp9, mjpeg only" in result.output
+    assert "is h264: use --device cuda (NVDEC), --decoder pyav" in result.output and not (tmp_path / "run2").exists()

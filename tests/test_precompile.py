@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -563,18 +564,46 @@ def test_closing_stops_processes_still_warming_up(tmp_path, monkeypatch):
     assert len(stopped) == 2
 
 
-def test_a_worker_exits_when_the_training_process_is_gone():
-    """Each worker watches its parent: a training process killed without stopping its workers does not leave them
-    compiling (and holding a CUDA context) on their own."""
-    code = ("import sys, time; from prodistill.accel.precompile import _watch_parent; "
-            "_watch_parent(int(sys.argv[1])); print('watching', flush=True); time.sleep(8)")
+def test_a_worker_ignores_ctrl_c_and_exits_when_the_training_process_is_gone():
+    """Each worker leaves Ctrl-C to the training process and watches it: a training process killed without stopping
+    its workers does not leave them compiling (and holding a CUDA context) on their own."""
+    code = ("import sys, time; from prodistill.accel.precompile import _start_worker; "
+            "_start_worker(int(sys.argv[1])); print('watching', flush=True); time.sleep(8)")
     gone = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1  # its parent is not pid 1, so "gone": it left before its work (which exits 0)
     alive = subprocess.Popen([sys.executable, "-c", code, str(os.getpid())], stdout=subprocess.PIPE, text=True)
     try:
         assert alive.stdout.readline() == "watching\n"
+        alive.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches the workers too: theirs to ignore
         time.sleep(2.5)
         assert alive.poll() is None  # its parent is still there: it keeps working
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_run_that_ends_first_waits_for_its_background_variants_not_its_own_queue(tmp_path, monkeypatch, caplog):
+    """`finish_background` (the end of `prodistill train`): variants still compiling in the background are waited
+    for and saved, so that the next launch loads them (a short run used to drop them); a one-worker compiler's
+    queue is left to the next launch (compiling it here would be the run's whole compile)."""
+    import threading
+
+    monkeypatch.setattr(precompile, "ProcessPoolExecutor", _FakePool)
+    monkeypatch.setattr(precompile, "_SHARED", {})
+    background = precompile.Precompiler.shared(tmp_path / "a", "aot_eager", 2)
+    own = precompile.Precompiler.shared(tmp_path / "b", "aot_eager", 1)
+    background._submit(*_job(tmp_path, "bg", 1, True))
+    own.queue["x.aot"] = _job(tmp_path, "own", 1, True)[1]
+    _wait_for(lambda: len(background.pool.handed) == 1)
+    counted = []
+    with caplog.at_level(logging.INFO, logger="prodistill"):
+        waiting = threading.Thread(target=lambda: counted.append(precompile.finish_background()))
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive()  # it waits for the variant under way
+        background.pool.futures[0].set_result(1.0)
+        waiting.join(10)
+    assert counted == [1] and background.stats["compiled"] == 1 and not background.pending()
+    assert "1 region variants are still compiling in the background: waiting for them" in caplog.text
+    assert list(own.queue) == ["x.aot"] and own.stats["compiled"] == 0
+    assert precompile.finish_background() == 0

@@ -210,3 +210,44 @@ def test_recover_from_oom_waits_for_queued_variants_only(monkeypatch):
     monkeypatch.setattr(precompile, "_SHARED", {("cache", "inductor"): Busy()})
     assert recover_from_oom() and flushed == [1]
     assert not recover_from_oom() and flushed == [1]  # nothing left to compile: the step itself does not fit
+
+
+def test_a_folder_with_checkpoints_but_no_config_is_refused_the_same_way_with_or_without_resume(tmp_path):
+    """Without config.yaml a folder's checkpoints cannot be resumed (their settings are unknown), nor trained over:
+    both commands say so and point at another --out, rather than each pointing at the other."""
+    from dataclasses import replace
+
+    from prodistill.training.run import RunError, check_run_dir
+
+    cfg = tiny_config(tmp_path)
+    ckpt = tmp_path / "run" / "stage1" / "ckpt-0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text('{"step": 1}')
+    for resume in (False, True):
+        with pytest.raises(RunError, match="holds checkpoints but no config.yaml.*choose another --out"):
+            check_run_dir(replace(cfg, resume=resume))
+
+
+def test_mistyped_student_targets_are_refused_before_stage_1_trains(tmp_path, monkeypatch):
+    """A --train-modules regex that is no regex is refused before any model is built; one that matches nothing,
+    or a --lora-targets name no module has, once the teacher is built — before stage 1 trains, where stage 2's
+    student used to find it only after stage 1 had trained (and its folder could then be neither resumed with the
+    corrected value nor restarted)."""
+    from dataclasses import replace
+
+    from prodistill.training import run
+
+    built = []
+    real_build = run.build_models
+    monkeypatch.setattr(run, "build_models", lambda *a: built.append(1) or real_build(*a))
+    monkeypatch.setattr(run, "_run_stage", lambda *a, **k: pytest.fail("a stage ran"))
+    cfg = tiny_config(tmp_path, stage="both")
+    for changes, message, before_models in (
+            (dict(train_modules="["), r"--train-modules '\[' is not a regular expression", True),
+            (dict(train_modules="temporal_transformer_blocks,nomatch_xyz"), "--train-modules nomatch_xyz matches no "
+             "parameter of the UNet", False),
+            (dict(lora_targets="to_q,to_kk"), "--lora-targets to_kk: no module of the UNet is named so", False)):
+        built.clear()
+        with pytest.raises(run.RunError, match=message):
+            run.run_training(replace(cfg, **changes))
+        assert built == ([] if before_models else [1])

@@ -116,12 +116,16 @@ class Speedups:
                                "query/key projections the rewrite skips); use --exact-rewrites auto or off")
         mode = {"auto": "all" if cuda else "off", "on": "all"}.get(cfg.compile, cfg.compile)
         if mode != "off":
-            from prodistill.accel.compile import inductor_options
+            from prodistill.accel.compile import default_cache_dir, inductor_options
+            from prodistill.atomic import folder_problem
 
             try:
                 inductor_options()  # a bad $PRODISTILL_INDUCTOR_OPTIONS is one sentence before any model is built
             except ValueError as e:
                 raise SpeedupError(str(e)) from None
+            problem = folder_problem(cfg.compile_cache or default_cache_dir(), "--compile-cache")
+            if problem is not None:
+                raise SpeedupError(problem)
         workers = cfg.compile_workers
         if workers < 0:
             workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1

@@ -46,6 +46,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -400,6 +401,20 @@ def forget_variants(network: nn.Module) -> None:
             call.fallback = None
 
 
+def finish_background() -> int:
+    """At the end of a run: wait for the variants still compiling in background processes (a short run can end
+    before its first compile does), so that the next launch loads them instead of compiling them again; how many
+    there were. Variants queued for this process's own compiler (one worker) are left to the next launch."""
+    busy = [c for c in _SHARED.values() if c.pending()]
+    count = sum(len(c.futures) for c in busy)
+    if count:
+        log.info("training is done; %d region variants are still compiling in the background: waiting for them so "
+                 "that the next launch loads them (Ctrl-C skips this)", count)
+    for compiler in busy:
+        compiler.flush()
+    return count
+
+
 def finish_all() -> bool:
     """Compile, or wait for, every variant this process's compilers still have queued or under way (`flush`);
     whether there were any."""
@@ -591,7 +606,7 @@ class Precompiler:
         """The worker processes (started by the pool as work reaches it; each runs inductor's default number of
         compile threads) and the feeder thread that hands them the held variants."""
         self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_watch_parent, initargs=(os.getpid(),))
+                                        initializer=_start_worker, initargs=(os.getpid(),))
         _close_at_exit(self)
         threading.Thread(target=self._feed, args=(self.pool,), name="prodistill-precompile", daemon=True).start()
 
@@ -740,9 +755,14 @@ def slowest(variants: list[dict], n: int = 3) -> str:
                                      f"{v['ready_after_s']:.1f} s)" for v in top) if top else ""
 
 
-def _watch_parent(parent: int) -> None:
-    """(Each worker process, as it starts.) Exit when the training process is gone — killed, so that it could not
-    stop its workers — rather than finish a compilation nobody waits for, holding a CUDA context."""
+def _start_worker(parent: int) -> None:
+    """(Each worker process, as it starts.) Leave Ctrl-C to the training process, which stops its workers when it
+    stops (a terminal sends SIGINT to the whole process group: the workers' warm-ups and compilations would fail
+    with tracebacks while the training process finishes its step); and exit when the training process is gone —
+    killed, so that it could not stop them — rather than finish a compilation nobody waits for, holding a CUDA
+    context."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)

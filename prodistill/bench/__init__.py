@@ -148,6 +148,10 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
     from prodistill.training.distributed import launched_by_torchrun
     from prodistill.training.run import resolve_device
 
+    from prodistill.atomic import folder_problem
+
+    if (problem := folder_problem(Path(json_path).parent, "--json", json_path)) is not None:
+        raise click.ClickException(problem)
     options = dict(preset=preset, resolution=resolution, frames=frames, batch_size=batch_size, method=method,
                    stage=stage, configs=configs, iters=iters, warmup=warmup, grad_checkpointing=grad_checkpointing,
                    compile_cache=compile_cache, compile_workers=compile_workers, fp8_table=fp8_table, device=device)

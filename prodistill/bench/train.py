@@ -70,13 +70,18 @@ PLAIN_METHODS = ("osv", "lcm")
 """Methods whose iteration `prodistill.bench.plain` writes as the plain-script yardstick."""
 
 
+def _needs_cuda(config: str) -> bool:
+    return "graphs" in config or "fused" in config
+
+
 def parse_configs(text: str | None, device: torch.device, method: str = "osv") -> list[str]:
     """The configurations of `--configs` (None: `DEFAULT_CONFIGS`, without plain for a method that has no
-    yardstick), checked and in canonical order."""
+    yardstick and, off CUDA, without those that need a GPU), checked and in canonical order."""
     from prodistill.accel.fp8 import check_available
 
     if text is None:
-        text = ",".join(c for c in DEFAULT_CONFIGS if c != "plain" or method in PLAIN_METHODS)
+        text = ",".join(c for c in DEFAULT_CONFIGS if (c != "plain" or method in PLAIN_METHODS)
+                        and (device.type == "cuda" or not _needs_cuda(c)))
     names = [c.strip() for c in text.split(",") if c.strip()]
     if "plain" in names and method not in PLAIN_METHODS:
         raise ValueError(f"--configs plain: the plain-script yardstick exists for {' and '.join(PLAIN_METHODS)} only; "
@@ -88,7 +93,7 @@ def parse_configs(text: str | None, device: torch.device, method: str = "osv") -
     if unknown:
         raise ValueError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}, "
                          f"each but plain and eager-pixels optionally with +fp8-{'|'.join(FP8_BACKENDS)}")
-    if any("graphs" in base or "fused" in base for base, _ in parts.values()) and device.type != "cuda":
+    if any(_needs_cuda(base) for base, _ in parts.values()) and device.type != "cuda":
         raise ValueError("--configs with graphs or fused need --device cuda (CUDA graphs, Triton kernels); leave "
                          "them out on the CPU")
     for name, (_, fp8) in parts.items():

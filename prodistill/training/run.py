@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from prodistill.config import TrainConfig, _flag
 from prodistill.methods import build_method, method_class
@@ -55,11 +57,22 @@ STRUCTURE = ("method", "preset", "teacher", "dino", "image_teacher", "lora_rank"
 
 
 def check_run_dir(cfg: TrainConfig) -> Path:
+    from prodistill.atomic import folder_problem
+
     run_dir = Path(cfg.out)
+    if (problem := folder_problem(run_dir, "--out")) is not None:
+        raise RunError(problem)
     has_ckpt = any(latest_checkpoint(run_dir / f"stage{s}") for s in (1, 2))
-    if cfg.resume and not (run_dir / "config.yaml").is_file():
+    has_config = (run_dir / "config.yaml").is_file()
+    if cfg.resume and not has_config:
+        if has_ckpt:
+            raise RunError(f"--resume: {run_dir} holds checkpoints but no config.yaml, so its settings are unknown; "
+                           "choose another --out (or remove the folder to start over)")
         raise RunError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
     if has_ckpt and not cfg.resume:
+        if not has_config:
+            raise RunError(f"{run_dir} holds checkpoints but no config.yaml (not a run prodistill can resume); "
+                           "choose another --out (or remove the folder to start over)")
         raise RunError(f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another --out")
     if cfg.resume:
         import yaml
@@ -118,8 +131,29 @@ def training_source(cfg: TrainConfig, device: torch.device):
                            "videos as --data, or leave those options out")
         return LatentCacheDataset(cfg.data, cfg)
     files = list_videos(cfg.data, cfg.video_root)
-    use_dali(cfg, device)
+    if use_dali(cfg, device) and device.type != "cuda":
+        _check_dali_cpu_codecs(files)
     return files
+
+
+DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
+"""What DALI's CPU video decoder reads (H.264 and HEVC need NVDEC: `--device cuda`)."""
+
+
+def _check_dali_cpu_codecs(files, sample: int = 16) -> None:
+    """--decoder dali off the GPU: the first `sample` videos' codecs, so that H.264 data is one sentence here rather
+    than a pipeline error at the first batch."""
+    import av
+
+    for entry in files[:sample]:
+        try:
+            with av.open(str(entry.path)) as container:
+                codec = container.streams.video[0].codec_context.name
+        except (av.error.FFmpegError, IndexError):
+            continue  # an unreadable file is the loader's to report, as for PyAV
+        if codec not in DALI_CPU_CODECS:
+            raise RunError(f"--decoder dali on the CPU decodes {', '.join(DALI_CPU_CODECS)} only and {entry.path} is "
+                           f"{codec}: use --device cuda (NVDEC), --decoder pyav, or re-encode the videos")
 
 
 def make_loader(cfg: TrainConfig, source, device: torch.device, rank: int = 0, world_size: int = 1,
@@ -156,7 +190,7 @@ def write_preview(run_dir: Path, method, batch: dict, stage: int, step: int, fps
 
 
 def run_training(cfg: TrainConfig) -> Path:
-    from prodistill.accel import Speedups, start_compile_workers
+    from prodistill.accel import Speedups, precompile, start_compile_workers
 
     if distributed.restart_count() > 0 and not cfg.resume and (Path(cfg.out) / "config.yaml").is_file():
         log.info("torchrun restart %d: resuming %s from its last checkpoint", distributed.restart_count(), cfg.out)
@@ -169,12 +203,14 @@ def run_training(cfg: TrainConfig) -> Path:
     method_class(cfg.method).check(cfg)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
+    _check_student_targets(cfg)
     start_compile_workers(speedups, device)  # a first launch: they import while the models are built
     dist = distributed.setup(device, cfg.dist_timeout, cfg.parallel)
     try:
         with dist.local_main_first():  # the built-in clips are rendered once per host
             source = training_source(cfg, device)
         models = build_models(cfg, dist.device)
+        _check_student_targets(cfg, models.teacher)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "samples").mkdir(exist_ok=True)
@@ -186,9 +222,35 @@ def run_training(cfg: TrainConfig) -> Path:
                 _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_videos)
         finally:
             logger.close()
+        precompile.finish_background()
     finally:
         distributed.teardown(dist)
     return run_dir
+
+
+def _names(csv: str) -> list[str]:
+    return [s.strip() for s in csv.split(",") if s.strip()]
+
+
+def _check_student_targets(cfg: TrainConfig, teacher: nn.Module | None = None) -> None:
+    """--train-modules (regexes of parameter names) and --lora-targets (module names) refused as one sentence each:
+    their syntax before any model is built, then, given the built `teacher`, that each names something in it —
+    before stage 1 trains rather than when stage 2 builds its student."""
+    for pattern in _names(cfg.train_modules):
+        try:
+            found = re.compile(pattern)
+        except re.error as e:
+            raise RunError(f"--train-modules {pattern!r} is not a regular expression ({e})") from None
+        if teacher is not None and not any(found.search(n) for n, _ in teacher.named_parameters()):
+            raise RunError(f"--train-modules {pattern} matches no parameter of the UNet; use a regex that appears "
+                           "in its parameter names, e.g. temporal_transformer_blocks")
+    if teacher is None or cfg.lora_rank == 0 or cfg.method == "decoder":
+        return
+    modules = [n for n, _ in teacher.named_modules()]
+    missing = [t for t in _names(cfg.lora_targets) if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        raise RunError(f"--lora-targets {','.join(missing)}: no module of the UNet is named so; use the last parts "
+                       "of its module names, e.g. to_q,to_k,to_v,to_out.0")
 
 
 def _validation_videos(cfg) -> list:
@@ -242,6 +304,8 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
                       validator=validator, loader_at=loader_at, on_resize=lambda: release_graphs(method),
                       on_oom=recover_from_oom)
     if ckpt is not None:
+        if dist.is_main:
+            log.info("stage %d: resuming from %s (step %d of %d)", stage, ckpt, read_meta(ckpt)["step"], steps)
         trainer.resume(ckpt)
     else:
         if dist.is_main:  # rows a failed attempt logged before its first checkpoint are about to be redone
