@@ -9,7 +9,10 @@ sample` read it back from there.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -249,6 +252,8 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.max_steps is not None and self.max_steps < 1:  # resolve() copied it into the stage steps
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         self.size()
         if self.stage1_resolution is not None:
             _parse_size(self.stage1_resolution, "--stage1-resolution")
@@ -264,10 +269,24 @@ class TrainConfig:
         if self.val_data and self.val_videos < 2:
             raise ValueError(f"--val-videos must be at least 2 (FVD compares two sets of videos), got {self.val_videos}")
         positive = ("frames", "batch_size", "grad_accum", "num_timesteps", "solver_steps", "log_every",
-                    "ckpt_every", "keep_ckpts", "disc_upscale", "stage1_steps", "stage2_steps")
+                    "ckpt_every", "keep_ckpts", "disc_upscale", "disc_head_channels", "stage1_steps", "stage2_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("seed", "num_workers", "warmup_steps", "sample_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        for name in ("fps", "lr", "disc_lr", "huber_c", "lora_alpha"):  # `not > 0` also refuses nan
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.lora_rank == 0 and self.method != "decoder" and (not self.train_modules or 1 in self.stages()
+                                                                 or self.method == "avdm2"):
+            # the LoRA-less students of OSV's stage 1 and of AVDM2's fake score would train nothing
+            raise ValueError("--lora-rank 0 leaves the student nothing to train: give a rank of 1 or more, or "
+                             "--train-modules (read by the distillation stage of osv, lcm and mcm only)")
+        if self.compile_workers < -1:
+            raise ValueError(f"--compile-workers must be -1 (auto), 0 (just in time) or a number of processes, got "
+                             f"{self.compile_workers}")
         if self.frames < 2:
             raise ValueError(f"--frames must be at least 2 for a video, got {self.frames}")
         if self.solver_steps >= self.num_timesteps:
@@ -277,8 +296,9 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.lambda_real <= 1:
             raise ValueError(f"--lambda-real is a probability: it must be in [0, 1], got {self.lambda_real}")
-        for name in ("lambda_adv", "disc_gp"):
-            if getattr(self, name) < 0:
+        for name in ("lambda_lgp", "lambda_acd", "lambda_adv", "lambda_adm", "lambda_sdm", "disc_gp",
+                     "decoder_temporal_weight", "weight_decay", "grad_clip", "noise_aug_strength", "motion_lr_scale"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if not 1 <= self.disc_frames <= self.frames:
             raise ValueError(f"--disc-frames must be between 1 and --frames ({self.frames}), got {self.disc_frames}")
@@ -430,17 +450,64 @@ def config_path(path: str | Path) -> Path:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file (or a recipe by name, `config_path`), rejecting keys that are not config fields (a typo
-    should not pass silently)."""
+    should not pass silently) and converting each value to its field's type (`_yaml_value`)."""
     path = config_path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        if context and mark and context.line != mark.line:
+            problem += f", {getattr(e, 'context', None) or 'from'} at line {context.line + 1}"
+        raise ValueError(f"{path}{where}: not valid YAML ({problem}); fix the file's syntax") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; pass a YAML file of options") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a YAML mapping of option names to values")
     known = {f.name for f in fields(TrainConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see `prodistill train --help`")
-    return data
+    return {k: _yaml_value(path, k, v) for k, v in data.items()}
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _yaml_value(path: Path, key: str, value: Any) -> Any:
+    """`value` of the YAML `key` as its field's declared type, where that is lossless and unambiguous: YAML 1.1 reads
+    1e-4 (no dot) and quoted numbers as strings, 7 as an int and on/off as booleans."""
+    tp = _TYPES[key]
+    optional = isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)
+    base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+    choices = TrainConfig.__dataclass_fields__[key].metadata.get("choices") or ()
+    if value is None and optional or type(value) is base:
+        return value
+    if isinstance(value, bool):
+        if base is str and {"on", "off"} <= set(choices):  # `compile: on` reads as true
+            return "on" if value else "off"
+    elif base is str and isinstance(value, (int, float)):  # `stage: 1`
+        return str(value)
+    elif base is float and isinstance(value, (int, str)) and not math.isnan(_to_float(value)):
+        return _to_float(value)
+    elif base is int and isinstance(value, (float, str)):
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        if _to_float(value).is_integer():  # 4.0, "1e4"; 4.5 is refused, not truncated
+            return int(_to_float(value))
+    expected = _KINDS[base] + (" or null" if optional else "")
+    got = "no value" if value is None else repr(value)
+    raise ValueError(f"{path}: {key} (--{_flag(key)}) must be {expected}, got {got}; fix the value or leave the key out")
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return math.nan
 
 
 def build_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:

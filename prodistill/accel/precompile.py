@@ -518,6 +518,8 @@ class Precompiler:
     def _checked(self, call: RegionCall, path: str, key: tuple, args: tuple, kwargs: dict):
         try:
             if path not in self.loaded:
+                if not self.loaded:
+                    log.info("loading region variants compiled earlier from %s (no compiling for those)", self.folder)
                 start = time.perf_counter()
                 self.loaded[path] = _load(path)
                 self.stats["load_s"] += time.perf_counter() - start
