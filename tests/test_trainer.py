@@ -251,3 +251,20 @@ def test_mistyped_student_targets_are_refused_before_stage_1_trains(tmp_path, mo
         with pytest.raises(run.RunError, match=message):
             run.run_training(replace(cfg, **changes))
         assert built == ([] if before_models else [1])
+
+
+def test_a_damaged_checkpoint_is_one_sentence_on_resume(tmp_path):
+    """A checkpoint whose file was damaged (disk trouble: prodistill writes them atomically) is named, with what to
+    do, instead of a traceback from deep inside torch.load."""
+    from dataclasses import replace
+
+    from prodistill.training.checkpoint import latest_checkpoint
+    from prodistill.training.run import RunError, run_training
+
+    cfg = tiny_config(tmp_path, stage="2", max_steps=1)
+    run = run_training(cfg)
+    ckpt = latest_checkpoint(run / "stage2")
+    state = ckpt / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(RunError, match=f"the checkpoint {ckpt} cannot be read .*delete that folder to resume from"):
+        run_training(replace(cfg, resume=True, stage2_steps=2))

@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from prodistill.config import TrainConfig, _flag
@@ -306,7 +308,12 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
     if ckpt is not None:
         if dist.is_main:
             log.info("stage %d: resuming from %s (step %d of %d)", stage, ckpt, read_meta(ckpt)["step"], steps)
-        trainer.resume(ckpt)
+        try:
+            trainer.resume(ckpt)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+            raise RunError(f"--resume: the checkpoint {ckpt} cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); delete that folder to resume "
+                           "from the checkpoint before it") from e
     else:
         if dist.is_main:  # rows a failed attempt logged before its first checkpoint are about to be redone
             logger.truncate_after(stage, 0)
