@@ -311,6 +311,8 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
         try:
             trainer.resume(ckpt)
         except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+            if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+                raise  # not the file (out of memory, a state that does not fit): no reason to delete it
             raise RunError(f"--resume: the checkpoint {ckpt} cannot be read ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); delete that folder to resume "
                            "from the checkpoint before it") from e
