@@ -30,11 +30,17 @@ def _click_type(f) -> tuple[typing.Any, bool]:
 
 def train_options(func):
     """Add one option per TrainConfig field (default None = "not given", so YAML and presets apply)."""
+    from prodistill.config import METHOD_DEFAULTS
+    from prodistill.models.presets import PRESETS
+
+    overrides = [(f"--method {m}", d) for m, d in METHOD_DEFAULTS.items()]  # applied in this order (`resolve`)
+    overrides += [(f"--preset {p.name}", p.train_defaults) for p in PRESETS.values()]
     for f in reversed(fields(TrainConfig)):
         ctype, is_flag = _click_type(f)
         name = f"--{f.name.replace('_', '-')}"
         default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata['help']} [default: {default}]"
+        other = "".join(f"; with {where}: {d[f.name]}" for where, d in overrides if f.name in d)
+        help_text = f"{f.metadata['help']} [default: {default}{other}]"
         if is_flag:
             func = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)(func)
         else:
