@@ -1,25 +1,39 @@
 """`prodistill export`: check everything cheap, merge the checkpoint's student, then write what was asked.
 
-Order: the checkpoint, the flags and the optional packages are checked before any model is built (each
-failure is one sentence); then the models are rebuilt in float32 as the run built them, the student's LoRA
-and trained modules are loaded and merged into a copy (never into the teacher), and the ONNX graphs (checked
-against PyTorch with ONNX Runtime), the TensorRT engines and the diffusers folder are written.
+Order: the checkpoint, the flags, the output folders and the optional packages are checked before any model is
+built (each failure is one sentence); then the models are rebuilt in float32 as the run built them, the student's
+LoRA and trained modules are loaded and merged into a copy (never into the teacher), and the ONNX graphs (checked
+against PyTorch with ONNX Runtime), the TensorRT engines and the diffusers folder are written. Each folder is
+built beside its target and swapped in when complete, so an export that fails or is interrupted leaves the
+previous one as it was, never a mix of both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from export.onnx_export import OPSET, ExportError, export_all, import_onnx
-from export.runtime.manifest import Manifest
+from export.runtime.manifest import MANIFEST, Manifest
+from export.runtime.tensorrt import TIMING_CACHE
+from prodistill.atomic import folder_problem, umask_mode
 
 DECODERS = ("full", "tiny")
+ENGINE_FILES = (MANIFEST, "*.onnx", "*.onnx.data", "*.plan", TIMING_CACHE)
+DIFFUSERS_FILES = ("model_index.json", "feature_extractor", "image_encoder", "scheduler", "unet", "vae")
+"""What an export writes into --out and --diffusers: an existing folder holding anything else is refused, since
+an export replaces its folder whole (`replaced_whole`)."""
+PARTIAL = ".partial-"
 
 
 @dataclass(kw_only=True)
@@ -56,6 +70,7 @@ def sha256(path: Path) -> str:
 
 def _check_options(opts: ExportOptions):
     """(config, checkpoint folder): every check that needs no model, each failing with one sentence."""
+    from prodistill import sampling
     from prodistill.config import build_config
     from prodistill.sampling import _resolve_checkpoint, checkpoint_size
 
@@ -67,12 +82,20 @@ def _check_options(opts: ExportOptions):
         raise ExportError("--out is required for --onnx/--trt: the folder to write the graphs and manifest.json to")
     if not (opts.onnx or opts.trt or opts.diffusers):
         raise ExportError("nothing to export: pass --onnx, --trt and/or --diffusers DIR")
+    if opts.onnx or opts.trt:
+        check_out(opts.out, "--out", ENGINE_FILES)
+    if opts.diffusers:
+        check_out(opts.diffusers, "--diffusers", DIFFUSERS_FILES)
+        if (opts.onnx or opts.trt) and _nested(opts.out, opts.diffusers):
+            raise ExportError("--out and --diffusers must be separate folders, neither inside the other: an export "
+                              "replaces each whole")
     run_dir, ckpt_dir = _resolve_checkpoint(opts.ckpt)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} has no config.yaml: pass the --out folder of a `prodistill train` run")
-    weights_file = ckpt_dir / f"{opts.weights}.safetensors"
-    if not weights_file.is_file():
-        raise ExportError(f"{ckpt_dir} has no {opts.weights} weights (EMA exists in stage 2 only): use --weights student")
+    try:
+        sampling.weights_file(ckpt_dir, opts.weights)  # missing or damaged: one sentence before any model is built
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     overrides = {"device": opts.device, "dtype": "fp32", "resolution": opts.resolution, "frames": opts.frames}
     cfg = build_config(overrides, run_dir / "config.yaml")
     if opts.resolution is None:
@@ -93,6 +116,69 @@ def _check_options(opts: ExportOptions):
             raise ExportError("--precision bf16 cannot be checked here: ONNX Runtime's CPU provider has no bf16 "
                               "kernels; use fp16 or fp32, or install onnxruntime-gpu on a GPU machine")
     return cfg, ckpt_dir
+
+
+def check_out(path: Path, flag: str, owned: tuple[str, ...]) -> None:
+    """The export is built beside `path` and swapped in (`replaced_whole`), so `path`'s parent must be writable
+    too (unless `path` is a mount point, built in), and an existing `path` may hold only what the export writes
+    (anything else would be lost)."""
+    full = Path(path).expanduser().resolve()
+    problem = folder_problem(full, flag, path) or (None if os.path.ismount(full) else
+                                                   folder_problem(full.parent, flag, path))
+    if problem:
+        raise ExportError(problem)
+    owned = (*owned, f".{full.name}{PARTIAL}*")  # what an export killed outright left (in a mount point)
+    names = [p.name for p in full.iterdir()] if full.is_dir() else []
+    foreign = sorted(n for n in names if not any(fnmatch(n, pattern) for pattern in owned))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ExportError(f"{flag} {path} holds {foreign[0]}{more}, which an export does not write, and an export "
+                          f"replaces its folder whole: choose a new or empty {flag}")
+
+
+def _nested(a: Path, b: Path) -> bool:
+    a, b = (Path(p).expanduser().resolve() for p in (a, b))
+    return a == b or a in b.parents or b in a.parents
+
+
+@contextlib.contextmanager
+def replaced_whole(out: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A new folder beside `out` to build in, which replaces `out` whole once the block completes: until then
+    `out` stays as it was, and afterwards nothing of the old folder is left in it but the files in `keep` (copied
+    first). A failed or interrupted build is removed; one killed outright is removed by the next export to `out`.
+
+    A mount point (a Docker volume, as README's `docker run ... export` uses) cannot be renamed, and the folder
+    beside it may be on another file system: there the build is inside `out`, and its entries replace the old
+    ones with the top-level JSON (manifest.json, model_index.json) last, so that no reader sees a mix of both."""
+    out = Path(out).expanduser().resolve()
+    mounted = os.path.ismount(out)
+    home = out if mounted else out.parent
+    home.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}{PARTIAL}"
+    for stale in home.iterdir():
+        if stale.name.startswith(prefix):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=home, prefix=prefix))
+    try:
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's folders are private
+        for name in keep:
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
+        yield tmp
+        old = tmp.with_name(f"{tmp.name}-old")
+        if mounted:
+            old.mkdir()
+            for entry in [e for e in out.iterdir() if not e.name.startswith(prefix)]:
+                os.rename(entry, old / entry.name)
+            for entry in sorted(tmp.iterdir(), key=lambda e: e.suffix == ".json"):
+                os.rename(entry, out / entry.name)
+        else:
+            if out.exists():
+                os.rename(out, old)
+            os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_tiny_decoder(folder: Path | None, frames: int) -> None:
@@ -205,7 +291,9 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Mani
     if opts.diffusers:
         from export.diffusers_folder import write_diffusers_folder
 
-        echo(f"wrote diffusers folder {write_diffusers_folder(models, unet, Path(opts.diffusers))}")
+        with replaced_whole(opts.diffusers) as folder:
+            write_diffusers_folder(models, unet, folder)
+        echo(f"wrote diffusers folder {opts.diffusers}")
     if not (opts.onnx or opts.trt):
         return None
     source = {"checkpoint": str(ckpt_dir.resolve()), "weights": opts.weights, "sha256": sha256(weights_file),
@@ -217,9 +305,9 @@ def run_export(opts: ExportOptions, echo: Callable[[str], None] = print) -> Mani
 
         tiny = TinyTemporalDecoder.load(opts.tiny_decoder, device)
         source["tiny_decoder"] = str(Path(opts.tiny_decoder).resolve())
-    out = Path(opts.out)
-    manifest = export_graphs(models, unet, cfg, out, opts.precision, opts.opset, source, echo, tiny)
-    if opts.trt:
-        build_engines(manifest, out, opts.workspace_gib, echo)
-    echo(f"wrote {out / 'manifest.json'} ({time.perf_counter() - start:.1f} s in all)")
+    with replaced_whole(opts.out, keep=(TIMING_CACHE,)) as folder:  # the TensorRT timing cache outlives engines
+        manifest = export_graphs(models, unet, cfg, folder, opts.precision, opts.opset, source, echo, tiny)
+        if opts.trt:
+            build_engines(manifest, folder, opts.workspace_gib, echo)
+    echo(f"wrote {Path(opts.out) / MANIFEST} ({time.perf_counter() - start:.1f} s in all)")
     return manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_lora_run
+from export.onnx_export import ExportError
 from prodistill.cli import main
 
 GRAPHS = ("image_encoder", "vae_encoder", "denoiser", "decoder")
@@ -185,6 +187,10 @@ def test_an_export_over_tolerance_fails_loudly(exported, tmp_path):
     (["--tiny-decoder", "{tmp}"], "add --decoder tiny"),
     (["--weights", "ema"], "no ema weights"),
     (["--opset", "21"], "'21' is not one of"),
+    (["--out", "/proc/eng"], "--out /proc/eng cannot be written"),
+    (["--out", "{tmp}"], "holds run, which an export does not write"),
+    (["--diffusers", "/proc/svd"], "--diffusers /proc/svd cannot be written"),
+    (["--onnx", "--diffusers", "{tmp}/eng/svd"], "must be separate folders"),
 ])
 def test_bad_input_is_one_sentence_before_any_model_is_built(tmp_path, args, message, monkeypatch):
     _, run = make_lora_run(tmp_path)
@@ -195,6 +201,70 @@ def test_bad_input_is_one_sentence_before_any_model_is_built(tmp_path, args, mes
     result = CliRunner().invoke(main, ["export", *ckpt, "--out", str(tmp_path / "eng"), "--device", "cpu", *args])
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output and not built and not (tmp_path / "eng").exists()
+
+
+def test_a_damaged_checkpoint_file_is_one_sentence_before_any_model_is_built(tmp_path, monkeypatch):
+    from prodistill.training.checkpoint import latest_checkpoint
+
+    _, run = make_lora_run(tmp_path)
+    stage = next(s for s in (2, 1) if (run / f"stage{s}").is_dir())
+    weights = latest_checkpoint(run / f"stage{stage}") / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:10])
+    monkeypatch.setattr("prodistill.training.run.build_models", lambda *a: pytest.fail("models built"))
+    result = CliRunner().invoke(main, ["export", "--ckpt", str(run), "--out", str(tmp_path / "eng"), "--device", "cpu"])
+    assert result.exit_code != 0 and f"the checkpoint file {weights} is damaged" in result.output, result.output
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+@pytest.mark.parametrize("failure", [ExportError("decoder: ... the export is not usable"), KeyboardInterrupt()])
+def test_a_failed_reexport_leaves_the_old_engines_and_a_complete_one_replaces_them_whole(exported, tmp_path,
+                                                                                          monkeypatch, failure,
+                                                                                          mounted):
+    """The engines are built beside --out (inside it when it is a mount point, as a Docker volume is) and swapped in
+    once complete: an export that fails or is interrupted mid-way leaves the old folder byte for byte (and a fresh
+    --out absent); one that completes leaves nothing of the old set (its stale TensorRT engine) but the timing
+    cache. Partial folders, an earlier one killed outright included, never remain. The graphs are stand-ins: what
+    is tested is where they are written."""
+    import os
+    import shutil
+
+    from export.runtime.manifest import GraphInfo
+
+    _, run, _, _ = exported
+    engines, fresh = tmp_path / "engines", tmp_path / "fresh"
+    shutil.copytree(exported[2], engines)
+    (engines / "denoiser.plan").write_bytes(b"stale engine")
+    (engines / "timing.cache").write_bytes(b"timings")
+    before = {p.name: p.read_bytes() for p in engines.iterdir()}
+    if mounted:
+        monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == engines.resolve())
+    ((engines if mounted else tmp_path) / ".engines.partial-killed").mkdir()
+
+    def failing(graphs, shapes, folder, *args, **kwargs):
+        (folder / "image_encoder.onnx").write_bytes(b"new graph")
+        raise failure
+
+    def stand_in(graphs, shapes, folder, *args, **kwargs):
+        for name in graphs:
+            (folder / f"{name}.onnx").write_bytes(b"new graph")
+        return {name: GraphInfo(file=f"{name}.onnx", inputs={}, outputs={}) for name in graphs}
+
+    def export(out):
+        return CliRunner().invoke(main, ["export", "--ckpt", str(run), "--out", str(out), "--device", "cpu"])
+
+    monkeypatch.setattr("export.run.export_all", failing)
+    for out in (engines, fresh):
+        result = export(out)
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert {p.name: p.read_bytes() for p in engines.iterdir()} == before and not fresh.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["engines"]
+    monkeypatch.setattr("export.run.export_all", stand_in)
+    result = export(engines)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in engines.iterdir()) == sorted([f"{g}.onnx" for g in GRAPHS] + ["manifest.json",
+                                                                                                 "timing.cache"])
+    assert (engines / "denoiser.onnx").read_bytes() == b"new graph"
+    assert (engines / "timing.cache").read_bytes() == b"timings" and [p.name for p in tmp_path.iterdir()] == ["engines"]
 
 
 @pytest.mark.parametrize("missing, flag, message", [

@@ -134,6 +134,78 @@ def test_generate_errors_are_one_sentence(tmp_path, image, exported):
         assert result.exit_code != 0 and "Docker image" in result.output and "Traceback" not in result.output
 
 
+def _drop_width(m: dict) -> None:
+    del m["width"]
+
+
+def _swap_vae_encoder(m: dict) -> None:
+    m["graphs"]["vae_encoder"]["inputs"]["image"] = [1, 3, 64, 64]  # as if its graph came from a 64×64 export
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("missing graph", lambda e: (e / "denoiser.onnx").unlink(), "has no denoiser.onnx"),
+    ("truncated graph", lambda e: (e / "decoder.onnx").write_bytes((e / "decoder.onnx").read_bytes()[:300]),
+     "decoder.onnx is damaged"),
+    ("manifest without a field", lambda e: _edit_manifest(e, _drop_width), "manifest.json is not a manifest this "
+     "runtime can read (no width)"),
+    ("manifest not JSON", lambda e: (e / "manifest.json").write_text("{not json"), "manifest.json is not valid JSON"),
+    ("graphs of two exports", lambda e: _edit_manifest(e, _swap_vae_encoder), "the folder mixes two exports"),
+])
+def test_a_broken_engines_folder_is_one_sentence_naming_the_file(exported, image, tmp_path, name, damage, message):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from export.runtime.cli import generate
+
+    engines = tmp_path / "engines"
+    shutil.copytree(exported[2], engines)
+    damage(engines)
+    result = CliRunner().invoke(generate, ["--engines", str(engines), "--image", str(image),
+                                           "--out", str(tmp_path / "out.mp4")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (name, result.output)
+    assert message in result.output and "export the folder again" in result.output, (name, result.output)
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out.mp4").exists()
+
+
+def _edit_manifest(engines: Path, edit) -> None:
+    manifest = json.loads((engines / "manifest.json").read_text())
+    edit(manifest)
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+
+
+def bomb_png(width: int = 20_000, height: int = 10_000) -> bytes:
+    """A PNG whose header declares more pixels than Pillow opens at all (twice its MAX_IMAGE_PIXELS, ≈179 M), with
+    no pixel data: Image.open refuses it from the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_pillows_bomb_limit_is_too_large_not_undecodable(exported, tmp_path):
+    """A valid PNG above Pillow's decompression-bomb limit is the too-large answer (send a smaller image), as an
+    image over --max-pixels is, not "could not read image"."""
+    import io
+
+    from click.testing import CliRunner
+
+    from export.runtime.cli import generate
+    from export.runtime.image import ImageTooLarge, load_image
+
+    for max_pixels in (None, 4096):
+        with pytest.raises(ImageTooLarge, match="send a smaller image"):
+            load_image(io.BytesIO(bomb_png()), 32, 32, max_pixels)
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    result = CliRunner().invoke(generate, ["--engines", str(exported[2]), "--image", str(tmp_path / "bomb.png"),
+                                           "--out", str(tmp_path / "out.mp4")])
+    assert result.exit_code != 0 and "more than Pillow decodes: send a smaller image" in result.output, result.output
+
+
 def test_tensorrt_engines_match_onnxruntime(exported, image, tmp_path):
     """Where TensorRT is installed (the Docker image): engines built from the export agree with ORT."""
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (the Docker image has it)")

@@ -24,6 +24,8 @@ from PIL import Image
 pytest.importorskip("starlette", reason='prodistill serve needs pip install ".[serve]"')
 pytest.importorskip("uvicorn", reason='prodistill serve needs pip install ".[serve]"')
 
+from test_runtime import bomb_png  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -172,6 +174,7 @@ def test_frames_answer_is_the_pipelines_exact_uint8_frames(server, exported):
     ("not base64", lambda: _json({"image": "@@@"}), 400),
     ("corrupt image", lambda: _json({"image": base64.b64encode(png_bytes()[:200]).decode()}), 400),
     ("too many pixels", lambda: _json({"image": base64.b64encode(png_bytes(80, 80)).decode()}), 413),
+    ("over Pillow's bomb limit", lambda: _json({"image": base64.b64encode(bomb_png()).decode()}), 413),
     ("body too large", lambda: multipart({}, bytes(60_000)), 413),
     ("no image", lambda: _json({"seed": 1}), 422),
     ("unknown field", lambda: _json({"image": "", "steps": 4}), 422),
@@ -325,9 +328,10 @@ def test_full_queue_503_then_recovers_and_sigterm_drains(exported, tmp_path):
         srv.stop()
 
 
-def test_timeout_504_and_not_ready_503(exported, tmp_path):
-    """--timeout shorter than a generation: 504, and the service stays ready; engines that fail to load: /ready
-    and /v1/generate answer 503 with the reason, /health stays live."""
+def test_timeout_504_and_engines_that_fail_to_load_500(exported, tmp_path):
+    """--timeout shorter than a generation: 504, and the service stays ready; engines that fail to load: the log
+    says why at ERROR, /ready and /v1/generate answer 500 with the reason and no Retry-After (no retry mends it),
+    /health stays live."""
     import shutil
 
     body = json.dumps({"image": base64.b64encode(png_bytes()).decode()}).encode()
@@ -346,16 +350,87 @@ def test_timeout_504_and_not_ready_503(exported, tmp_path):
     (broken_engines / "decoder.onnx").unlink()
     broken = Server(broken_engines, tmp_path / "broken.log")
     try:
-        broken.wait_for("/ready", 503)
-        deadline = time.monotonic() + 30
-        while "failed to load" not in (reason := json.loads(broken.request("/ready")[2])["error"]):
-            assert time.monotonic() < deadline, reason
-            time.sleep(0.1)
+        broken.wait_for("/ready", 500)
+        status, headers_out, answer = broken.request("/ready")
+        assert "failed to load" in json.loads(answer)["error"] and "Retry-After" not in headers_out
         status, headers_out, answer = broken.request("/v1/generate", body, headers)
-        assert status == 503 and headers_out["Retry-After"] and "decoder.onnx" in json.loads(answer)["error"]
+        assert status == 500 and "Retry-After" not in headers_out
+        assert "cannot serve" in json.loads(answer)["error"] and "decoder.onnx" in json.loads(answer)["error"]
         assert broken.request("/health")[0] == 200
     finally:
-        broken.stop()
+        log = broken.stop()
+    assert any(line.startswith("ERROR:") and "failed to load" in line and "decoder.onnx" in line
+               for line in log.splitlines()), log
+
+
+def test_a_stalled_upload_is_answered_408_and_does_not_hold_up_sigterm(exported, tmp_path):
+    """A client that sends its headers and part of its body, then nothing: answered 408 once --timeout has passed,
+    and a SIGTERM meanwhile still ends the server (uvicorn waited for that connection for ever). One that hangs
+    up mid-upload leaves no traceback in the log."""
+    srv = Server(exported[2], tmp_path / "server.log", "--timeout", "2")
+    partial = (b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b'Content-Length: 1000\r\n\r\n{"image": "a')
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(partial)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(partial)
+            time.sleep(0.5)  # the request is in the app, reading its body
+            srv.process.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := s.recv(4096):  # the server closes the connection after its answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
+        srv.process.wait(timeout=15)
+    finally:
+        log = srv.stop()
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("name, args, env, message", [
+    ("no manifest", ["--engines", "{tmp}"], {}, "has no manifest.json"),
+    ("broken manifest", ["--engines", "{broken}"], {}, "manifest.json is not valid JSON"),
+    ("empty --token", ["--token", ""], {}, "the bearer token (--token or PRODISTILL_SERVE_TOKEN) is empty"),
+    ("blank --token", ["--token", "  "], {}, "the bearer token (--token or PRODISTILL_SERVE_TOKEN) is empty"),
+    ("empty variable", [], {"PRODISTILL_SERVE_TOKEN": ""}, "the bearer token (--token or PRODISTILL_SERVE_TOKEN) "
+     "is empty"),
+])
+def test_start_up_refuses_what_cannot_serve_or_would_serve_unprotected(exported, tmp_path, monkeypatch, name, args,
+                                                                       env, message):
+    """An engines folder without a readable manifest, or an empty token (a Docker secret that was not mounted), is
+    one sentence before the server starts, never a server that cannot work or that serves without the token."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from export.serve.cli import serve
+
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: started.append(kw))
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    shutil.copytree(exported[2], tmp_path / "broken")
+    (tmp_path / "broken" / "manifest.json").write_text("{")
+    (tmp_path / "empty").mkdir()
+    args = [a.format(tmp=tmp_path / "empty", broken=tmp_path / "broken") for a in args]
+    result = CliRunner().invoke(serve, ["--engines", str(exported[2]), *args], env=env)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (name, result.output)
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, (name, result.output)
+    assert not started
+
+
+def test_graceful_shutdown_is_bounded_by_the_timeout(exported, monkeypatch):
+    """uvicorn's graceful shutdown waits for open connections at most --timeout (the longest a request may take)
+    plus a grace, then cuts them: without a bound, one stuck connection kept the server from exiting."""
+    from click.testing import CliRunner
+
+    from export.serve.cli import SHUTDOWN_GRACE_S, serve
+
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: started.append(kw))
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    result = CliRunner().invoke(serve, ["--engines", str(exported[2]), "--timeout", "2.5"])
+    assert result.exit_code == 0, result.output
+    assert started[0]["timeout_graceful_shutdown"] == 3 + SHUTDOWN_GRACE_S
 
 
 def test_serving_image_entry_point_runs_from_the_copied_files_alone(tmp_path):

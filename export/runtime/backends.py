@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from export.runtime.manifest import Manifest
+from export.runtime.manifest import MANIFEST, GraphInfo, Manifest
 
 BACKENDS = ("ort", "trt")
 
@@ -59,7 +59,7 @@ class OrtBackend:
         # share the GPU, and at 14×576×1024 the decoder's 4.2 GB request found no room under the default (H100)
         providers = [(p, {"arena_extend_strategy": "kSameAsRequested"}) if p == "CUDAExecutionProvider" else p
                      for p in self.providers]
-        self.sessions = {name: ort.InferenceSession(str(folder / info.file), options, providers=providers)
+        self.sessions = {name: _session(ort, folder, name, info, options, providers)
                          for name, info in manifest.graphs.items()}
 
     def gpu_memory_used(self) -> None:
@@ -70,6 +70,27 @@ class OrtBackend:
         session = self.sessions[graph]
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, {k: np.ascontiguousarray(v, np.float32) for k, v in inputs.items()})))
+
+
+def _session(ort, folder: Path, name: str, info: GraphInfo, options, providers):
+    """The graph's session, after checking its files exist and that its inputs are the manifest's: a missing,
+    damaged or swapped graph is one sentence naming the file, not an error of ONNX Runtime mid-generation."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+    again = "export the folder again with `prodistill export`"
+    for file in filter(None, (info.file, info.external_data)):
+        if not (folder / file).is_file():
+            raise BackendError(f"{folder} has no {file}, a file of its {name} graph: {again}")
+    path = folder / info.file
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except (InvalidGraph, InvalidProtobuf):
+        raise BackendError(f"{path} is damaged (ONNX Runtime cannot parse it): {again}") from None
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if inputs != info.inputs:
+        raise BackendError(f"{path} takes {inputs}, but {folder / MANIFEST} says {info.inputs}: the folder mixes "
+                           f"two exports; {again}")
+    return session
 
 
 def open_backend(name: str, folder: str | Path, manifest: Manifest, device: str = "auto") -> Backend:

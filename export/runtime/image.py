@@ -88,7 +88,12 @@ def load_image(source: str | Path | BinaryIO, width: int, height: int, max_pixel
         img = img.convert("RGB")
     except ImageTooLarge:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Image.open refuses twice Pillow's MAX_IMAGE_PIXELS itself, from the header
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        allowed = f"the {max_pixels} allowed" if max_pixels is not None and max_pixels < limit else "Pillow decodes"
+        raise ImageTooLarge(f"the image has more than {limit} pixels, more than {allowed}: "
+                            "send a smaller image") from None
+    except (OSError, ValueError) as e:
         raise ValueError(f"could not read image {name}: pass a PNG or JPEG file ({e})") from e
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)[None]
     return cover_crop(x, width, height) / np.float32(127.5) - np.float32(1.0)

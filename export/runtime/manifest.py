@@ -9,7 +9,7 @@ the graphs (TensorRT 10/11 strongly typed networks take their precision from the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -81,9 +81,42 @@ class Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {MANIFEST}: pass the --out folder of `prodistill export`")
-        data = json.loads(path.read_text())
+        again = "export the folder again with `prodistill export`"
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): {again}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object: {again}")
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path} has format {data.get('format')}, this runtime reads {FORMAT_VERSION}: "
                              "export again with this version")
+        problem = _manifest_problem(data)
+        if problem:
+            raise ValueError(f"{path} is not a manifest this runtime can read ({problem}): {again}")
         data["graphs"] = {k: GraphInfo(**v) for k, v in data["graphs"].items()}
         return cls(**data)
+
+
+def _manifest_problem(data: dict) -> str | None:
+    """What a manifest's JSON object lacks or has in excess, or None: a damaged or hand-edited manifest is refused
+    by name, not as a TypeError of the constructor."""
+    problem = _fields_problem(Manifest, data)
+    if problem:
+        return problem
+    graphs = data["graphs"]
+    if not isinstance(graphs, dict) or any(g not in graphs for g in GRAPH_NAMES):
+        return f"graphs must hold {', '.join(GRAPH_NAMES)}"
+    return next(filter(None, (_fields_problem(GraphInfo, v, f"graph {k}: ") for k, v in graphs.items())), None)
+
+
+def _fields_problem(cls, data, where: str = "") -> str | None:
+    if not isinstance(data, dict):
+        return f"{where}not a JSON object"
+    known = {f.name: f for f in fields(cls)}
+    missing = [n for n, f in known.items() if n not in data and f.default is MISSING and f.default_factory is MISSING]
+    unknown = sorted(set(data) - set(known))
+    if missing or unknown:
+        return where + "; ".join(f"{label} {', '.join(names)}" for label, names in
+                                 (("no", missing), ("unknown field(s)", unknown)) if names)
+    return None

@@ -1,7 +1,7 @@
 """The Starlette application: routes, the bearer token, status counting, and the mapping from failures to
 HTTP answers. Every error is JSON `{"error": "<one sentence>"}` with the status that tells the client what to
-do: 4xx fix the request, 401 send the token, 503 come back later (`Retry-After`), 504 the generation took
-longer than `timeout`.
+do: 4xx fix the request, 401 send the token, 408 send the body without stalling, 503 come back later
+(`Retry-After`), 504 the generation took longer than `timeout`, 500 the engines failed to load (no retry helps).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,7 +31,8 @@ OPEN_ROUTES = ("/health", "/ready")
 @dataclass(kw_only=True)
 class ServeSettings:
     timeout_s: float = 60.0
-    """A request waiting longer than this (queue and generation) is answered 504."""
+    """Time a request may take in all: one whose body has not arrived by then is answered 408, one whose
+    generation has not finished (queue included) 504. Also bounds the graceful shutdown (`export.serve.cli`)."""
     max_body_bytes: int = 10 * 2**20
     """Largest request body; checked before it is read in full."""
     max_pixels: int = 4096 * 4096
@@ -40,6 +42,11 @@ class ServeSettings:
     token: str | None = None
     """Bearer token that every route except the probes requires; None: no authentication."""
 
+    def __post_init__(self):
+        if self.token is not None and not self.token.strip():  # e.g. a Docker secret that was not mounted
+            raise ValueError("the bearer token (--token or PRODISTILL_SERVE_TOKEN) is empty: set it to the token "
+                             "clients must send, or unset it to serve without authentication")
+
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -48,27 +55,37 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 def build_app(worker: GenerationWorker, settings: ServeSettings, metrics: ServeMetrics) -> Starlette:
     retry = {"Retry-After": str(settings.retry_after_s)}
 
+    def not_ready() -> JSONResponse:
+        """503 with Retry-After while the engines load; 500 without it once they failed, which no retry mends."""
+        if worker.failed:
+            return error(500, f"the service cannot serve: {worker.state}")
+        return error(503, f"the service is not ready: {worker.state}", retry)
+
     async def generate(request: Request) -> Response:
+        deadline = time.monotonic() + settings.timeout_s
         try:
-            body = await parse_generate(request, settings.max_body_bytes)
+            body = await asyncio.wait_for(parse_generate(request, settings.max_body_bytes), settings.timeout_s)
             if not worker.ready:
                 raise NotReady(worker.state)
             m = worker.pipeline.manifest
             image = await asyncio.to_thread(load_image, BytesIO(body.image), m.width, m.height, settings.max_pixels)
+        except asyncio.TimeoutError:  # a client stalled mid-upload would otherwise hold the connection for ever
+            return error(408, f"the request body did not arrive within {settings.timeout_s:g} s: send it whole, "
+                              "without pausing")
         except RequestError as e:
             return error(e.status, e.message)
         except ImageTooLarge as e:
             return error(413, str(e))
         except ValueError:
             return error(400, "the image could not be decoded: send a PNG or JPEG file")
-        except NotReady as e:
-            return error(503, f"the service is not ready: {e}", retry)
+        except NotReady:
+            return not_ready()
         try:
             future = worker.submit(body, image)
         except QueueFull as e:
             return error(503, f"the generation queue is full ({e}): retry later", retry)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             future.cancel()  # dropped if still waiting; a running generation finishes and its video is discarded
             return error(504, f"the generation did not finish within {settings.timeout_s:g} s: retry later")
@@ -85,7 +102,7 @@ def build_app(worker: GenerationWorker, settings: ServeSettings, metrics: ServeM
     async def ready(request: Request) -> Response:
         if worker.ready:
             return JSONResponse({"status": "ready", "backend": worker.backend})
-        return error(503, f"not ready: {worker.state}", retry)
+        return not_ready()
 
     async def metrics_route(request: Request) -> Response:
         body, content_type = metrics.render()

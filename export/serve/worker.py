@@ -11,6 +11,7 @@ if it is still waiting; a generation already running finishes and its result is 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -23,6 +24,8 @@ from export.runtime.image import to_uint8_frames
 from export.runtime.pipeline import Noise, OneStepPipeline, write_mp4
 from export.serve.metrics import ServeMetrics
 from export.serve.request import GenerateRequest
+
+log = logging.getLogger(__name__)
 
 
 class NotReady(Exception):
@@ -40,6 +43,8 @@ class GenerationWorker:
         self.pipeline: OneStepPipeline | None = None
         self.state = "loading the engines"
         """Why the service is not ready, or 'ready'."""
+        self.failed = False
+        """The engines failed to load or to warm up: the service will never be ready (`state` says why)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prodistill-generate")
         self._lock = threading.Lock()
         self._waiting = 0
@@ -59,8 +64,11 @@ class GenerationWorker:
             m = self.pipeline.manifest
             self.pipeline.generate_pixels(np.zeros((1, 3, m.height, m.width), np.float32), Noise.draw(m, 0))
             self.state = "ready"
-        except Exception as e:  # any failure is reported by /ready, not by a dead worker thread
+            log.info("the engines in %s are loaded and warmed up (%s): ready", self.engines, self.backend)
+        except Exception as e:  # reported in the log and by /ready, not by a dead worker thread
             self.state = f"the engines failed to load: {e}"
+            self.failed = True
+            log.error("%s; the service cannot serve until it is restarted with working engines", self.state)
 
     def submit(self, request: GenerateRequest, image_nchw: np.ndarray) -> Future:
         """Queue one generation; the future's result is the mp4's bytes, or the uint8 frames (F, H, W, 3) for

@@ -106,6 +106,10 @@ def _wait_ready(port: int, server: subprocess.Popen, log: Path, limit_s: float =
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
                 return
+        except urllib.error.HTTPError as e:
+            if e.code >= 500 and e.code != 503:  # the engines failed to load: no use waiting (503: still loading)
+                raise ValueError(f"the server cannot serve: {e.read().decode(errors='replace')[:500]}") from None
+            time.sleep(0.2)
         except (urllib.error.URLError, OSError):
             time.sleep(0.2)
     raise ValueError(f"the server was not ready within {limit_s:g} s (log: {log})")
