@@ -57,3 +57,14 @@ def folder_problem(path: str | Path, flag: str, given: str | Path | None = None)
     except OSError as e:
         return f"{flag} {given} cannot be written ({e.strerror} in {existing}); choose another {flag}"
     return None
+
+
+def file_problem(path: str | Path, flag: str, suffix: str | None = None) -> str | None:
+    """One sentence saying why a file cannot be written at `path` (given as `flag`; `suffix`: the ending its format
+    needs), or None: `folder_problem` for its folder, so that a command is refused before its work rather than
+    losing the results when it writes them."""
+    if suffix is not None and Path(path).suffix.lower() != suffix:
+        return f"{flag} {path}: give a file path ending in {suffix}"
+    if Path(path).expanduser().is_dir():
+        return f"{flag} {path} is a folder, not a file; choose a file path for {flag}"
+    return folder_problem(Path(path).expanduser().absolute().parent, flag, path)

@@ -4,6 +4,7 @@ its `--help` text can never disagree."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import types
 import typing
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from prodistill.atomic import file_problem
 from prodistill.bench import bench
 from prodistill.config import TrainConfig, build_config
 
@@ -26,6 +28,13 @@ def _click_type(f) -> tuple[typing.Any, bool]:
     if "choices" in f.metadata:
         return click.Choice(f.metadata["choices"]), False
     return {int: int, float: float, str: str}[base], False
+
+
+def _finite(ctx, param, value: float) -> float:
+    """Click callback: nan or inf as a guidance scale makes black videos or fails after the work, so it is refused."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number; give a scale such as 3")
+    return value
 
 
 def train_options(func):
@@ -130,18 +139,25 @@ def data() -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Clips per encoder batch.")
 def data_cache(data_arg, video_root, out, shard_size, batch_size, **model_flags) -> None:
     """Encode every clip once (VAE latents, CLIP embedding, conditioning latent) for `train --data CACHE`."""
+    from prodistill.atomic import folder_problem
     from prodistill.data.cache import build_cache
     from prodistill.data.dataset import list_videos
     from prodistill.training.run import build_models, resolve_device
 
+    if (problem := folder_problem(out, "--out", out)) is not None:
+        raise click.ClickException(problem)
     try:
         cfg = build_config({**model_flags, "data": data_arg, "video_root": video_root})
         videos = list_videos(cfg.data, cfg.video_root)
         models = build_models(cfg, resolve_device(cfg.device))
-        path = build_cache(cfg, models, videos, Path(out), shard_size, batch_size)
+        path, skipped = build_cache(cfg, models, videos, Path(out), shard_size, batch_size)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"cached {len(videos)} videos in {path}")
+    if skipped:
+        click.echo(f"cached {len(videos) - len(skipped)} of {len(videos)} videos in {path}; {len(skipped)} could not "
+                   f"be decoded (listed under \"skipped\" in {path / 'cache.json'})")
+    else:
+        click.echo(f"cached {len(videos)} videos in {path}")
 
 
 @main.command()
@@ -154,7 +170,7 @@ def data_cache(data_arg, video_root, out, shard_size, batch_size, **model_flags)
 @click.option("--tts/--no-tts", default=False, show_default=True, help="Time Travel Sampler (OSV eq. 13; NFE 2 per step).")
 @click.option("--teacher-steps", type=click.IntRange(1, 1000), default=None,
               help="Sample the teacher instead (EDM Euler with per-frame CFG), with this many steps.")
-@click.option("--cfg", "cfg_scale", type=float, default=3.0, show_default=True,
+@click.option("--cfg", "cfg_scale", type=float, default=3.0, show_default=True, callback=_finite,
               help="Teacher CFG: the last frame's scale (the first frame's is 1, linear in between, as SVD).")
 @click.option("--weights", type=click.Choice(["student", "ema"]), default="student", show_default=True,
               help="Which stage-2 weights to sample from.")
@@ -164,6 +180,8 @@ def sample(ckpt, image, out_path, steps, tts, teacher_steps, cfg_scale, weights,
     """Generate a video from one image with the distilled student (or the teacher, for comparison)."""
     from prodistill.sampling import generate_video
 
+    if (problem := file_problem(out_path, "--out", ".mp4")) is not None:
+        raise click.ClickException(problem)
     try:
         path = generate_video(Path(ckpt), Path(image), Path(out_path), steps=steps, tts=tts,
                               teacher_steps=teacher_steps, cfg_scale=cfg_scale, weights=weights, seed=seed,
@@ -186,7 +204,8 @@ def sample(ckpt, image, out_path, steps, tts, teacher_steps, cfg_scale, weights,
 @click.option("--tts/--no-tts", default=False, show_default=True, help="Student with the Time Travel Sampler.")
 @click.option("--teacher-steps", type=click.IntRange(0, 1000), default=25, show_default=True,
               help="The teacher's Euler steps on the same clips and noise (0: no teacher row).")
-@click.option("--cfg", "cfg_scale", type=float, default=3.0, show_default=True, help="Teacher CFG (last frame's).")
+@click.option("--cfg", "cfg_scale", type=float, default=3.0, show_default=True, callback=_finite,
+              help="Teacher CFG (last frame's).")
 @click.option("--weights", type=click.Choice(["student", "ema"]), default="student", show_default=True)
 @click.option("--i3d", default=None, help="I3D TorchScript file for FVD (i3d_torchscript.pt); nothing is downloaded. "
                                           "Without it a random-init stand-in runs (FVD comparable only between runs).")

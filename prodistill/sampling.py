@@ -62,6 +62,9 @@ def load_image(path: str | Path, width: int, height: int) -> Tensor:
 
     try:
         img = Image.open(path).convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL's guard against images that would fill the memory
+        raise ValueError(f"the image {path} is too large (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels): resize it, to "
+                         f"the video's {width}x{height} or a few times that") from e
     except (OSError, ValueError) as e:
         raise ValueError(f"could not read image {path}: pass a PNG or JPEG file ({e})") from e
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float()
@@ -100,11 +103,30 @@ def checkpoint_size(cfg, ckpt_dir: Path) -> tuple[int, int]:
     return cfg.size_at(stage, max(step - 1, 0))
 
 
-def checkpoint_stage(ckpt_dir: Path, tensors: dict) -> int:
-    """The stage whose student a checkpoint holds (its meta; older checkpoints: stage 2 where EMA exists)."""
+def checkpoint_stage(ckpt_dir: Path, tensors: dict | None = None) -> int:
+    """The stage whose student a checkpoint holds (its meta; older checkpoints: stage 2 where EMA exists, in
+    `tensors` or else on disk)."""
     from prodistill.training.checkpoint import read_meta
 
-    return int(read_meta(ckpt_dir).get("stage", 2 if "ema" in tensors else 1))
+    has_ema = "ema" in tensors if tensors is not None else (ckpt_dir / "ema.safetensors").is_file()
+    return int(read_meta(ckpt_dir).get("stage", 2 if has_ema else 1))
+
+
+def weights_file(ckpt_dir: Path, weights: str) -> Path:
+    """The checkpoint's file of `weights` (student, ema), its header read (cheap: a truncated file fails here,
+    before any model is built); a missing or damaged file is one sentence naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = ckpt_dir / f"{weights}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{ckpt_dir} has no {weights} weights (EMA exists in stage 2 only): use --weights student")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"the checkpoint file {path} is damaged ({str(e)[:200]}): rerun the training that wrote it, "
+                         "or pass another checkpoint as --ckpt") from e
+    return path
 
 
 @dataclass
@@ -119,16 +141,10 @@ class LoadedRun:
     steps: int
 
 
-def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student: bool = True) -> LoadedRun:
-    """The run behind `ckpt` (a run folder or one of its checkpoint folders), with its `weights` (student or
-    EMA) loaded into a fresh student; student=False builds only the models (sampling the teacher). Teacher and
-    student run with the exact rewrite of training (`prodistill.accel.rewrites`: the same function, less work)."""
-    from prodistill.accel.rewrites import apply_rewrites
+def run_config(ckpt: Path, device: str = "auto", weights: str = "student", student: bool = True):
+    """(config at the checkpoint's size, checkpoint folder) of the run behind `ckpt`: every check of `load_run` that
+    needs no model, so that `sample` and `eval` refuse a wrong checkpoint before they build one."""
     from prodistill.config import build_config
-    from prodistill.methods import method_class
-    from prodistill.models.student import load_trainable
-    from prodistill.training.checkpoint import load_weights
-    from prodistill.training.run import build_models, resolve_device
 
     run_dir, ckpt_dir = _resolve_checkpoint(ckpt)
     if not (run_dir / "config.yaml").is_file():
@@ -138,16 +154,29 @@ def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student
     if cfg.method == "decoder":
         raise ValueError(f"{run_dir} trained a tiny decoder, not a student: use it with `prodistill eval-decoder` "
                          "or `prodistill export --decoder tiny --tiny-decoder`")
+    if student:
+        weights_file(ckpt_dir, weights)
+    return cfg, ckpt_dir
+
+
+def load_run(ckpt: Path, device: str = "auto", weights: str = "student", student: bool = True) -> LoadedRun:
+    """The run behind `ckpt` (a run folder or one of its checkpoint folders), with its `weights` (student or
+    EMA) loaded into a fresh student; student=False builds only the models (sampling the teacher). Teacher and
+    student run with the exact rewrite of training (`prodistill.accel.rewrites`: the same function, less work)."""
+    from safetensors.torch import load_file
+
+    from prodistill.accel.rewrites import apply_rewrites
+    from prodistill.methods import method_class
+    from prodistill.models.student import load_trainable
+    from prodistill.training.run import build_models, resolve_device
+
+    cfg, ckpt_dir = run_config(ckpt, device, weights, student)
     method = method_class(cfg.method)
     models = build_models(cfg, resolve_device(cfg.device))
     net = None
     if student:
-        tensors = load_weights(ckpt_dir, models.device)
-        group = "ema" if weights == "ema" else "student"
-        if group not in tensors:
-            raise ValueError(f"{ckpt_dir} has no {group} weights (EMA exists in stage 2 only): use --weights student")
-        net = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir, tensors))
-        load_trainable(net, tensors[group])
+        net = models.make_student(cfg, stage=checkpoint_stage(ckpt_dir))
+        load_trainable(net, load_file(str(weights_file(ckpt_dir, weights)), device=str(models.device)))
         net.eval()
     apply_rewrites([models.unet] + ([net] if net is not None else []))
     return LoadedRun(cfg, models, method, net, method.default_sample_steps(cfg))
@@ -161,10 +190,11 @@ def generate_video(ckpt: Path, image: Path, out: Path, steps: int | None = None,
     otherwise)."""
     from prodistill.data.video import write_mp4
 
-    run = load_run(ckpt, device, weights, student=teacher_steps is None)
-    cfg, models = run.cfg, run.models
+    cfg, _ = run_config(ckpt, device, weights, student=teacher_steps is None)
     width, height = cfg.size()
-    cond_image = load_image(image, width, height)
+    cond_image = load_image(image, width, height)  # a bad image is refused before the models are built
+    run = load_run(ckpt, device, weights, student=teacher_steps is None)
+    models = run.models
     generator = torch.Generator(models.device).manual_seed(seed)
     cond = models.condition(cond_image, cfg.frames, cfg.fps, generator)
     shape = models.latent_shape(1, cfg.frames, width, height)

@@ -27,3 +27,20 @@ def test_bench_sample_tiny_cpu(tmp_path):
     assert data["config"] == {"preset": "tiny", "resolution": "32x32", "frames": 4, "dtype": "fp32", "device": "cpu",
                               "teacher_steps": 2, "teacher": None, "gpu": None}
     assert "onnxruntime    student 1 step" in result.output
+
+
+def test_bad_json_or_tiny_decoder_is_refused_before_any_model(tmp_path, monkeypatch):
+    """A --json that cannot be written and a --tiny-decoder folder without a decoder were found after the timings."""
+    import pytest
+
+    import prodistill.training.run
+
+    monkeypatch.setattr(prodistill.training.run, "build_models", lambda *a, **k: pytest.fail("models were built"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    args = ["bench", "sample", "--preset", "tiny", "--resolution", "32x32", "--frames", "4", "--device", "cpu"]
+    for extra, message in ((["--json", str(tmp_path / "file" / "b.json")], "is a file, not a folder"),
+                           (["--tiny-decoder", str(tmp_path / "empty")], "holds no tiny decoder")):
+        result = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "b.json"), *extra])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "b.json").exists()

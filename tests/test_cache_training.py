@@ -35,3 +35,50 @@ def test_cache_with_other_settings_is_refused_before_training(tmp_path):
     result = CliRunner().invoke(main, [*TRAIN, "--frames", "6", "--out", str(tmp_path / "r"), "--data", str(cache)])
     assert result.exit_code != 0 and "frames" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def _forbid_models(monkeypatch):
+    import prodistill.training.run
+
+    monkeypatch.setattr(prodistill.training.run, "build_models", lambda *a, **k: pytest.fail("models were built"))
+
+
+def test_cache_out_that_cannot_be_a_folder_is_refused_before_any_model(tmp_path, monkeypatch):
+    _forbid_models(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "cache"):
+        result = CliRunner().invoke(main, ["data", "cache", "--out", str(out), *COMMON])
+        assert result.exit_code != 0 and "is a file, not a folder; choose another --out" in result.output
+        assert "Traceback" not in result.output
+
+
+def test_undecodable_videos_are_counted_and_none_decoded_is_an_error(tmp_path):
+    """One corrupt file among good ones: counted as skipped, not as cached. Only corrupt files: one sentence and no
+    cache left for `train --data` to take (it used to say "cached 1 videos" and leave an empty, complete cache)."""
+    import json
+    import shutil
+
+    from prodistill.data.builtin import ensure_builtin_clips
+
+    bad, mixed = tmp_path / "bad", tmp_path / "mixed"
+    bad.mkdir()
+    (bad / "a.mp4").write_bytes(b"not a video" * 100)
+    shutil.copytree(bad, mixed)
+    shutil.copy(sorted(ensure_builtin_clips().glob("*.mp4"))[0], mixed / "b.mp4")
+    result = CliRunner().invoke(main, ["data", "cache", "--data", str(bad), "--out", str(tmp_path / "c1"), *COMMON])
+    assert result.exit_code != 0 and "none of its 1 video(s) could be decoded" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "c1").exists()
+    result = CliRunner().invoke(main, ["data", "cache", "--data", str(mixed), "--out", str(tmp_path / "c2"), *COMMON])
+    assert result.exit_code == 0, result.output
+    assert f"cached 1 of 2 videos in {tmp_path / 'c2'}; 1 could not be decoded" in result.output
+    meta = json.loads((tmp_path / "c2" / "cache.json").read_text())
+    assert (meta["cached"], meta["skipped"]) == (1, [str(mixed / "a.mp4")])
+
+
+def test_a_cache_without_clips_is_refused(tmp_path):
+    from prodistill.data.cache import LatentCacheDataset
+    from prodistill.data.dataset import DataError
+
+    (tmp_path / "cache.json").write_text('{"complete": true, "shards": [], "skipped": ["a.mp4"]}')
+    with pytest.raises(DataError, match="without a single clip"):
+        LatentCacheDataset(tmp_path)

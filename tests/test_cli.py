@@ -144,3 +144,56 @@ def test_train_help_names_the_defaults_a_preset_or_method_puts_in_place():
     tiny preset, the CLI's default, trains 60 + 120 steps at lr 1e-4, not the paper's 2K + 20K at 5e-6)."""
     text = " ".join(CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output.split())
     assert "[default: 2000; with --preset tiny: 60]" in text and "with --method avdm2: 4e-06; with --preset tiny: 0.0001]" in text
+
+
+def _forbid_models(monkeypatch):
+    """From here on, building a model fails the test: bad input must be refused before."""
+    import prodistill.training.run
+
+    monkeypatch.setattr(prodistill.training.run, "build_models", lambda *a, **k: pytest.fail("models were built"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "FILE/x.mp4"], "is a file, not a folder; choose another --out"),
+    (["--out", "DIR"], "give a file path ending in .mp4"),
+    (["--out", "x.txt"], "--out x.txt: give a file path ending in .mp4"),
+    (["--cfg", "nan"], "Invalid value for '--cfg': nan is not a finite number"),
+    (["--teacher-steps", "2", "--cfg", "inf"], "Invalid value for '--cfg': inf is not a finite number"),
+    (["--weights", "ema"], "has no ema weights (EMA exists in stage 2 only): use --weights student"),
+    (["--image", "BOMB"], "is too large (over 200 pixels): resize it"),
+    (["--image", "NOTIMAGE"], "could not read image"),
+])
+def test_bad_sample_input_is_one_sentence_before_any_model(tmp_path, args, message, monkeypatch):
+    """Output paths, guidance, weights and the image are checked before the models are built (they were found
+    wrong only after sampling, or as tracebacks); PIL's decompression-bomb guard is a sentence too."""
+    from conftest import make_lora_run
+
+    _, run = make_lora_run(tmp_path)  # a stage-1 checkpoint: no EMA
+    _forbid_models(monkeypatch)
+    image = tmp_path / "c.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "notimage.png").write_text("not a PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 is over twice that: refused as a bomb
+    names = {"FILE/x.mp4": str(tmp_path / "file" / "x.mp4"), "DIR": str(tmp_path / "dir"), "BOMB": str(image),
+             "NOTIMAGE": str(tmp_path / "notimage.png")}
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(run), "--image", str(image), "--device", "cpu",
+                                       "--out", str(tmp_path / "o.mp4"), *[names.get(a, a) for a in args]])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o.mp4").exists()
+
+
+def test_a_truncated_checkpoint_file_is_one_sentence_naming_it(tmp_path, monkeypatch):
+    from conftest import make_lora_run
+
+    _, run = make_lora_run(tmp_path)
+    _forbid_models(monkeypatch)
+    weights = next((run / "stage1").glob("ckpt-*")) / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    image = tmp_path / "c.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    result = CliRunner().invoke(main, ["sample", "--ckpt", str(run), "--image", str(image), "--device", "cpu",
+                                       "--out", str(tmp_path / "o.mp4")])
+    assert result.exit_code != 0 and f"the checkpoint file {weights} is damaged" in result.output, result.output
+    assert "Traceback" not in result.output and "SafetensorError" not in result.output

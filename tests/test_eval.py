@@ -106,14 +106,52 @@ def test_eval_end_to_end_is_seeded_and_caches_the_real_statistics(tmp_path, one_
     (["--i3d", "/nonexistent/i3d.pt"], "--i3d /nonexistent/i3d.pt: no such file"),
     (["--clip", "/nonexistent/clip"], "--clip /nonexistent/clip: not a transformers model folder"),
     (["--num-videos", "1"], "--num-videos"),
+    (["--out", "FILE"], "is a file, not a folder; choose another --out"),
+    (["--out", "FILE/eval"], "is a file, not a folder; choose another --out"),
+    (["--real-stats", "DIR"], "is a folder, not a file; choose a file path for --real-stats"),
+    (["--real-stats", "FILE/s.npz"], "is a file, not a folder; choose another --real-stats"),
+    (["--cfg", "nan"], "Invalid value for '--cfg': nan is not a finite number"),
 ])
 def test_bad_eval_input_is_one_sentence_before_any_model(tmp_path, extra, message, monkeypatch):
     import prodistill.sampling
 
     monkeypatch.setattr(prodistill.sampling, "load_run", lambda *a, **k: pytest.fail("models were built"))
     _, run = make_lora_run(tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    extra = [a.replace("FILE", str(tmp_path / "file")).replace("DIR", str(tmp_path / "dir")) for a in extra]
     result = _eval(run, tmp_path / "o", *extra)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("damage, message", [("ema", "has no ema weights (EMA exists in stage 2 only)"),
+                                             ("truncate", "student.safetensors is damaged")])
+def test_a_checkpoint_without_the_weights_is_refused_before_any_model(tmp_path, damage, message, monkeypatch):
+    import prodistill.training.run
+
+    _, run = make_lora_run(tmp_path)  # stage 1: no EMA
+    if damage == "truncate":
+        weights = next((run / "stage1").glob("ckpt-*")) / "student.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setattr(prodistill.training.run, "build_models", lambda *a, **k: pytest.fail("models were built"))
+    result = _eval(run, tmp_path / "o", *(["--weights", "ema"] if damage == "ema" else []))
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_failed_statistics_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """The statistics are written beside the file and renamed: a save that fails half-way leaves the old file whole
+    and no temporary file behind."""
+    old = GaussianStats.of(np.random.default_rng(6).standard_normal((4, 3)), {"seed": 0})
+    path = old.save(tmp_path / "real.npz")
+
+    def fail(f, **arrays):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", fail)
+    with pytest.raises(OSError, match="disk full"):
+        GaussianStats.of(np.zeros((4, 3)) + 1, {"seed": 1}).save(path)
+    assert GaussianStats.load(path).meta == {"seed": 0} and [p.name for p in tmp_path.iterdir()] == ["real.npz"]
 
 
 def test_real_i3d_file_is_called_the_standard_way(tmp_path):

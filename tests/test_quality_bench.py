@@ -154,3 +154,72 @@ def test_set_overrides_reach_every_students_config(tmp_path):
                          ("cm_scale=4", "use --cm-scale")):
         with pytest.raises(ValueError, match=message):
             parse_overrides((bad,))
+
+
+def test_set_values_of_the_wrong_type_or_range_are_one_sentence_before_the_benchmark(tmp_path, monkeypatch):
+    """A bad --set value is refused when the students' configs are built, before the teacher rows (it was a
+    traceback); a value the benchmark itself sets otherwise (lr) is replaced, guidance is not open to --set."""
+    from dataclasses import replace
+
+    from prodistill.bench.quality import QUICK, _config, parse_overrides
+
+    monkeypatch.setattr(quality_mod, "_run", lambda *a, **k: pytest.fail("the benchmark started"))
+    for bad, message in (("ema_decay=5", "--ema-decay must be in [0, 1)"),
+                         ("huber_c=abc", "huber_c (--huber-c) must be a number or null, got 'abc'"),
+                         ("lora_rank=x", "lora_rank (--lora-rank) must be a whole number"),
+                         ("guidance_max=3", "the benchmark sets guidance_max itself")):
+        result = CliRunner().invoke(bench, ["quality", "--quick", "--json", str(tmp_path / "q.json"), "--set", bad])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "q.json").exists()
+    cfg = _config(replace(QUICK, overrides=parse_overrides(("lr=1e-3",))), MixtureSpec(), 0, tmp_path, "lcm", 1, 10)
+    assert cfg.lr == 0.001
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "FILE/q.json"], "is a file, not a folder; choose another --json"),
+    (["--plot", "p.txt"], "--plot p.txt: give a file path ending in .png"),
+    (["--json", "q", "--plot", "FILE/p.png"], "is a file, not a folder; choose another --plot"),
+])
+def test_bad_output_paths_are_refused_before_the_benchmark(tmp_path, args, message, monkeypatch):
+    monkeypatch.setattr(quality_mod, "_run", lambda *a, **k: pytest.fail("the benchmark started"))
+    (tmp_path / "file").write_text("x")
+    args = [a.replace("FILE", str(tmp_path / "file")) for a in args]
+    result = CliRunner().invoke(bench, ["quality", "--quick", *args])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_signal_stops_the_benchmark_with_the_rows_so_far_and_no_resume_advice(tmp_path, monkeypatch):
+    """SIGINT while a student trains: the Trainer finishes its step, the rows measured before are written with the
+    reason, exit status 130, one line that says so and nothing about --resume (the checkpoints were temporary)."""
+    import os
+    import signal
+
+    from prodistill.training.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def interrupted_step(self, micro):
+        os.kill(os.getpid(), signal.SIGINT)  # the Trainer's handler only flags it: this step finishes
+        return step(self, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    monkeypatch.setattr(quality_mod, "settings_for", lambda quick: TINY_RUN)
+    out = tmp_path / "q.json"
+    result = CliRunner().invoke(bench, ["quality", "--quick", "--json", str(out), "--students", "lcm"])
+    assert result.exit_code == 130, result.output
+    assert f"bench quality stopped by a signal while training LCM; the rows measured before it are in {out}" \
+        in result.output
+    assert "--resume" not in result.output and "Traceback" not in result.output
+    data = json.loads(out.read_text())
+    assert data["interrupted"] == "stopped by a signal while training LCM"
+    assert [r["id"] for r in data["rows"]] == ["exact"] + [f"teacher/{s}" for s in TEACHER_STEPS]
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality_mod, "_run", interrupt)
+    result = CliRunner().invoke(bench, ["quality", "--quick", "--json", str(tmp_path / "q.json")])
+    assert result.exit_code == 130 and "bench quality stopped by Ctrl-C; nothing was written" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "q.json").exists()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from prodistill.atomic import file_problem
+
 
 @click.group()
 def bench() -> None:
@@ -45,26 +47,34 @@ def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: in
                     students: str | None, cm_scale: float, cm_sigma_data: float, overrides: tuple[str, ...]) -> None:
     """Distil LCM, OSV and MCM students on a Gaussian-mixture video distribution with an exact teacher and
     report each sampler's distance to the true distribution (table, JSON, PNG)."""
-    from prodistill.bench.quality import (format_table, parse_overrides, run_quality_bench, save_plot,
-                                          select_students, settings_for, write_json)
-
-    keys = tuple(k.strip() for k in students.split(",") if k.strip()) if students else None
-    try:
-        select_students(keys)
-        pairs = parse_overrides(overrides)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
     from dataclasses import replace
 
-    settings = replace(settings_for(quick), cm_scale=cm_scale, cm_sigma_data=cm_sigma_data, overrides=pairs)
-    result = run_quality_bench(settings, seed=seed, threads=threads, echo=click.echo, students=keys)
+    from prodistill.bench.quality import (format_table, parse_overrides, run_quality_bench, save_plot, settings_for,
+                                          write_json)
+
+    keys = tuple(k.strip() for k in students.split(",") if k.strip()) if students else None
+    png = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")
+    problem = file_problem(json_path, "--json") or file_problem(png, "--plot", ".png")
+    if problem is not None:
+        raise click.ClickException(problem)
+    try:
+        settings = replace(settings_for(quick), cm_scale=cm_scale, cm_sigma_data=cm_sigma_data,
+                           overrides=parse_overrides(overrides))
+        result = run_quality_bench(settings, seed=seed, threads=threads, echo=click.echo, students=keys)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: no result was assembled
+        click.echo("bench quality stopped by Ctrl-C; nothing was written", err=True)
+        raise SystemExit(130) from None
     click.echo(format_table(result))
     click.echo(f"results: {write_json(result, Path(json_path))}")
-    png = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")
     if save_plot(result, png) is None:
         click.echo("plot skipped: matplotlib is not installed (pip install 'prodistill[bench]')")
     else:
         click.echo(f"plot: {png}")
+    if "interrupted" in result:  # its checkpoints were temporary: nothing to resume, the rows so far are kept
+        click.echo(f"bench quality {result['interrupted']}; the rows measured before it are in {json_path}", err=True)
+        raise SystemExit(130)
 
 
 @bench.command("data")
@@ -82,6 +92,8 @@ def quality_command(quick: bool, json_path: str, plot_path: str | None, seed: in
 def data_command(data_arg, preset, resolution, frames, batch_size, batches, train_steps, workers, device,
                  json_path) -> None:
     """Clips/s of DALI (GPU) and PyAV (CPU) on the same files, next to what the training step consumes."""
+    if (problem := file_problem(json_path, "--json")) is not None:
+        raise click.ClickException(problem)
     import tempfile
 
     from prodistill.bench.data import format_data_table, run_data_bench, write_data_json
@@ -148,9 +160,7 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
     from prodistill.training.distributed import launched_by_torchrun
     from prodistill.training.run import resolve_device
 
-    from prodistill.atomic import folder_problem
-
-    if (problem := folder_problem(Path(json_path).parent, "--json", json_path)) is not None:
+    if (problem := file_problem(json_path, "--json")) is not None:
         raise click.ClickException(problem)
     options = dict(preset=preset, resolution=resolution, frames=frames, batch_size=batch_size, method=method,
                    stage=stage, configs=configs, iters=iters, warmup=warmup, grad_checkpointing=grad_checkpointing,
@@ -201,6 +211,8 @@ def train_command(preset, resolution, frames, batch_size, method, stage, configs
 def fp8_command(json_path, backends, preset, resolution, frames, batch_size, reps, max_seconds) -> None:
     """bf16 vs FP8 (TE, torchao) for every Linear shape of the training step, in both roles (frozen teacher
     forward; differentiated student/DINOv2): writes the per-shape table the --fp8 rule reads (GPU, sm_90+)."""
+    if (problem := file_problem(json_path, "--json")) is not None:
+        raise click.ClickException(problem)
     from prodistill.accel.fp8 import BACKENDS
     from prodistill.bench.fp8 import format_fp8_table, run_fp8_bench, write_fp8_json
     from prodistill.config import build_config
@@ -255,6 +267,8 @@ def sample_command(preset, teacher, resolution, frames, teacher_steps, device, p
     from prodistill.config import build_config
     from prodistill.training.run import resolve_device
 
+    if (problem := file_problem(json_path, "--json")) is not None:
+        raise click.ClickException(problem)
     try:
         dev = resolve_device(device)
         cfg = build_config({"preset": preset, "teacher": teacher, "resolution": resolution, "frames": frames,
@@ -279,6 +293,8 @@ def sample_command(preset, teacher, resolution, frames, teacher_steps, device, p
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench-serve.json", show_default=True)
 def serve_command(engines, backend, device, concurrency, requests, tts, json_path) -> None:
     """`prodistill serve` under load: requests/s and p50/p95/p99 latency per client concurrency, one local server."""
+    if (problem := file_problem(json_path, "--json")) is not None:
+        raise click.ClickException(problem)
     from prodistill.bench.serve import format_serve_table, run_serve_bench, write_serve_json
 
     try:

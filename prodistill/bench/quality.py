@@ -33,6 +33,7 @@ another training and another evaluation.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from prodistill.atomic import atomic_temp, atomic_write_text
 from prodistill.bench.analytic import AnalyticModels, ClassCondition, MixtureLoader, MixtureSpec, VideoGaussianMixture
 from prodistill.diffusion.consistency import ConsistencyParam
 from prodistill.diffusion.edm import karras_sigmas
@@ -197,8 +199,25 @@ def _config(settings: BenchSettings, spec: MixtureSpec, seed: int, out: Path, me
         solver_steps=solver_steps, lr=settings.lr, disc_lr=settings.lr, warmup_steps=0,
         guidance_min=1.0, guidance_max=1.0, disc_head_channels=settings.disc_head_channels,
         log_every=50, ckpt_every=10**9, keep_ckpts=1, sample_every=0, student_steps=student_steps,
-        cm_scale=settings.cm_scale, cm_sigma_data=settings.cm_sigma_data, **dict(settings.overrides),
-    ))
+        cm_scale=settings.cm_scale, cm_sigma_data=settings.cm_sigma_data,
+    ) | dict(settings.overrides))  # `--set lr=...` replaces the benchmark's value (FIXED keys are refused earlier)
+
+
+def check_settings(settings: BenchSettings, seed: int, spec: MixtureSpec, keys: tuple[str, ...] | None
+                   ) -> tuple[Student, ...]:
+    """The students to train, after building every training config the run will use: a bad `--set` value is one
+    sentence before the benchmark starts, not a traceback after its teacher rows."""
+    students = select_students(keys)
+    s1, s2 = settings.stage1_steps, settings.stage2_steps
+    configs = [("osv", 5, s2, 1)] if any(s.from_stage1 for s in students) else []
+    configs += [(s.method, s.solver_steps, s2 if s.from_stage1 else s1 + s2, s.student_steps) for s in students]
+    for method, solver_steps, stage2, student_steps in configs:
+        try:
+            _config(settings, spec, seed, Path("unused"), method, solver_steps, stage2, student_steps)
+        except ValueError as e:
+            raise ValueError(f"--set {' --set '.join(f'{k}={v}' for k, v in settings.overrides)}: {e}"
+                             if settings.overrides else str(e)) from e
+    return students
 
 
 def _train_stage(cfg, models: AnalyticModels, stage: int, run_dir: Path, init: Path | None = None):
@@ -239,10 +258,11 @@ def run_quality_bench(settings: BenchSettings, seed: int = 0, spec: MixtureSpec 
     depend on the machine's core count, and a 2-core machine shared with another job slows down about 2×
     instead of the 10-30× that oversubscribed OpenMP threads cost.
     """
+    chosen = check_settings(settings, seed, spec, students)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _run(settings, seed, spec, echo, select_students(students))
+        result = _run(settings, seed, spec, echo, chosen)
     finally:
         torch.set_num_threads(previous)
     return {**result, "threads": threads}
@@ -263,6 +283,7 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
     from prodistill.config import TrainConfig
     from prodistill.sampling import sample_student
     from prodistill.training.checkpoint import latest_checkpoint
+    from prodistill.training.trainer import TrainingInterrupted
 
     started = time.perf_counter()
     mixture = VideoGaussianMixture(spec, seed)
@@ -303,36 +324,43 @@ def _run(settings: BenchSettings, seed: int, spec: MixtureSpec, echo: Callable[[
             add(f"{student.key}-init/{k}", f"{student.label} at 0 iterations", "teacher", k, k, samples)
 
     timings: dict[str, float] = {}
+    training, stopped = "", None
     with tempfile.TemporaryDirectory(prefix="prodistill-quality-") as tmp:
         tmp = Path(tmp)
         s1, s2 = settings.stage1_steps, settings.stage2_steps
         stage1_ckpt = None
-        if any(s.from_stage1 for s in students):
-            echo(f"training the shared OSV stage 1 ({s1} iterations)")
-            t0 = time.perf_counter()
-            cfg = _config(settings, spec, seed, tmp / "osv-stage1", "osv", 5, s2)
-            _train_stage(cfg, models, 1, tmp / "osv-stage1")
-            stage1_ckpt = latest_checkpoint(tmp / "osv-stage1" / "stage1")
-            timings["osv-stage1"] = time.perf_counter() - t0
-        for student in students:
-            stage2 = s2 if student.from_stage1 else s1 + s2
-            echo(f"training {student.label} ({stage2} iterations{' after stage 1' if student.from_stage1 else ''})")
-            t0 = time.perf_counter()
-            cfg = _config(settings, spec, seed, tmp / student.key, student.method, student.solver_steps, stage2,
-                          student.student_steps)
-            method = _train_stage(cfg, models, 2, tmp / student.key, stage1_ckpt if student.from_stage1 else None)
-            timings[student.key] = time.perf_counter() - t0
-            denoise = bind(method.student_d, cond)
-            for steps, tts in student.samplers:
-                samples = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, noise_seed(),
-                                         models.device, consistency=method.consistency,
-                                         param=ConsistencyParam.from_config(cfg))
-                suffix = "+tts" if tts else ""
-                add(f"{student.key}/{steps}{suffix}", f"{student.label}, {steps} step{'s' * (steps > 1)}"
-                    f"{' + TTS' if tts else ''}", student.key, steps, steps * (2 if tts else 1), samples,
-                    iterations=(s1 if student.from_stage1 else 0) + stage2)
+        try:
+            if any(s.from_stage1 for s in students):
+                echo(f"training the shared OSV stage 1 ({s1} iterations)")
+                training = "the shared OSV stage 1"
+                t0 = time.perf_counter()
+                cfg = _config(settings, spec, seed, tmp / "osv-stage1", "osv", 5, s2)
+                _train_stage(cfg, models, 1, tmp / "osv-stage1")
+                stage1_ckpt = latest_checkpoint(tmp / "osv-stage1" / "stage1")
+                timings["osv-stage1"] = time.perf_counter() - t0
+            for student in students:
+                training = student.label
+                stage2 = s2 if student.from_stage1 else s1 + s2
+                echo(f"training {student.label} ({stage2} iterations{' after stage 1' if student.from_stage1 else ''})")
+                t0 = time.perf_counter()
+                cfg = _config(settings, spec, seed, tmp / student.key, student.method, student.solver_steps, stage2,
+                              student.student_steps)
+                method = _train_stage(cfg, models, 2, tmp / student.key, stage1_ckpt if student.from_stage1 else None)
+                timings[student.key] = time.perf_counter() - t0
+                denoise = bind(method.student_d, cond)
+                for steps, tts in student.samplers:
+                    samples = sample_student(denoise, shape, steps, tts, cfg.num_timesteps, noise_seed(),
+                                             models.device, consistency=method.consistency,
+                                             param=ConsistencyParam.from_config(cfg))
+                    suffix = "+tts" if tts else ""
+                    add(f"{student.key}/{steps}{suffix}", f"{student.label}, {steps} step{'s' * (steps > 1)}"
+                        f"{' + TTS' if tts else ''}", student.key, steps, steps * (2 if tts else 1), samples,
+                        iterations=(s1 if student.from_stage1 else 0) + stage2)
+        except TrainingInterrupted:  # its checkpoints are about to go with `tmp`: no --resume; the rows so far stay
+            stopped = f"stopped by a signal while training {training}"
     timings["total"] = time.perf_counter() - started
     return {
+        **({"interrupted": stopped} if stopped else {}),
         "settings": asdict(settings),
         "seed": seed,
         "students": [s.key for s in students],
@@ -408,28 +436,34 @@ def save_plot(result: dict, path: Path) -> Path | None:
     fig.suptitle(f"prodistill quality bench ({result['settings']['name']}, seed {result['seed']})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = atomic_temp(path)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
 def write_json(result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return path
 
 
 FIXED = ("method", "preset", "device", "dtype", "seed", "out", "frames", "batch_size", "stage1_steps", "stage2_steps",
-         "solver_steps", "student_steps", "cm_scale", "cm_sigma_data")
-"""Options the benchmark sets itself (or has its own flag for): not open to `--set`."""
+         "solver_steps", "student_steps", "cm_scale", "cm_sigma_data", "guidance_min", "guidance_max")
+"""Options the benchmark sets itself (or has its own flag for): not open to `--set` (w = 1 keeps the teacher exact:
+the module's docstring)."""
 
 
 def parse_overrides(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    """`("huber_c=0.01", "ema_decay=0.99")` → ((key, typed value), ...), values read as YAML; unknown or fixed keys
-    are one sentence."""
+    """`("huber_c=0.01", "ema_decay=0.99")` → ((key, typed value), ...), values read as YAML and given their option's
+    type as a config file's are; unknown or fixed keys and values of the wrong type are one sentence."""
     import yaml
 
-    from prodistill.config import TrainConfig
+    from prodistill.config import TrainConfig, _yaml_value
 
     known = set(TrainConfig.__dataclass_fields__)
     pairs = []
@@ -442,7 +476,11 @@ def parse_overrides(items: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
         if key in FIXED:
             raise ValueError(f"--set {item}: the benchmark sets {key} itself" +
                              (f"; use --{key.replace('_', '-')}" if key.startswith("cm_") else ""))
-        pairs.append((key, yaml.safe_load(value)))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value  # `a: b`, `[1`: not YAML; the type check below names the option
+        pairs.append((key, _yaml_value(f"--set {item}", key, parsed)))
     return tuple(pairs)
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from prodistill.atomic import atomic_write_text
 
 
 def _sync(device: torch.device) -> None:
@@ -130,17 +131,24 @@ def _release_gpu_memory(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
-def tiny_decode(cfg, models, device: torch.device, folder: Path | None = None) -> Callable:
-    """The tiny temporal decoder as a `decode(latents)`: `prodistill train-decoder`'s from `folder`, or (timing
-    only) a random-init one of the default widths for the config's frames."""
+def load_tiny_decoder(cfg, folder: Path, device: torch.device):
+    """`prodistill train-decoder`'s decoder from `folder`, checked against the config's frames: small, so it is
+    loaded before the models are built and a wrong folder is refused before any timing."""
     from prodistill.models.tiny_decoder import TinyTemporalDecoder
 
-    if folder is not None:
-        net = TinyTemporalDecoder.load(folder, device)
-        if net.frames != cfg.frames:
-            raise ValueError(f"--tiny-decoder {folder} was trained for {net.frames} frames; run the bench with "
-                             f"--frames {net.frames}")
-    else:
+    net = TinyTemporalDecoder.load(folder, device)
+    if net.frames != cfg.frames:
+        raise ValueError(f"--tiny-decoder {folder} was trained for {net.frames} frames; run the bench with "
+                         f"--frames {net.frames}")
+    return net
+
+
+def tiny_decode(cfg, models, device: torch.device, net=None) -> Callable:
+    """The tiny temporal decoder as a `decode(latents)`: `net` (`load_tiny_decoder`), or (timing only) a random-init
+    one of the default widths for the config's frames."""
+    from prodistill.models.tiny_decoder import TinyTemporalDecoder
+
+    if net is None:
         net = TinyTemporalDecoder(frames=cfg.frames, latent_channels=models.latent_channels).to(device).eval()
     net = net.to(models.dtype)
     return lambda latents: net(latents.to(models.dtype)).float().clamp(-1, 1)
@@ -156,6 +164,7 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: 
     from prodistill.training.run import build_models
 
     width, height = cfg.size()
+    trained_decoder = load_tiny_decoder(cfg, tiny_decoder, device) if tiny_decoder is not None else None
     echo(f"building {cfg.preset} models ({width}x{height}, {cfg.frames} frames, {cfg.dtype}) on {device}...")
     models = build_models(cfg, device)
     apply_rewrites([models.unet])  # as `prodistill sample` runs it (and `export` traces it)
@@ -165,7 +174,7 @@ def run_sample_bench(cfg, device: torch.device, teacher_steps: int = 25, paths: 
     rows, skipped = [], {}
     echo("torch eager...")
     rows += _torch_rows("torch eager", models, models.unet, models.decode, image, cfg, device, generations, teacher_steps)
-    decode_tiny = tiny_decode(cfg, models, device, tiny_decoder)
+    decode_tiny = tiny_decode(cfg, models, device, trained_decoder)
     tiny_rows = [("student 1 step, tiny decoder", 1, "one")]
     rows += _torch_rows("torch eager", models, models.unet, decode_tiny, image, cfg, device, tiny_rows, teacher_steps)
 
@@ -239,5 +248,6 @@ def format_sample_table(result: dict) -> str:
 
 
 def write_sample_json(result: dict, path: Path) -> Path:
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return path

@@ -37,8 +37,10 @@ def is_cache(data: str | Path | None) -> bool:
     return data is not None and (Path(data).expanduser() / META).is_file()
 
 
-def build_cache(cfg, models, videos, out: Path, shard_size: int = 64, batch_size: int = 4) -> Path:
-    """Encode `videos` (entries from `list_videos`) with `models` into `out`, resuming an earlier build."""
+def build_cache(cfg, models, videos, out: Path, shard_size: int = 64, batch_size: int = 4) -> tuple[Path, list[str]]:
+    """Encode `videos` (entries from `list_videos`) with `models` into `out`, resuming an earlier build; returns `out`
+    and the videos that could not be decoded. None decoded: a DataError, and no cache is left for training to take."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: getattr(cfg, k) for k in MATCH} | {"seed": cfg.seed, "videos": len(videos), "shard_size": shard_size}
     meta_path = out / META
@@ -50,7 +52,6 @@ def build_cache(cfg, models, videos, out: Path, shard_size: int = 64, batch_size
     _write_json(meta_path, meta | {"complete": False})
     dataset = VideoClipDataset(videos, cfg.frames, cfg.fps, cfg.size(), cfg.seed)
     shards = range(0, len(videos), shard_size)
-    skipped = []
     for start in tqdm(shards, desc="caching", unit="shard"):
         path = out / f"shard-{start // shard_size:05d}.safetensors"
         if path.is_file():
@@ -62,7 +63,6 @@ def build_cache(cfg, models, videos, out: Path, shard_size: int = 64, batch_size
                 try:
                     clips.append(dataset.load(i))
                 except VideoDecodeError as e:
-                    skipped.append(str(dataset.files[i]))
                     warnings.warn(f"skipping {e}", stacklevel=2)
                     continue
                 idx.append(i)
@@ -79,8 +79,19 @@ def build_cache(cfg, models, videos, out: Path, shard_size: int = 64, batch_size
         if tensors["index"]:
             _atomic_save({k: torch.cat(v).contiguous() for k, v in tensors.items()}, path)
     names = sorted(p.name for p in out.glob("shard-*.safetensors"))
-    _write_json(meta_path, meta | {"complete": True, "shards": names, "skipped": skipped})
-    return out
+    cached = set()
+    for name in names:  # this build's shards and those of the build it resumes
+        with safe_open(str(out / name), framework="pt") as f:
+            cached.update(f.get_tensor("index").tolist())
+    skipped = [str(dataset.files[i]) for i in range(len(videos)) if i not in cached]
+    if not cached:
+        meta_path.unlink()
+        if created:
+            out.rmdir()
+        raise DataError(f"--data: none of its {len(videos)} video(s) could be decoded (e.g. {skipped[0]}), so nothing "
+                        "was cached; check those files or pass other videos")
+    _write_json(meta_path, meta | {"complete": True, "shards": names, "cached": len(cached), "skipped": skipped})
+    return out, skipped
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
@@ -102,6 +113,9 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             with safe_open(str(self.root / name), framework="pt") as f:
                 n = f.get_slice("index").get_shape()[0]
             self.locations += [(name, i) for i in range(n)]
+        if not self.locations:  # written by an older `data cache` when no video could be decoded
+            raise DataError(f"--data {self.root} is a latent cache without a single clip: rebuild it from videos that "
+                            "can be decoded")
         self.skipped, self.bad = 0, set()
         self.epoch = 0
 

@@ -13,10 +13,13 @@ torchvision, and this is ten lines of linear algebra with a closed-form test.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from prodistill.atomic import atomic_temp
 
 
 def sqrtm_psd(a: np.ndarray) -> np.ndarray:
@@ -44,10 +47,16 @@ class GaussianStats:
         return cls(x.mean(0), np.cov(x, rowvar=False), len(x), dict(meta or {}))
 
     def save(self, path: str | Path) -> Path:
+        """Written beside `path`, then renamed: an interrupted save leaves no truncated file to be read next time."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, meta=json.dumps(self.meta))
+        tmp = atomic_temp(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, meta=json.dumps(self.meta))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return path
 
     @classmethod

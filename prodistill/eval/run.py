@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prodistill.atomic import atomic_write_text, folder_problem
 from prodistill.eval.features import check_clip_folder, check_i3d, clip_scores, load_clip, load_video_features
 from prodistill.eval.frechet import GaussianStats, frechet_distance
 
@@ -44,8 +45,14 @@ class EvalOptions:
 
 def check_inputs(opts: EvalOptions) -> list:
     """Everything that can be checked before a model is built; returns the data's videos."""
+    from prodistill.atomic import file_problem
     from prodistill.data.dataset import list_videos
 
+    problem = folder_problem(opts.out, "--out", opts.out)
+    if problem is None and opts.real_stats is not None and not Path(opts.real_stats).is_file():
+        problem = file_problem(opts.real_stats, "--real-stats")  # not there yet: written after the real clips
+    if problem is not None:
+        raise ValueError(problem)
     if opts.num_videos < 2:
         raise ValueError(f"--num-videos {opts.num_videos}: FVD compares feature distributions, it needs at least 2 "
                          "videos (published figures use hundreds or more)")
@@ -142,7 +149,7 @@ def evaluate(opts: EvalOptions, echo=print) -> dict:
         result["rows"][name] = row
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
     if grid:
         frames = to_uint8_frames(torch.cat(grid, dim=-2))  # clips stacked along the height
         result["grid"] = str(write_mp4(out / "grid.mp4", frames, cfg.fps))
