@@ -392,6 +392,11 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def csv_items(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated option (`--lora-targets`, `--train-modules`), blanks dropped."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def _check_weights_arg(name: str, value: str | None) -> None:
     """A weights argument is a folder with the expected config files or a hub id (org/name); anything else
     is a typo, reported before any model is built."""

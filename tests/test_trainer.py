@@ -248,7 +248,7 @@ def test_mistyped_student_targets_are_refused_before_stage_1_trains(tmp_path, mo
              "parameter of the UNet", False),
             (dict(lora_targets="to_q,to_kk"), "--lora-targets to_kk: no module of the UNet is named so", False)):
         built.clear()
-        with pytest.raises(run.RunError, match=message):
+        with pytest.raises(ValueError, match=message):
             run.run_training(replace(cfg, **changes))
         assert built == ([] if before_models else [1])
 
@@ -258,13 +258,19 @@ def test_a_damaged_checkpoint_is_one_sentence_on_resume(tmp_path):
     do, instead of a traceback from deep inside torch.load."""
     from dataclasses import replace
 
-    from prodistill.training.checkpoint import latest_checkpoint
-    from prodistill.training.run import RunError, run_training
+    from prodistill.training.checkpoint import CheckpointError, latest_checkpoint
+    from prodistill.training.run import run_training
 
     cfg = tiny_config(tmp_path, stage="2", max_steps=1)
     run = run_training(cfg)
     ckpt = latest_checkpoint(run / "stage2")
     state = ckpt / "state.pt"
     state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(RunError, match=f"the checkpoint {ckpt} cannot be read .*delete that folder to resume from"):
+    with pytest.raises(CheckpointError, match=f"the checkpoint file {state} cannot be read .*damaged; remove {ckpt} "):
         run_training(replace(cfg, resume=True, stage2_steps=2))
+    stage1 = tmp_path / "two"  # and where stage 2 starts from stage 1's weights
+    run_training(replace(cfg, out=str(stage1), stage="1"))
+    weights = latest_checkpoint(stage1 / "stage1") / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match=f"the checkpoint file {weights} cannot be read"):
+        run_training(replace(cfg, out=str(stage1), stage="both", resume=True))

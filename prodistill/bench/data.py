@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from prodistill.atomic import atomic_write_text
+
 
 def _clips_per_second(loader, batches: int, device: torch.device) -> float:
     next(loader)  # warm-up: pipeline build, first decode, file cache
@@ -112,5 +114,5 @@ def format_data_table(r: dict) -> str:
 
 def write_data_json(result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     return path

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prodistill.atomic import atomic_write_text
+
 
 def run_serve_bench(engines: str | Path, backend: str = "ort", device: str = "auto",
                     concurrency: tuple[int, ...] = (1, 4, 16), requests: int = 32, tts: bool = False,
@@ -134,5 +136,5 @@ def format_serve_table(result: dict) -> str:
 
 
 def write_serve_json(result: dict, path: Path) -> Path:
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return path

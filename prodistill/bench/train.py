@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from prodistill.atomic import atomic_write_text
 from prodistill.bench.profile import (add_phase_rates, breakdown, flop_counter, format_breakdown, format_idle,
                                       idle_gaps, phase_cpu_ms, phase_ranges, time_ms)
 
@@ -515,7 +516,7 @@ def format_train_table(r: dict) -> str:
 
 def write_train_json(result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     return path
 
 

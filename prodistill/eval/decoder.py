@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prodistill.atomic import atomic_write_text
+
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> float:
     mse = (x.float() - y.float()).pow(2).mean().item()
@@ -144,7 +146,7 @@ def evaluate_decoder(opts: DecoderEvalOptions, echo=print) -> dict:
                              "full": sum(p.numel() for p in models.vae.decoder.parameters())}}
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval-decoder.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "eval-decoder.json", json.dumps(result, indent=2))
     return result
 
 

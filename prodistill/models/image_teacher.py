@@ -122,10 +122,10 @@ class DiffusersImageTeacher:
 
     def make_fake(self, cfg) -> nn.Module:
         """Image UNet + LoRA (`--lora-rank`, `--lora-alpha`, `--lora-targets`)."""
+        from prodistill.config import csv_items
         from prodistill.models.student import build_student
 
-        targets = tuple(s.strip() for s in cfg.lora_targets.split(",") if s.strip())
-        return build_student(self.net, cfg.lora_rank, cfg.lora_alpha, targets)
+        return build_student(self.net, cfg.lora_rank, cfg.lora_alpha, csv_items(cfg.lora_targets))
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The fractional DDPM timestep whose σ_EDM is `sigma`, by linear interpolation in log σ, clamped to

@@ -51,6 +51,30 @@ def build_student(teacher: nn.Module, lora_rank: int, lora_alpha: float | None =
     return student
 
 
+def check_targets(cfg, teacher: nn.Module | None = None) -> None:
+    """`--train-modules` (regexes of parameter names) and `--lora-targets` (module names, matched as peft does: the
+    name or its last parts) as one sentence each: their syntax before any model is built, then, given the built
+    `teacher`, that each names something in it — before stage 1 trains rather than when stage 2 builds its
+    student (after stage 1 had trained, in a folder that could then not be resumed with the corrected value)."""
+    from prodistill.config import csv_items
+
+    for pattern in csv_items(cfg.train_modules):
+        try:
+            found = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"--train-modules {pattern!r} is not a regular expression ({e})") from None
+        if teacher is not None and not any(found.search(n) for n, _ in teacher.named_parameters()):
+            raise ValueError(f"--train-modules {pattern} matches no parameter of the UNet; use a regex that appears "
+                             "in its parameter names, e.g. temporal_transformer_blocks")
+    if teacher is None or cfg.lora_rank == 0 or cfg.method == "decoder":
+        return
+    modules = [n for n, _ in teacher.named_modules()]
+    missing = [t for t in csv_items(cfg.lora_targets) if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        raise ValueError(f"--lora-targets {','.join(missing)}: no module of the UNet is named so; use the last parts "
+                         "of its module names, e.g. to_q,to_k,to_v,to_out.0")
+
+
 def _base_name(name: str) -> str:
     """Parameter name with peft's wrapper segment removed, to match the teacher's names."""
     return name.replace(".base_layer.", ".")

@@ -194,11 +194,11 @@ class SVDModels:
 
     def make_student(self, cfg, stage: int) -> nn.Module:
         """Teacher + LoRA (`cfg.lora_*`), plus `cfg.train_modules` trained in full in stage 2."""
+        from prodistill.config import csv_items
         from prodistill.models.student import build_student
 
-        split = lambda csv: tuple(s.strip() for s in csv.split(",") if s.strip())  # noqa: E731
-        return build_student(self.unet, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets),
-                             train_modules=split(cfg.train_modules) if stage == 2 else ())
+        return build_student(self.unet, cfg.lora_rank, cfg.lora_alpha, csv_items(cfg.lora_targets),
+                             train_modules=csv_items(cfg.train_modules) if stage == 2 else ())
 
     def denoiser(self, net: nn.Module) -> ConditionalDenoiser:
         """D(x, σ, cond) of `net` (teacher or student) in the models' precision."""

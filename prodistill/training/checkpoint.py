@@ -7,13 +7,16 @@ checkpoint: a reader only ever sees complete folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -67,9 +70,31 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / META_FILE).read_text())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (damaged on disk: prodistill writes them atomically)."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turns a failure to read `path` into one sentence naming it; errors of what is done with the content (a state
+    that does not fit the optimiser, running out of memory) pass as they are."""
+    try:
+        yield
+    except (OSError, EOFError, pickle.UnpicklingError, SafetensorError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):  # torch.load's words for a bad file
+            raise
+        raise CheckpointError(f"the checkpoint file {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is "
+                              f"damaged; remove {path.parent} to go back to an earlier checkpoint, or retrain") from e
+
+
 def load_weights(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, dict[str, Tensor]]:
-    return {p.stem: load_file(str(p), device=str(device)) for p in sorted(ckpt.glob("*.safetensors"))}
+    out = {}
+    for path in sorted(ckpt.glob("*.safetensors")):
+        with _reading(path):
+            out[path.stem] = load_file(str(path), device=str(device))
+    return out
 
 
 def load_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    with _reading(ckpt / STATE_FILE):
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)

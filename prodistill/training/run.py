@@ -16,16 +16,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import pickle
-import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from torch import nn
 
 from prodistill.config import TrainConfig, _flag
 from prodistill.methods import build_method, method_class
+from prodistill.models.student import check_targets
 from prodistill.training import distributed
 from prodistill.training.checkpoint import latest_checkpoint, load_weights, read_meta
 from prodistill.training.logger import MetricsLogger
@@ -205,14 +202,14 @@ def run_training(cfg: TrainConfig) -> Path:
     method_class(cfg.method).check(cfg)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install 'prodistill[tensorboard]'")
-    _check_student_targets(cfg)
+    check_targets(cfg)
     start_compile_workers(speedups, device)  # a first launch: they import while the models are built
     dist = distributed.setup(device, cfg.dist_timeout, cfg.parallel)
     try:
         with dist.local_main_first():  # the built-in clips are rendered once per host
             source = training_source(cfg, device)
         models = build_models(cfg, dist.device)
-        _check_student_targets(cfg, models.teacher)
+        check_targets(cfg, models.teacher)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "samples").mkdir(exist_ok=True)
@@ -224,35 +221,13 @@ def run_training(cfg: TrainConfig) -> Path:
                 _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_videos)
         finally:
             logger.close()
-        precompile.finish_background()
+        try:
+            precompile.finish_background()
+        except KeyboardInterrupt:  # the log line offers it: the next launch compiles what is missing
+            log.info("not waiting for the background compiles: the next launch compiles what they had left")
     finally:
         distributed.teardown(dist)
     return run_dir
-
-
-def _names(csv: str) -> list[str]:
-    return [s.strip() for s in csv.split(",") if s.strip()]
-
-
-def _check_student_targets(cfg: TrainConfig, teacher: nn.Module | None = None) -> None:
-    """--train-modules (regexes of parameter names) and --lora-targets (module names) refused as one sentence each:
-    their syntax before any model is built, then, given the built `teacher`, that each names something in it —
-    before stage 1 trains rather than when stage 2 builds its student."""
-    for pattern in _names(cfg.train_modules):
-        try:
-            found = re.compile(pattern)
-        except re.error as e:
-            raise RunError(f"--train-modules {pattern!r} is not a regular expression ({e})") from None
-        if teacher is not None and not any(found.search(n) for n, _ in teacher.named_parameters()):
-            raise RunError(f"--train-modules {pattern} matches no parameter of the UNet; use a regex that appears "
-                           "in its parameter names, e.g. temporal_transformer_blocks")
-    if teacher is None or cfg.lora_rank == 0 or cfg.method == "decoder":
-        return
-    modules = [n for n, _ in teacher.named_modules()]
-    missing = [t for t in _names(cfg.lora_targets) if not any(n == t or n.endswith("." + t) for n in modules)]
-    if missing:
-        raise RunError(f"--lora-targets {','.join(missing)}: no module of the UNet is named so; use the last parts "
-                       "of its module names, e.g. to_q,to_k,to_v,to_out.0")
 
 
 def _validation_videos(cfg) -> list:
@@ -308,14 +283,7 @@ def _run_stage(cfg, models, source, stage, run_dir, dist, logger, speedups, val_
     if ckpt is not None:
         if dist.is_main:
             log.info("stage %d: resuming from %s (step %d of %d)", stage, ckpt, read_meta(ckpt)["step"], steps)
-        try:
-            trainer.resume(ckpt)
-        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
-            if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
-                raise  # not the file (out of memory, a state that does not fit): no reason to delete it
-            raise RunError(f"--resume: the checkpoint {ckpt} cannot be read ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); delete that folder to resume "
-                           "from the checkpoint before it") from e
+        trainer.resume(ckpt)  # a damaged file: one sentence (`checkpoint.CheckpointError`)
     else:
         if dist.is_main:  # rows a failed attempt logged before its first checkpoint are about to be redone
             logger.truncate_after(stage, 0)

@@ -378,9 +378,11 @@ class Trainer:
             if self.validator is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or last):
                 self._validate(ckpt if saved else self.save(), main)
         progress.close()
-        # a signal during the stage's last step, its checkpoint, preview or validation: the stage is saved, so stop
-        # before the next one (the run's last stage has nothing left to stop)
-        if self.dist.any(stop["signal"] is not None) and self.stage != cfg.stages()[-1]:
+        # a signal during the stage's last step, its checkpoint, preview or validation: the stage is saved; stop
+        # before whatever would come next (the next stage; after the last one, the wait for background compiles)
+        if self.dist.any(stop["signal"] is not None):
             cause = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another rank"
+            then = ("rerun with --resume to continue with the next stage" if self.stage != cfg.stages()[-1]
+                    else "nothing is left to train")
             raise TrainingInterrupted(f"stopped by {cause} at the end of stage {self.stage}, which is complete and "
-                                      "saved; rerun with --resume to continue with the next stage")
+                                      f"saved; {then}")
